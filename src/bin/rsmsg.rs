@@ -1,0 +1,4 @@
+//! The `rsmsg` command line.
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! rsmsg: messaging over RDMA verbs and shared memory.
+//!
+//! A receiver exposes *target segments* cut into fixed-size *partitions*; a sender keeps a *source
+//! image* of each, picks the *segment group* whose partition size and span factor fit a message,
+//! copies the message into contiguous free partitions and sends them as one RDMA WRITE_WITH_IMM
+//! (or, between processes of one host, one copy into shared memory plus a doorbell).
+//!
+//! Layers:
+//! - [`core`]: the sans-I/O protocol (groups, directories, selection, credits, wire codecs).
+//! - [`verbs`]: safe wrappers over libibverbs (`rdma-sys`).
+//! - [`shm`]: shared-memory segments, doorbells and wake-ups.
+//! - [`bootstrap`]: the manager where receivers register segment descriptors and senders obtain them.
+//! - [`transport`]: drivers that join the core to verbs or shared memory.
+
+pub mod bootstrap;
+pub mod core;
+pub mod shm;
+pub mod transport;
+pub mod verbs;

@@ -1,0 +1,602 @@
+//! The receiving side of one direction: target segments, arrival validation, release and credits.
+
+use super::config::Layout;
+use super::directory::{Directory, EntryState};
+use super::error::{ConfigError, ProtocolError};
+use super::stats::{GroupStats, ReceiverStats};
+use super::tables::Tables;
+use super::types::{Generation, GroupId, MessageKind, PartitionIndex, SegmentId};
+use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind};
+
+/// Allocation state of one target segment.
+#[derive(Debug, Clone)]
+struct TargetSegment {
+    /// Absolute ring position where the next message must start.
+    head: u64,
+    /// Absolute position below which every partition is released (contiguously).
+    freed: u64,
+    /// Last `freed` emitted as a credit.
+    reported: u64,
+    /// Emit a credit once `freed - reported` reaches this (a quarter segment, at least 1).
+    quarter: u64,
+    partitions: u32,
+    /// Messages held by the application.
+    held: u32,
+    directory: Directory,
+}
+
+impl TargetSegment {
+    fn new(partitions: u32) -> Self {
+        TargetSegment {
+            head: 0,
+            freed: 0,
+            reported: 0,
+            quarter: u64::from((partitions / 4).max(1)),
+            partitions,
+            held: 0,
+            directory: Directory::new(partitions),
+        }
+    }
+
+    /// Advances `freed` over the contiguous run of released or padding partitions.
+    #[inline]
+    fn advance(&mut self) {
+        let n = u64::from(self.partitions);
+        while self.freed < self.head {
+            let pos = (self.freed % n) as u32;
+            let Some(d) = self.directory.entry(pos) else {
+                break;
+            };
+            if !(d.first && matches!(d.state, EntryState::Released | EntryState::Padding)) {
+                break;
+            }
+            let extent = d.extent;
+            self.directory.free_run(pos, extent);
+            self.freed += u64::from(extent);
+        }
+    }
+
+    /// The credit to emit now, if the rule of `docs/protocol.md` says so: `freed` moved by at
+    /// least a quarter segment since the last credit, or the segment has nothing in use.
+    #[inline]
+    fn take_credit(&mut self) -> Option<u64> {
+        let moved = self.freed - self.reported;
+        if moved > 0 && (moved >= self.quarter || self.freed == self.head) {
+            self.reported = self.freed;
+            Some(self.freed)
+        } else {
+            None
+        }
+    }
+}
+
+/// A validated message immediate, to be completed by [`Receiver::accept`] with the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    segment: SegmentId,
+    first: PartitionIndex,
+    generation: Generation,
+    padding: u32,
+    base: u64,
+    offset: usize,
+}
+
+impl Arrival {
+    /// Target segment.
+    pub fn segment(&self) -> SegmentId {
+        self.segment
+    }
+
+    /// First partition of the message.
+    pub fn first(&self) -> PartitionIndex {
+        self.first
+    }
+
+    /// Generation (lap) expected for the message.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// Partitions the sender skipped before the message (end of the ring).
+    pub fn padding(&self) -> u32 {
+        self.padding
+    }
+
+    /// Byte offset of the header in the target segment: read [`HEADER_LEN`] bytes there and pass
+    /// them to [`Receiver::accept`].
+    pub fn header_offset(&self) -> usize {
+        self.offset
+    }
+}
+
+/// Names a message held by the application; hand it back to [`Receiver::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReleaseToken {
+    segment: SegmentId,
+    first: PartitionIndex,
+    count: u32,
+    generation: Generation,
+}
+
+impl ReleaseToken {
+    /// Rebuilds a token from its parts (for transports that keep tokens as plain numbers, e.g.
+    /// across a C ABI). A token that names no held message is refused by [`Receiver::release`].
+    pub fn from_parts(
+        segment: SegmentId,
+        first: PartitionIndex,
+        count: u32,
+        generation: Generation,
+    ) -> Self {
+        ReleaseToken {
+            segment,
+            first,
+            count,
+            generation,
+        }
+    }
+
+    /// Segment of the message.
+    pub fn segment(&self) -> SegmentId {
+        self.segment
+    }
+
+    /// First partition of the message.
+    pub fn first(&self) -> PartitionIndex {
+        self.first
+    }
+
+    /// Partitions of the message.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Generation of the message.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+}
+
+/// A message accepted into a target segment: read `len` bytes at `offset` of the segment, then
+/// release `token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Token to release the partitions with.
+    pub token: ReleaseToken,
+    /// Data or control.
+    pub kind: MessageKind,
+    /// Sequence number of the message.
+    pub seq: u32,
+    /// Byte offset of the payload in the target segment.
+    pub offset: usize,
+    /// Payload length in bytes.
+    pub len: usize,
+}
+
+/// A credit to publish: write `freed` into the sender's mailbox slot of `segment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditUpdate {
+    /// The segment.
+    pub segment: SegmentId,
+    /// Absolute freed position (partitions).
+    pub freed: u64,
+}
+
+impl CreditUpdate {
+    /// The credit notice immediate (type 1) that may follow the mailbox write in event mode.
+    pub fn notice(&self) -> Immediate {
+        Immediate::credit(self.segment, self.freed)
+    }
+}
+
+/// The receiving side of one direction of a connection.
+///
+/// Input: [`Receiver::on_immediate`] and [`Receiver::accept`] (a message landed),
+/// [`Receiver::release`] (the application is done with it). Output: [`Delivery`]s and
+/// [`CreditUpdate`]s (returned by `release`, or drained with [`Receiver::poll_credit`]).
+/// No I/O, no clock, no allocation on the hot path.
+#[derive(Debug, Clone)]
+pub struct Receiver {
+    tables: Tables,
+    segments: Vec<TargetSegment>,
+    expected_seq: u32,
+    pending: [u64; 4],
+    stats: ReceiverStats,
+}
+
+impl Receiver {
+    /// A receiver for `layout`, all partitions free.
+    pub fn new(layout: Layout) -> Self {
+        let tables = Tables::new(layout);
+        let segments = tables
+            .segments()
+            .iter()
+            .map(|s| TargetSegment::new(s.partitions))
+            .collect();
+        let stats = ReceiverStats::new(tables.groups().len());
+        Receiver {
+            tables,
+            segments,
+            expected_seq: 0,
+            pending: [0; 4],
+            stats,
+        }
+    }
+
+    /// The segment group table and segment table.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// The layout, including segments added at run time.
+    pub fn layout(&self) -> &Layout {
+        self.tables.layout()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ReceiverStats {
+        &self.stats
+    }
+
+    /// Sequence number the next message must carry.
+    pub fn expected_seq(&self) -> u32 {
+        self.expected_seq
+    }
+
+    /// Current absolute freed position of a segment (what a credit would say now).
+    pub fn freed(&self, segment: SegmentId) -> Option<u64> {
+        self.segments.get(segment.index()).map(|s| s.freed)
+    }
+
+    /// Absolute ring position where the next message of a segment must start.
+    pub fn head(&self, segment: SegmentId) -> Option<u64> {
+        self.segments.get(segment.index()).map(|s| s.head)
+    }
+
+    /// Messages of a segment held by the application.
+    pub fn held(&self, segment: SegmentId) -> Option<u32> {
+        self.segments.get(segment.index()).map(|s| s.held)
+    }
+
+    /// Partitions of all segments not yet freed (held, released out of order, padding).
+    pub fn total_partitions_in_use(&self) -> u64 {
+        self.segments.iter().map(|s| s.head - s.freed).sum()
+    }
+
+    /// The directory of a target segment.
+    pub fn directory(&self, segment: SegmentId) -> Option<&Directory> {
+        self.segments.get(segment.index()).map(|s| &s.directory)
+    }
+
+    /// Validates a message immediate (host order): type, segment, first partition exactly where
+    /// the segment ring says (or 0 when the sender padded to the end), generation of that lap,
+    /// and a free first partition. Changes nothing until [`Receiver::accept`].
+    ///
+    /// # Errors
+    /// [`ProtocolError::UnknownImmediateType`], [`ProtocolError::UnexpectedImmediateType`] (a
+    /// credit notice), [`ProtocolError::UnknownSegment`], [`ProtocolError::PartitionOutOfRange`],
+    /// [`ProtocolError::UnexpectedPartition`], [`ProtocolError::StaleGeneration`],
+    /// [`ProtocolError::PartitionNotFree`].
+    #[inline]
+    pub fn on_immediate(&self, imm: u32) -> Result<Arrival, ProtocolError> {
+        let ImmediateKind::Message {
+            segment,
+            first,
+            generation_bits,
+        } = Immediate(imm).decode()?
+        else {
+            return Err(ProtocolError::UnexpectedImmediateType {
+                raw: imm,
+                expected: "message",
+            });
+        };
+        let s = self
+            .segments
+            .get(segment.index())
+            .ok_or(ProtocolError::UnknownSegment {
+                step: "immediate",
+                segment,
+            })?;
+        let n = u64::from(s.partitions);
+        let f = first.get();
+        if f >= s.partitions {
+            return Err(ProtocolError::PartitionOutOfRange {
+                step: "immediate",
+                segment,
+                partition: f,
+                partitions: s.partitions,
+            });
+        }
+        let pos = (s.head % n) as u32;
+        let mut lap = s.head / n;
+        let padding = if f == pos {
+            0
+        } else if f == 0 {
+            lap += 1;
+            s.partitions - pos
+        } else {
+            return Err(ProtocolError::UnexpectedPartition {
+                segment,
+                got: f,
+                expected: pos,
+            });
+        };
+        let generation = Generation::from_lap(lap);
+        if generation.imm_bits() != generation_bits {
+            return Err(ProtocolError::StaleGeneration {
+                step: "immediate",
+                segment,
+                got: u32::from(generation_bits),
+                expected: u32::from(generation.imm_bits()),
+            });
+        }
+        if s.directory
+            .entry(f)
+            .is_none_or(|d| d.state != EntryState::Free)
+        {
+            return Err(ProtocolError::PartitionNotFree {
+                step: "immediate",
+                segment,
+                partition: f,
+            });
+        }
+        let offset = self.tables.segments()[segment.index()].offset_of(f);
+        Ok(Arrival {
+            segment,
+            first,
+            generation,
+            padding,
+            base: s.head,
+            offset,
+        })
+    }
+
+    /// Validates the header of an arrival (the [`HEADER_LEN`] bytes at
+    /// [`Arrival::header_offset`]) and hands the message to the application: magic, kind,
+    /// flags, a length whose partitions fit the span and the segment end, the next sequence
+    /// number, the expected generation, free partitions. Padding before the message is freed
+    /// at once.
+    ///
+    /// # Errors
+    /// [`ProtocolError::StaleArrival`] (accepted out of order), the errors of [`Header::decode`],
+    /// [`ProtocolError::StaleGeneration`], [`ProtocolError::LengthBeyondSpan`],
+    /// [`ProtocolError::LengthBeyondSegmentEnd`], [`ProtocolError::NeedlessPadding`],
+    /// [`ProtocolError::OutOfSequence`], [`ProtocolError::PartitionNotFree`].
+    #[inline]
+    pub fn accept(&mut self, arrival: Arrival, header: &[u8]) -> Result<Delivery, ProtocolError> {
+        let segment = arrival.segment;
+        let seg_entry = *self
+            .tables
+            .segment(segment)
+            .ok_or(ProtocolError::UnknownSegment {
+                step: "accept",
+                segment,
+            })?;
+        let s = &mut self.segments[segment.index()];
+        if s.head != arrival.base {
+            return Err(ProtocolError::StaleArrival { segment });
+        }
+        let h = Header::decode(header)?;
+        if h.generation != arrival.generation {
+            return Err(ProtocolError::StaleGeneration {
+                step: "header",
+                segment,
+                got: h.generation.0,
+                expected: arrival.generation.0,
+            });
+        }
+        let wire = u64::from(h.len) + HEADER_LEN as u64;
+        let count = seg_entry.partitions_for(wire);
+        if count > u64::from(seg_entry.span) {
+            return Err(ProtocolError::LengthBeyondSpan {
+                segment,
+                len: h.len,
+                count,
+                span: seg_entry.span,
+            });
+        }
+        let count = count as u32;
+        let first = arrival.first.get();
+        if first + count > s.partitions {
+            return Err(ProtocolError::LengthBeyondSegmentEnd {
+                segment,
+                first,
+                count,
+                partitions: s.partitions,
+            });
+        }
+        let pad_start = s.partitions - arrival.padding;
+        if arrival.padding > 0 && pad_start + count <= s.partitions {
+            return Err(ProtocolError::NeedlessPadding {
+                segment,
+                expected: pad_start,
+                count,
+            });
+        }
+        if h.seq != self.expected_seq {
+            return Err(ProtocolError::OutOfSequence {
+                got: h.seq,
+                expected: self.expected_seq,
+            });
+        }
+        if arrival.padding > 0
+            && let Some(p) = s.directory.first_busy(pad_start, arrival.padding)
+        {
+            return Err(ProtocolError::PartitionNotFree {
+                step: "accept padding",
+                segment,
+                partition: p,
+            });
+        }
+        if let Some(p) = s.directory.first_busy(first, count) {
+            return Err(ProtocolError::PartitionNotFree {
+                step: "accept",
+                segment,
+                partition: p,
+            });
+        }
+        // All checks passed: commit.
+        if arrival.padding > 0 {
+            let n = u64::from(s.partitions);
+            s.directory
+                .mark_padding(pad_start, arrival.padding, Generation::from_lap(s.head / n));
+            s.head += u64::from(arrival.padding);
+        }
+        s.directory
+            .mark_message(first, count, h.len, h.generation, EntryState::InUse);
+        s.head += u64::from(count);
+        s.held += 1;
+        self.expected_seq = self.expected_seq.wrapping_add(1);
+        if arrival.padding > 0 {
+            s.advance();
+            if s.freed > s.reported && (s.freed - s.reported >= s.quarter) {
+                self.pending[segment.index() / 64] |= 1 << (segment.index() % 64);
+            }
+        }
+        let st = &mut self.stats;
+        st.messages += 1;
+        st.bytes += u64::from(h.len);
+        st.padding_partitions += u64::from(arrival.padding);
+        if h.kind == MessageKind::Control {
+            st.control_messages += 1;
+        }
+        if let Some(g) = st.per_group.get_mut(seg_entry.group.index()) {
+            g.messages += 1;
+            g.bytes += u64::from(h.len);
+        }
+        Ok(Delivery {
+            token: ReleaseToken {
+                segment,
+                first: arrival.first,
+                count,
+                generation: h.generation,
+            },
+            kind: h.kind,
+            seq: h.seq,
+            offset: arrival.offset + HEADER_LEN,
+            len: h.len as usize,
+        })
+    }
+
+    /// The application is done with a message: its partitions become free once every partition
+    /// before them in the ring is free too, and only then are they reported. Returns the credit
+    /// to publish now, if any (absolute `freed`; see `docs/protocol.md` for when one is emitted).
+    ///
+    /// # Errors
+    /// [`ProtocolError::UnknownSegment`], [`ProtocolError::PartitionOutOfRange`],
+    /// [`ProtocolError::InvalidToken`] for a double release or a token that names no held message
+    /// (forged, or from an earlier lap).
+    #[inline]
+    pub fn release(&mut self, token: ReleaseToken) -> Result<Option<CreditUpdate>, ProtocolError> {
+        let segment = token.segment;
+        let s = self
+            .segments
+            .get_mut(segment.index())
+            .ok_or(ProtocolError::UnknownSegment {
+                step: "release",
+                segment,
+            })?;
+        let first = token.first.get();
+        let invalid = |reason| ProtocolError::InvalidToken {
+            segment,
+            partition: first,
+            reason,
+        };
+        let d = *s
+            .directory
+            .entry(first)
+            .ok_or(ProtocolError::PartitionOutOfRange {
+                step: "release",
+                segment,
+                partition: first,
+                partitions: s.partitions,
+            })?;
+        if !d.first {
+            return Err(invalid(
+                "no message starts at this partition (double release or forged token)",
+            ));
+        }
+        match d.state {
+            EntryState::InUse => {}
+            EntryState::Released => return Err(invalid("message already released")),
+            EntryState::Padding => return Err(invalid("partition is padding, not a message")),
+            EntryState::Free => {
+                return Err(invalid(
+                    "partition is free (double release or forged token)",
+                ));
+            }
+        }
+        if d.generation != token.generation {
+            return Err(invalid("generation differs: token from another lap"));
+        }
+        if d.extent != token.count {
+            return Err(invalid("partition count differs from the message's"));
+        }
+        s.directory.set_first_state(first, EntryState::Released);
+        s.held -= 1;
+        let before = s.freed;
+        s.advance();
+        self.stats.releases += 1;
+        if s.freed == before {
+            self.stats.out_of_order_releases += 1;
+        }
+        let credit = s.take_credit();
+        if credit.is_some() {
+            self.pending[segment.index() / 64] &= !(1 << (segment.index() % 64));
+            self.stats.credits_emitted += 1;
+        }
+        Ok(credit.map(|freed| CreditUpdate { segment, freed }))
+    }
+
+    /// Next credit waiting to be published (set by [`Receiver::accept`] when padding freed a
+    /// quarter segment, or by [`Receiver::flush`]). Publish until `None`.
+    pub fn poll_credit(&mut self) -> Option<CreditUpdate> {
+        for (w, word) in self.pending.iter_mut().enumerate() {
+            while *word != 0 {
+                let bit = word.trailing_zeros() as usize;
+                *word &= !(1u64 << bit);
+                let idx = w * 64 + bit;
+                let Some(s) = self.segments.get_mut(idx) else {
+                    continue;
+                };
+                if s.freed == s.reported {
+                    continue;
+                }
+                s.reported = s.freed;
+                self.stats.credits_emitted += 1;
+                return Some(CreditUpdate {
+                    segment: SegmentId(idx as u8),
+                    freed: s.freed,
+                });
+            }
+        }
+        None
+    }
+
+    /// Marks for [`Receiver::poll_credit`] every segment whose freed position moved since its
+    /// last credit (for a transport that batches credits below the quarter-segment threshold,
+    /// e.g. when idle).
+    pub fn flush(&mut self) {
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.freed > s.reported {
+                self.pending[i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
+
+    /// Adds a target segment to `group` (a group grows at run time) and returns its id, which the
+    /// sender passes to [`Sender::add_segment`](super::Sender::add_segment).
+    ///
+    /// # Errors
+    /// The errors of [`Tables::add_segment`].
+    pub fn add_segment(&mut self, group: GroupId) -> Result<SegmentId, ConfigError> {
+        let id = self.tables.add_segment(group)?;
+        let partitions = self.tables.segments()[id.index()].partitions;
+        self.segments.push(TargetSegment::new(partitions));
+        if self.stats.per_group.len() < self.tables.groups().len() {
+            self.stats
+                .per_group
+                .resize(self.tables.groups().len(), GroupStats::default());
+        }
+        Ok(id)
+    }
+}

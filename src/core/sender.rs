@@ -1,0 +1,458 @@
+//! The sending side of one direction: source images, selection and allocation, credits.
+
+use super::config::Layout;
+use super::control::{ControlBuf, ControlMessage};
+use super::directory::{Directory, EntryState};
+use super::error::{ConfigError, ProtocolError, ReserveError};
+use super::stats::{GroupStats, SenderStats};
+use super::tables::{GroupEntry, SegmentEntry, Tables};
+use super::types::{Generation, GroupId, MessageKind, PartitionIndex, SegmentId};
+use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind, reconstruct_freed};
+
+/// Allocation state of one source segment (the sender's image of a target segment).
+#[derive(Debug, Clone)]
+struct SourceSegment {
+    /// Absolute ring position of the next partition to hand out.
+    head: u64,
+    /// Highest credit received: partitions below are free again.
+    freed: u64,
+    partitions: u32,
+    directory: Directory,
+}
+
+impl SourceSegment {
+    fn new(partitions: u32) -> Self {
+        SourceSegment {
+            head: 0,
+            freed: 0,
+            partitions,
+            directory: Directory::new(partitions),
+        }
+    }
+
+    /// Where `count` partitions would go now: `(first, padding)`, or `None` when they do not fit.
+    #[inline]
+    fn place(&self, count: u32) -> Option<(u32, u32)> {
+        let n = u64::from(self.partitions);
+        let avail = n - (self.head - self.freed);
+        let pos = (self.head % n) as u32;
+        if pos + count <= self.partitions {
+            (avail >= u64::from(count) && self.directory.is_free_run(pos, count))
+                .then_some((pos, 0))
+        } else {
+            let pad = self.partitions - pos;
+            (avail >= u64::from(pad) + u64::from(count)
+                && self.directory.is_free_run(pos, pad)
+                && self.directory.is_free_run(0, count))
+            .then_some((0, pad))
+        }
+    }
+}
+
+/// Result of [`Sender::select`]: where a message would go, without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    /// The chosen group.
+    pub group: GroupId,
+    /// The chosen segment of that group.
+    pub segment: SegmentId,
+    /// First partition of the message.
+    pub first: PartitionIndex,
+    /// Partitions the message occupies.
+    pub count: u32,
+    /// Partitions skipped at the end of the segment before wrapping to partition 0.
+    pub padding: u32,
+}
+
+/// Partitions reserved for one message in a source image. The transport copies
+/// [`Reservation::header`] and the payload to [`Reservation::offset`] of the source image and
+/// sends [`Reservation::wire_len`] bytes from there to the same offset of the target segment with
+/// [`Reservation::immediate`], in the order the reservations were made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// Group chosen by selection.
+    pub group: GroupId,
+    /// Segment (source image and target) chosen.
+    pub segment: SegmentId,
+    /// First partition of the message.
+    pub first: PartitionIndex,
+    /// Partitions the message occupies.
+    pub count: u32,
+    /// Partitions skipped before the message (end of the ring).
+    pub padding: u32,
+    /// Byte offset of the message (its header) in the segment.
+    pub offset: usize,
+    /// Payload length in bytes.
+    pub len: usize,
+    /// Sequence number of the message in this direction.
+    pub seq: u32,
+    /// Generation (lap) of the first partition.
+    pub generation: Generation,
+    /// Kind written in the header.
+    pub kind: MessageKind,
+    /// The immediate to send with the write.
+    pub immediate: Immediate,
+    /// The header to write at `offset`.
+    pub header: [u8; HEADER_LEN],
+}
+
+impl Reservation {
+    /// Byte offset of the payload in the segment (`offset + 16`).
+    #[inline]
+    pub fn payload_offset(&self) -> usize {
+        self.offset + HEADER_LEN
+    }
+
+    /// Bytes to transfer: header and payload.
+    #[inline]
+    pub fn wire_len(&self) -> usize {
+        self.len + HEADER_LEN
+    }
+}
+
+/// The sending side of one direction of a connection.
+///
+/// Input: [`Sender::reserve`] (a message to send), [`Sender::handle_credit`] (the mailbox value of
+/// a segment) and [`Sender::handle_credit_notice`]. Output: [`Reservation`]s. No I/O, no clock,
+/// no allocation on the hot path.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    tables: Tables,
+    segments: Vec<SourceSegment>,
+    next_seq: u32,
+    max_eager: usize,
+    stats: SenderStats,
+}
+
+impl Sender {
+    /// A sender for `layout`, all partitions free.
+    pub fn new(layout: Layout) -> Self {
+        let tables = Tables::new(layout);
+        let segments = tables
+            .segments()
+            .iter()
+            .map(|s| SourceSegment::new(s.partitions))
+            .collect();
+        let max_eager = tables.layout().max_eager_payload();
+        let stats = SenderStats::new(tables.groups().len());
+        Sender {
+            tables,
+            segments,
+            next_seq: 0,
+            max_eager,
+            stats,
+        }
+    }
+
+    /// The segment group table and segment table.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// The layout, including segments added at run time.
+    pub fn layout(&self) -> &Layout {
+        self.tables.layout()
+    }
+
+    /// Largest payload sent eagerly.
+    pub fn max_eager_payload(&self) -> usize {
+        self.max_eager
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SenderStats {
+        &self.stats
+    }
+
+    /// Sequence number the next message will carry.
+    pub fn next_seq(&self) -> u32 {
+        self.next_seq
+    }
+
+    /// Absolute ring head of a segment (partitions handed out so far, padding included).
+    pub fn head(&self, segment: SegmentId) -> Option<u64> {
+        self.segments.get(segment.index()).map(|s| s.head)
+    }
+
+    /// Highest credit received for a segment.
+    pub fn credit(&self, segment: SegmentId) -> Option<u64> {
+        self.segments.get(segment.index()).map(|s| s.freed)
+    }
+
+    /// Partitions of a segment not yet given back by the receiver.
+    pub fn partitions_in_use(&self, segment: SegmentId) -> Option<u64> {
+        self.segments.get(segment.index()).map(|s| s.head - s.freed)
+    }
+
+    /// Partitions of all segments not yet given back.
+    pub fn total_partitions_in_use(&self) -> u64 {
+        self.segments.iter().map(|s| s.head - s.freed).sum()
+    }
+
+    /// The directory of a segment's source image.
+    pub fn directory(&self, segment: SegmentId) -> Option<&Directory> {
+        self.segments.get(segment.index()).map(|s| &s.directory)
+    }
+
+    /// Selection (claims 1, 2, 7, 9) without allocating: the group with the smallest partition
+    /// size whose partition size and span factor can hold `len + 16` bytes; if none of its
+    /// segments has enough free contiguous partitions, the next group with larger partitions.
+    ///
+    /// # Errors
+    /// [`ReserveError::WouldBlock`] (back-pressure) or [`ReserveError::NeedsRendezvous`].
+    #[inline]
+    pub fn select(&self, len: usize) -> Result<Selection, ReserveError> {
+        let wire = match u64::try_from(len) {
+            Ok(l) if len <= self.max_eager => l + HEADER_LEN as u64,
+            _ => {
+                return Err(ReserveError::NeedsRendezvous {
+                    len,
+                    max: self.max_eager,
+                });
+            }
+        };
+        let mut smallest: Option<GroupId> = None;
+        for g in self.tables.groups() {
+            if !g.can_hold(wire) {
+                continue;
+            }
+            smallest.get_or_insert(g.id);
+            if let Some(sel) = self.select_in_group(g, wire) {
+                return Ok(sel);
+            }
+        }
+        match smallest {
+            Some(group) => Err(ReserveError::WouldBlock { len, group }),
+            None => Err(ReserveError::NeedsRendezvous {
+                len,
+                max: self.max_eager,
+            }),
+        }
+    }
+
+    /// Claim 2: tests whether some segment of `g` holds `wire` bytes now.
+    #[inline]
+    fn select_in_group(&self, g: &GroupEntry, wire: u64) -> Option<Selection> {
+        let count = g.partitions_for(wire) as u32;
+        for &seg in &g.segments {
+            if let Some((first, padding)) = self.segments[seg.index()].place(count) {
+                return Some(Selection {
+                    group: g.id,
+                    segment: seg,
+                    first: PartitionIndex::new(first)?,
+                    count,
+                    padding,
+                });
+            }
+        }
+        None
+    }
+
+    /// Reserves partitions for a data message of `len` payload bytes.
+    ///
+    /// # Errors
+    /// [`ReserveError::WouldBlock`]: no group has room now (retry after a credit);
+    /// [`ReserveError::NeedsRendezvous`]: no group can ever hold it.
+    #[inline]
+    pub fn reserve(&mut self, len: usize) -> Result<Reservation, ReserveError> {
+        self.reserve_kind(MessageKind::Data, len)
+    }
+
+    /// Reserves partitions for a message of the given kind (data or control).
+    ///
+    /// # Errors
+    /// As [`Sender::reserve`].
+    pub fn reserve_kind(
+        &mut self,
+        kind: MessageKind,
+        len: usize,
+    ) -> Result<Reservation, ReserveError> {
+        let sel = match self.select(len) {
+            Ok(sel) => sel,
+            Err(e) => {
+                match e {
+                    ReserveError::WouldBlock { .. } => self.stats.credit_stalls += 1,
+                    ReserveError::NeedsRendezvous { .. } => self.stats.rendezvous_needed += 1,
+                }
+                return Err(e);
+            }
+        };
+        Ok(self.commit(sel, kind, len))
+    }
+
+    /// Reserves partitions for a control message and encodes its body; the transport writes the
+    /// body at [`Reservation::payload_offset`] like a data payload.
+    ///
+    /// # Errors
+    /// As [`Sender::reserve`].
+    pub fn reserve_control(
+        &mut self,
+        msg: &ControlMessage,
+    ) -> Result<(Reservation, ControlBuf), ReserveError> {
+        let body = msg.encode();
+        let r = self.reserve_kind(MessageKind::Control, body.as_slice().len())?;
+        Ok((r, body))
+    }
+
+    #[inline]
+    fn commit(&mut self, sel: Selection, kind: MessageKind, len: usize) -> Reservation {
+        let seg_entry: SegmentEntry = self.tables.segments()[sel.segment.index()];
+        let s = &mut self.segments[sel.segment.index()];
+        let n = u64::from(s.partitions);
+        if sel.padding > 0 {
+            let pos = (s.head % n) as u32;
+            s.directory
+                .mark_padding(pos, sel.padding, Generation::from_lap(s.head / n));
+            s.head += u64::from(sel.padding);
+        }
+        let generation = Generation::from_lap(s.head / n);
+        let first = sel.first.get();
+        // `len` fits u32: it is at most the largest eager payload, and P * S <= 2^32.
+        let len32 = len as u32;
+        s.directory
+            .mark_message(first, sel.count, len32, generation, EntryState::InUse);
+        s.head += u64::from(sel.count);
+        let seq = self.next_seq;
+        self.next_seq = seq.wrapping_add(1);
+        let header = Header {
+            kind,
+            len: len32,
+            seq,
+            generation,
+        }
+        .encode();
+        let st = &mut self.stats;
+        st.messages += 1;
+        st.bytes += len as u64;
+        st.padding_partitions += u64::from(sel.padding);
+        if kind == MessageKind::Control {
+            st.control_messages += 1;
+        }
+        if let Some(g) = st.per_group.get_mut(sel.group.index()) {
+            g.messages += 1;
+            g.bytes += len as u64;
+        }
+        Reservation {
+            group: sel.group,
+            segment: sel.segment,
+            first: sel.first,
+            count: sel.count,
+            padding: sel.padding,
+            offset: seg_entry.offset_of(first),
+            len,
+            seq,
+            generation,
+            kind,
+            immediate: Immediate::message(sel.segment, sel.first, generation),
+            header,
+        }
+    }
+
+    /// Applies a credit: the absolute `freed` position of `segment` as written by the receiver
+    /// in the credit mailbox. Keeps the maximum, so duplicated, reordered or superseded writes are
+    /// harmless; frees the directory entries the credit covers.
+    ///
+    /// # Errors
+    /// [`ProtocolError::UnknownSegment`], [`ProtocolError::CreditAboveHead`] (more than was ever
+    /// sent), [`ProtocolError::CreditNotOnBoundary`] (a credit inside a message).
+    pub fn handle_credit(&mut self, segment: SegmentId, freed: u64) -> Result<(), ProtocolError> {
+        let s = self
+            .segments
+            .get_mut(segment.index())
+            .ok_or(ProtocolError::UnknownSegment {
+                step: "credit",
+                segment,
+            })?;
+        if freed <= s.freed {
+            return Ok(());
+        }
+        if freed > s.head {
+            return Err(ProtocolError::CreditAboveHead {
+                segment,
+                freed,
+                head: s.head,
+            });
+        }
+        let n = u64::from(s.partitions);
+        if freed < s.head {
+            let at = s.directory.entry((freed % n) as u32);
+            if !at.is_some_and(|d| d.first && d.state != EntryState::Free) {
+                return Err(ProtocolError::CreditNotOnBoundary { segment, freed });
+            }
+        }
+        // Walk message by message from the old credit to the new one.
+        let mut p = s.freed;
+        while p < freed {
+            let pos = (p % n) as u32;
+            let extent = s
+                .directory
+                .entry(pos)
+                .map_or(0, |d| if d.first { d.extent } else { 0 });
+            if extent == 0 {
+                // Unreachable when the boundary check passed; refuse rather than loop.
+                return Err(ProtocolError::CreditNotOnBoundary { segment, freed });
+            }
+            s.directory.free_run(pos, extent);
+            p += u64::from(extent);
+        }
+        if p != freed {
+            return Err(ProtocolError::CreditNotOnBoundary { segment, freed });
+        }
+        s.freed = freed;
+        self.stats.credits += 1;
+        Ok(())
+    }
+
+    /// Applies a credit notice immediate (type 1): reconstructs the absolute `freed` from its
+    /// 22 bits against the segment's head (see [`reconstruct_freed`]) and applies it. Returns the
+    /// segment and the reconstructed value.
+    ///
+    /// # Errors
+    /// [`ProtocolError::UnknownImmediateType`], [`ProtocolError::UnexpectedImmediateType`] for a
+    /// message immediate, and the errors of [`Sender::handle_credit`].
+    pub fn handle_credit_notice(&mut self, imm: u32) -> Result<(SegmentId, u64), ProtocolError> {
+        let ImmediateKind::Credit { segment, freed_low } = Immediate(imm).decode()? else {
+            return Err(ProtocolError::UnexpectedImmediateType {
+                raw: imm,
+                expected: "credit notice",
+            });
+        };
+        let head = self
+            .segments
+            .get(segment.index())
+            .ok_or(ProtocolError::UnknownSegment {
+                step: "credit notice",
+                segment,
+            })?
+            .head;
+        let freed = reconstruct_freed(freed_low, head).ok_or(ProtocolError::CreditAboveHead {
+            segment,
+            freed: u64::from(freed_low),
+            head,
+        })?;
+        self.handle_credit(segment, freed)?;
+        Ok((segment, freed))
+    }
+
+    /// Adds a segment to `group`, under the id `id` the receiver gave its new target segment
+    /// (it must be the next id of the segment table, see [`Tables::next_segment_id`]).
+    ///
+    /// # Errors
+    /// [`ConfigError::UnexpectedSegmentId`], and the errors of [`Tables::add_segment`].
+    pub fn add_segment(&mut self, group: GroupId, id: SegmentId) -> Result<(), ConfigError> {
+        let expected = self.tables.next_segment_id();
+        if u16::from(id.0) != expected {
+            return Err(ConfigError::UnexpectedSegmentId { got: id, expected });
+        }
+        let new = self.tables.add_segment(group)?;
+        debug_assert_eq!(new, id);
+        let partitions = self.tables.segments()[new.index()].partitions;
+        self.segments.push(SourceSegment::new(partitions));
+        if self.stats.per_group.len() < self.tables.groups().len() {
+            self.stats
+                .per_group
+                .resize(self.tables.groups().len(), GroupStats::default());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! Newtypes for the raw numbers of the protocol, so that a swapped argument does not compile.
+
+use std::fmt;
+
+/// Identifies a segment within one direction of a connection (the key of the *segment table*).
+///
+/// Segment ids are unique across groups and fit the 8-bit field of the immediate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId(pub u8);
+
+impl SegmentId {
+    /// The id as an index into per-segment tables.
+    #[inline]
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for SegmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seg{}", self.0)
+    }
+}
+
+/// Identifies a segment group (the key of the *segment group table*). Groups are numbered in
+/// order of strictly increasing partition size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub u8);
+
+impl GroupId {
+    /// The id as an index into per-group tables.
+    #[inline]
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "group{}", self.0)
+    }
+}
+
+/// Index of a partition inside one segment (`0..partitions`, at most 65536 partitions, so it fits
+/// the 16-bit field of the immediate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PartitionIndex(u16);
+
+impl PartitionIndex {
+    /// Largest number of partitions a segment may have.
+    pub const MAX_PARTITIONS: u32 = 1 << 16;
+
+    /// Builds an index, `None` when `index >= 65536`.
+    #[inline]
+    pub fn new(index: u32) -> Option<Self> {
+        u16::try_from(index).ok().map(PartitionIndex)
+    }
+
+    /// Builds an index from the 16-bit wire value.
+    #[inline]
+    pub fn from_u16(index: u16) -> Self {
+        PartitionIndex(index)
+    }
+
+    /// The index as a number.
+    #[inline]
+    pub fn get(self) -> u32 {
+        u32::from(self.0)
+    }
+}
+
+impl fmt::Display for PartitionIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
+/// The generation of a partition use: the lap of the segment ring (`head / partitions`) at the
+/// message's first partition, kept to its low 32 bits (the header field; the immediate carries the
+/// low 6 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Generation(pub u32);
+
+impl Generation {
+    /// The generation of lap `lap`.
+    #[inline]
+    pub fn from_lap(lap: u64) -> Self {
+        Generation(lap as u32)
+    }
+
+    /// The 6 bits the immediate carries.
+    #[inline]
+    pub fn imm_bits(self) -> u8 {
+        (self.0 & 0x3f) as u8
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gen{}", self.0)
+    }
+}
+
+/// Kind of a message, carried in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MessageKind {
+    /// Application data.
+    Data = 1,
+    /// A control message (see [`crate::core::control`]).
+    Control = 2,
+}
+
+impl MessageKind {
+    /// Decodes the header byte; `None` for an unknown kind.
+    #[inline]
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(MessageKind::Data),
+            2 => Some(MessageKind::Control),
+            _ => None,
+        }
+    }
+}

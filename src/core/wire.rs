@@ -1,0 +1,193 @@
+//! Wire codecs: the 32-bit immediate and the message header.
+//!
+//! Layouts are in `docs/protocol.md`. Decoders validate every field they can check on their own;
+//! checks that need connection state (segment exists, expected partition, generation) are done by
+//! [`Receiver`](super::Receiver) and [`Sender`](super::Sender).
+
+use super::error::ProtocolError;
+use super::types::{Generation, MessageKind, PartitionIndex, SegmentId};
+
+/// Bytes of the message header at the start of the first partition.
+pub const HEADER_LEN: usize = 16;
+/// Header magic (`"RS"`).
+pub const MAGIC: u16 = 0x5253;
+/// Bits of the credit notice's `freed` field.
+pub const CREDIT_NOTICE_BITS: u32 = 22;
+const CREDIT_MASK: u32 = (1 << CREDIT_NOTICE_BITS) - 1;
+
+const TYPE_MESSAGE: u32 = 0;
+const TYPE_CREDIT: u32 = 1;
+
+/// A 32-bit immediate in host order. On the wire it is big-endian: use [`Immediate::to_be_bytes`]
+/// / [`Immediate::to_be`] when posting and [`Immediate::from_be`] on a completion's raw field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Immediate(pub u32);
+
+/// A decoded immediate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImmediateKind {
+    /// A message landed: type 0.
+    Message {
+        /// Target segment.
+        segment: SegmentId,
+        /// First partition of the message.
+        first: PartitionIndex,
+        /// Generation modulo 64.
+        generation_bits: u8,
+    },
+    /// A credit notice (wake-up for a blocked sender): type 1.
+    Credit {
+        /// Segment whose credit moved.
+        segment: SegmentId,
+        /// `freed` modulo 2^22.
+        freed_low: u32,
+    },
+}
+
+impl Immediate {
+    /// Encodes a message immediate.
+    #[inline]
+    pub fn message(segment: SegmentId, first: PartitionIndex, generation: Generation) -> Self {
+        Immediate(
+            (TYPE_MESSAGE << 30)
+                | (u32::from(segment.0) << 22)
+                | (first.get() << 6)
+                | u32::from(generation.imm_bits()),
+        )
+    }
+
+    /// Encodes a credit notice carrying `freed` modulo 2^22.
+    #[inline]
+    pub fn credit(segment: SegmentId, freed: u64) -> Self {
+        Immediate((TYPE_CREDIT << 30) | (u32::from(segment.0) << 22) | (freed as u32 & CREDIT_MASK))
+    }
+
+    /// Host-order value.
+    #[inline]
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// Bytes on the wire (big-endian).
+    #[inline]
+    pub fn to_be_bytes(self) -> [u8; 4] {
+        self.0.to_be_bytes()
+    }
+
+    /// The value to store in a `__be32` field such as `ibv_send_wr.imm_data`.
+    #[inline]
+    pub fn to_be(self) -> u32 {
+        self.0.to_be()
+    }
+
+    /// From a `__be32` field such as `ibv_wc.imm_data`.
+    #[inline]
+    pub fn from_be(raw: u32) -> Self {
+        Immediate(u32::from_be(raw))
+    }
+
+    /// From big-endian wire bytes.
+    #[inline]
+    pub fn from_be_bytes(bytes: [u8; 4]) -> Self {
+        Immediate(u32::from_be_bytes(bytes))
+    }
+
+    /// Decodes the type and fields.
+    ///
+    /// # Errors
+    /// [`ProtocolError::UnknownImmediateType`] for types 2 and 3.
+    #[inline]
+    pub fn decode(self) -> Result<ImmediateKind, ProtocolError> {
+        let v = self.0;
+        let segment = SegmentId(((v >> 22) & 0xff) as u8);
+        match v >> 30 {
+            TYPE_MESSAGE => Ok(ImmediateKind::Message {
+                segment,
+                first: PartitionIndex::from_u16(((v >> 6) & 0xffff) as u16),
+                generation_bits: (v & 0x3f) as u8,
+            }),
+            TYPE_CREDIT => Ok(ImmediateKind::Credit {
+                segment,
+                freed_low: v & CREDIT_MASK,
+            }),
+            ty => Err(ProtocolError::UnknownImmediateType {
+                raw: v,
+                ty: ty as u8,
+            }),
+        }
+    }
+}
+
+/// The message header (16 bytes, little-endian) at the start of a message's first partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Data or control.
+    pub kind: MessageKind,
+    /// Payload length in bytes (the header not included).
+    pub len: u32,
+    /// Sequence number of the message in its direction.
+    pub seq: u32,
+    /// Generation (lap) of the first partition.
+    pub generation: Generation,
+}
+
+impl Header {
+    /// Encodes the header.
+    #[inline]
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+        b[2] = self.kind as u8;
+        b[3] = 0;
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..12].copy_from_slice(&self.seq.to_le_bytes());
+        b[12..16].copy_from_slice(&self.generation.0.to_le_bytes());
+        b
+    }
+
+    /// Decodes a header, checking length, magic, kind and flags. The length, sequence number
+    /// and generation are checked against connection state by [`Receiver::accept`](super::Receiver::accept).
+    ///
+    /// # Errors
+    /// [`ProtocolError::HeaderTooShort`], [`ProtocolError::BadMagic`], [`ProtocolError::BadKind`],
+    /// [`ProtocolError::BadFlags`].
+    #[inline]
+    pub fn decode(bytes: &[u8]) -> Result<Header, ProtocolError> {
+        let b: &[u8; HEADER_LEN] = bytes
+            .get(..HEADER_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(ProtocolError::HeaderTooShort {
+                len: bytes.len(),
+                need: HEADER_LEN,
+            })?;
+        let magic = u16::from_le_bytes([b[0], b[1]]);
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic { got: magic });
+        }
+        let kind = MessageKind::from_u8(b[2]).ok_or(ProtocolError::BadKind { got: b[2] })?;
+        if b[3] != 0 {
+            return Err(ProtocolError::BadFlags { got: b[3] });
+        }
+        Ok(Header {
+            kind,
+            len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            seq: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            generation: Generation(u32::from_le_bytes([b[12], b[13], b[14], b[15]])),
+        })
+    }
+}
+
+/// Reconstructs an absolute `freed` from the 22 bits of a credit notice.
+///
+/// The result is the unique value `v <= head` with `v mod 2^22 == low` and `v > head - 2^22`. Any
+/// true credit lies in that window, because a segment never has more than 65536 partitions out
+/// (`head - freed <= partitions`); older duplicates land on their own (smaller) value and are
+/// ignored by the sender's monotonic maximum. `None` when no such value exists (`low` above a
+/// small `head`): the notice reports a credit never handed out.
+#[inline]
+pub fn reconstruct_freed(low: u32, head: u64) -> Option<u64> {
+    let low = u64::from(low & CREDIT_MASK);
+    let modulus = 1u64 << CREDIT_NOTICE_BITS;
+    let back = (head.wrapping_sub(low)) & (modulus - 1);
+    head.checked_sub(back)
+}

@@ -611,3 +611,219 @@ mod futex {
         Ok(())
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    struct Setup {
+        producer: DoorbellProducer,
+        consumer: DoorbellConsumer,
+        /// A second mapping of the same memory, playing a faulty peer.
+        peer: ShmRegion,
+    }
+
+    fn setup(capacity: u32) -> Setup {
+        let layout = RingLayout::new(capacity).unwrap();
+        let offset = 256;
+        let len = offset + layout.bytes();
+        let mine = Arc::new(ShmRegion::create("doorbell-test", len).unwrap());
+        let theirs =
+            Arc::new(ShmRegion::from_fd(mine.fd().try_clone_to_owned().unwrap(), len).unwrap());
+        let peer = ShmRegion::from_fd(mine.fd().try_clone_to_owned().unwrap(), len).unwrap();
+        Setup {
+            producer: DoorbellProducer::new(theirs, offset, layout).unwrap(),
+            consumer: DoorbellConsumer::new(mine, offset, layout).unwrap(),
+            peer,
+        }
+    }
+
+    fn write_u64(region: &mut ShmRegion, offset: usize, v: u64) {
+        region.copy_in(256 + offset, &v.to_ne_bytes()).unwrap();
+    }
+
+    #[test]
+    fn layout_validation() {
+        for bad in [0, 3, 6, 1000, RingLayout::MAX_CAPACITY * 2, u32::MAX] {
+            assert!(
+                matches!(RingLayout::new(bad), Err(ShmError::InvalidCapacity { .. })),
+                "{bad}"
+            );
+        }
+        let l = RingLayout::new(16).unwrap();
+        assert_eq!((l.capacity(), l.bytes()), (16, 256 + 128));
+        let region = Arc::new(ShmRegion::create("layout", 4096).unwrap());
+        assert!(matches!(
+            DoorbellConsumer::new(region.clone(), 64, l),
+            Err(ShmError::Misaligned {
+                offset: 64,
+                align: 128
+            })
+        ));
+        assert!(matches!(
+            DoorbellProducer::new(region.clone(), 4096 - 256, l),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        assert!(DoorbellProducer::new(region, 4096 - 384, l).is_ok());
+    }
+
+    #[test]
+    fn fifo_order_full_and_many_laps() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            ..
+        } = setup(8);
+        assert_eq!(consumer.try_pop().unwrap(), None);
+        for lap in 0..1000u32 {
+            for i in 0..8 {
+                assert_eq!(producer.try_push(lap * 8 + i).unwrap(), PushOutcome::Pushed);
+            }
+            assert_eq!(producer.try_push(u32::MAX).unwrap(), PushOutcome::Full);
+            for i in 0..8 {
+                assert_eq!(consumer.try_pop().unwrap(), Some(lap * 8 + i));
+            }
+            assert_eq!(consumer.try_pop().unwrap(), None);
+        }
+        assert_eq!((producer.pushed(), consumer.popped()), (8000, 8000));
+        // Interleaved, with the extreme values.
+        for v in [0, u32::MAX, 1, 0x8000_0000] {
+            assert_eq!(producer.try_push(v).unwrap(), PushOutcome::Pushed);
+            assert_eq!(consumer.wait(WaitMode::Busy, None).unwrap(), Some(v));
+        }
+    }
+
+    #[test]
+    fn producer_tag_far_ahead_is_rejected() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            mut peer,
+        } = setup(8);
+        assert_eq!(producer.try_push(1).unwrap(), PushOutcome::Pushed);
+        assert_eq!(consumer.try_pop().unwrap(), Some(1));
+        // Slot 1 claims position 1 + 1000 * 8: a producer running laps ahead.
+        write_u64(
+            &mut peer,
+            SLOTS_OFFSET + 8,
+            (u64::from(tag(8001)) << 32) | 5,
+        );
+        match consumer.try_pop() {
+            Err(ShmError::RingCorrupt { position: 1, .. }) => {}
+            other => panic!("expected RingCorrupt, got {other:?}"),
+        }
+        // The waiting paths report it too instead of spinning or sleeping forever.
+        assert!(matches!(
+            consumer.wait(WaitMode::Busy, None),
+            Err(ShmError::RingCorrupt { .. })
+        ));
+        assert!(matches!(
+            consumer.wait(WaitMode::Event, None),
+            Err(ShmError::RingCorrupt { .. })
+        ));
+        // A slot claiming the next position but one is also impossible.
+        write_u64(&mut peer, SLOTS_OFFSET + 8, u64::from(tag(2)) << 32);
+        assert!(matches!(
+            consumer.try_pop(),
+            Err(ShmError::RingCorrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_consumer_tail_is_rejected() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            mut peer,
+        } = setup(4);
+        for i in 0..4 {
+            assert_eq!(producer.try_push(i).unwrap(), PushOutcome::Pushed);
+        }
+        // A tail beyond what was published would let the producer overwrite unread slots.
+        write_u64(&mut peer, TAIL_OFFSET, 1 << 40);
+        match producer.try_push(9) {
+            Err(ShmError::RingCorrupt { found, .. }) => assert_eq!(found, 1 << 40),
+            other => panic!("expected RingCorrupt, got {other:?}"),
+        }
+        // A tail that moves backwards is rejected too.
+        write_u64(&mut peer, TAIL_OFFSET, 0);
+        for i in 0..3 {
+            assert_eq!(consumer.try_pop().unwrap(), Some(i));
+        }
+        assert_eq!(producer.try_push(4).unwrap(), PushOutcome::Pushed);
+        assert_eq!(producer.try_push(5).unwrap(), PushOutcome::Pushed);
+        assert_eq!(producer.try_push(6).unwrap(), PushOutcome::Pushed);
+        write_u64(&mut peer, TAIL_OFFSET, 1);
+        assert!(matches!(
+            producer.try_push(7),
+            Err(ShmError::RingCorrupt { found: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn wait_times_out_on_an_empty_ring() {
+        let Setup { mut consumer, .. } = setup(4);
+        for mode in [
+            WaitMode::Busy,
+            WaitMode::Event,
+            WaitMode::Adaptive { spins: 100 },
+        ] {
+            assert_eq!(
+                consumer.wait(mode, Some(Duration::from_millis(5))).unwrap(),
+                None
+            );
+        }
+        assert_eq!(
+            consumer
+                .wait(WaitMode::Event, Some(Duration::ZERO))
+                .unwrap(),
+            None
+        );
+        assert!(
+            consumer.sleeps() >= 1,
+            "event mode must have slept on the futex"
+        );
+    }
+
+    #[test]
+    fn event_mode_wakes_across_threads() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            ..
+        } = setup(4);
+        const N: u32 = 2_000;
+        let t = thread::spawn(move || {
+            let mut woken = 0u32;
+            for i in 0..N {
+                if i % 50 == 0 {
+                    thread::sleep(Duration::from_micros(500));
+                }
+                loop {
+                    let outcome = producer.try_push(i).unwrap();
+                    if producer.notify().unwrap() {
+                        woken += 1;
+                    }
+                    if outcome == PushOutcome::Pushed {
+                        break;
+                    }
+                    thread::yield_now();
+                }
+            }
+            woken
+        });
+        for i in 0..N {
+            let mode = if i % 2 == 0 {
+                WaitMode::Event
+            } else {
+                WaitMode::Adaptive { spins: 64 }
+            };
+            let got = consumer.wait(mode, Some(Duration::from_secs(20))).unwrap();
+            assert_eq!(got, Some(i), "lost or reordered entry");
+        }
+        let woken = t.join().unwrap();
+        assert!(consumer.sleeps() > 0, "the consumer never slept");
+        assert!(woken > 0, "the producer never had to wake the consumer");
+    }
+}

@@ -35,6 +35,22 @@ pub fn send_fds(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<
             max: MAX_FDS,
         });
     }
+    send_fds_unchecked(sock, data, fds)
+}
+
+/// [`send_fds`] without the [`MAX_FDS`] limit, so tests can play a peer that sends too many.
+/// `fds` must fit the control buffer: at most `CMSG_WORDS * 8 - 16` bytes of fds.
+fn send_fds_unchecked(
+    sock: impl AsFd,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ShmError> {
+    if fds.len() * FD_SIZE > CMSG_WORDS * 8 - 16 {
+        return Err(ShmError::TooManyFds {
+            count: fds.len(),
+            max: MAX_FDS,
+        });
+    }
     if data.is_empty() {
         return Err(ShmError::InvalidLength { len: 0 });
     }
@@ -187,4 +203,130 @@ pub fn recv_fds(
         });
     }
     Ok((n, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+
+    fn memfd() -> OwnedFd {
+        crate::shm::ShmRegion::create("fdpass-test", 4096)
+            .unwrap()
+            .fd()
+            .try_clone_to_owned()
+            .unwrap()
+    }
+
+    #[test]
+    fn passes_fds_and_data_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let r1 = crate::shm::ShmRegion::create("one", 4096).unwrap();
+        let r2 = crate::shm::ShmRegion::create("two", 8192).unwrap();
+        send_fds(&a, b"hello", &[r1.fd(), r2.fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_fds(&b, &mut buf, 2).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 2);
+        // Order is preserved: the sizes tell the two regions apart.
+        let m1 = crate::shm::ShmRegion::from_fd(fds[0].try_clone().unwrap(), 4096).unwrap();
+        let m2 = crate::shm::ShmRegion::from_fd(fds[1].try_clone().unwrap(), 8192).unwrap();
+        assert_eq!((m1.len(), m2.len()), (4096, 8192));
+        for fd in &fds {
+            // SAFETY (test): F_GETFD on an fd we own.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+            assert_eq!(
+                flags & libc::FD_CLOEXEC,
+                libc::FD_CLOEXEC,
+                "received fd lacks CLOEXEC"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_fd_count_is_rejected() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let fd = memfd();
+        send_fds(&a, b"x", &[fd.as_fd()]).unwrap();
+        let mut buf = [0u8; 4];
+        match recv_fds(&b, &mut buf, 2) {
+            Err(ShmError::FdCount {
+                expected: 2,
+                received: 1,
+            }) => {}
+            other => panic!("expected FdCount, got {other:?}"),
+        }
+        send_fds(&a, b"y", &[fd.as_fd(), fd.as_fd()]).unwrap();
+        match recv_fds(&b, &mut buf, 1) {
+            Err(ShmError::FdCount {
+                expected: 1,
+                received: 2,
+            }) => {}
+            other => panic!("expected FdCount, got {other:?}"),
+        }
+        send_fds(&a, b"z", &[]).unwrap();
+        match recv_fds(&b, &mut buf, 1) {
+            Err(ShmError::FdCount {
+                expected: 1,
+                received: 0,
+            }) => {}
+            other => panic!("expected FdCount, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn too_many_fds_truncates_and_is_rejected() {
+        let fd = memfd();
+        let many: Vec<BorrowedFd<'_>> = (0..MAX_FDS + 1).map(|_| fd.as_fd()).collect();
+        assert!(matches!(
+            send_fds(UnixStream::pair().unwrap().0, b"x", &many),
+            Err(ShmError::TooManyFds { .. })
+        ));
+        let (a, b) = UnixStream::pair().unwrap();
+        send_fds_unchecked(&a, b"x", &many).unwrap();
+        let mut buf = [0u8; 4];
+        match recv_fds(&b, &mut buf, 1) {
+            Err(ShmError::ControlTruncated { max: MAX_FDS }) => {}
+            other => panic!("expected ControlTruncated, got {other:?}"),
+        }
+        assert!(matches!(
+            recv_fds(&b, &mut buf, MAX_FDS + 1),
+            Err(ShmError::TooManyFds { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_datagram_is_rejected() {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        let fd = memfd();
+        send_fds(&a, &[7u8; 64], &[fd.as_fd()]).unwrap();
+        let mut buf = [0u8; 8];
+        match recv_fds(&b, &mut buf, 1) {
+            Err(ShmError::DataTruncated { buf_len: 8 }) => {}
+            other => panic!("expected DataTruncated, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn closed_peer_and_empty_inputs() {
+        let (a, b) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            send_fds(&a, b"", &[]),
+            Err(ShmError::InvalidLength { len: 0 })
+        ));
+        assert!(matches!(
+            recv_fds(&b, &mut [], 0),
+            Err(ShmError::InvalidLength { len: 0 })
+        ));
+        drop(a);
+        let mut buf = [0u8; 4];
+        assert!(matches!(
+            recv_fds(&b, &mut buf, 1),
+            Err(ShmError::PeerClosed)
+        ));
+        assert!(matches!(
+            send_fds(&b, b"x", &[]),
+            Err(ShmError::SendMsg { fds: 0, .. })
+        ));
+    }
 }

@@ -134,3 +134,41 @@ impl PidWatch {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn socket_reports_a_closed_peer() {
+        let (a, b) = UnixStream::pair().unwrap();
+        assert_eq!(socket_peer_status(&a).unwrap(), PeerStatus::Alive);
+        (&b).write_all(b"pending data is not death").unwrap();
+        assert_eq!(socket_peer_status(&a).unwrap(), PeerStatus::Alive);
+        assert_eq!(socket_peer_pid(&a).unwrap(), std::process::id() as i32);
+        drop(b);
+        assert_eq!(socket_peer_status(&a).unwrap(), PeerStatus::Gone);
+    }
+
+    #[test]
+    fn pidfd_reports_an_exited_process() {
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let watch = PidWatch::open(child.id() as i32).unwrap();
+        assert_eq!(watch.pid(), child.id() as i32);
+        assert_eq!(watch.status().unwrap(), PeerStatus::Alive);
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert_eq!(watch.status().unwrap(), PeerStatus::Gone);
+        assert!(matches!(
+            PidWatch::open(-5),
+            Err(ShmError::PidfdOpen { pid: -5, .. })
+        ));
+    }
+}

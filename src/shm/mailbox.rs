@@ -21,7 +21,7 @@ use super::sync::{AtomicU64, Ordering};
 #[cfg(not(loom))]
 type Owner = Arc<ShmRegion>;
 #[cfg(loom)]
-type Owner = Arc<[AtomicU64]>;
+type Owner = Arc<Vec<AtomicU64>>;
 
 /// An array of `u64` credit counters in shared memory. Cloning shares the same counters.
 #[derive(Debug, Clone)]
@@ -71,10 +71,7 @@ impl CreditMailbox {
     /// A mailbox over heap storage, for loom models.
     #[cfg(loom)]
     pub fn model(count: usize) -> Self {
-        let owner: Arc<[AtomicU64]> = (0..count)
-            .map(|_| AtomicU64::new(0))
-            .collect::<Vec<_>>()
-            .into();
+        let owner: Owner = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
         let counters = owner.as_ptr();
         Self {
             owner,
@@ -125,5 +122,51 @@ impl CreditMailbox {
     #[inline]
     pub fn load(&self, index: usize) -> Result<u64, ShmError> {
         Ok(self.counter(index)?.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_shared_between_mappings_and_bounds_checked() {
+        let region = Arc::new(ShmRegion::create("mailbox", 4096).unwrap());
+        let peer =
+            Arc::new(ShmRegion::from_fd(region.fd().try_clone_to_owned().unwrap(), 4096).unwrap());
+        let writer = CreditMailbox::new(region, 64, 4).unwrap();
+        let reader = CreditMailbox::new(peer, 64, 4).unwrap();
+        assert_eq!(reader.len(), 4);
+        assert_eq!(reader.load(3).unwrap(), 0);
+        writer.store(3, 0x1234_5678_9abc_def0).unwrap();
+        writer.store(0, 7).unwrap();
+        assert_eq!(reader.load(3).unwrap(), 0x1234_5678_9abc_def0);
+        assert_eq!(reader.load(0).unwrap(), 7);
+        assert!(matches!(
+            writer.store(4, 1),
+            Err(ShmError::MailboxIndex { index: 4, len: 4 })
+        ));
+        assert!(matches!(
+            reader.load(usize::MAX),
+            Err(ShmError::MailboxIndex { .. })
+        ));
+    }
+
+    #[test]
+    fn placement_is_checked() {
+        let region = Arc::new(ShmRegion::create("mailbox-place", 4096).unwrap());
+        assert!(matches!(
+            CreditMailbox::new(region.clone(), 4, 2),
+            Err(ShmError::Misaligned {
+                offset: 4,
+                align: 8
+            })
+        ));
+        assert!(matches!(
+            CreditMailbox::new(region.clone(), 4088, 2),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        assert!(CreditMailbox::new(region.clone(), 0, usize::MAX).is_err());
+        assert!(CreditMailbox::new(region, 4080, 2).is_ok());
     }
 }

@@ -389,3 +389,142 @@ impl<'a> RegionView<'a> {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unsealed_memfd(len: i64) -> OwnedFd {
+        // SAFETY (test): valid C string; the new fd is owned by the returned OwnedFd.
+        unsafe {
+            let raw = libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(raw >= 0);
+            assert_eq!(libc::ftruncate(raw, len), 0);
+            OwnedFd::from_raw_fd(raw)
+        }
+    }
+
+    #[test]
+    fn create_copy_and_reopen_share_memory() {
+        let mut a = ShmRegion::create("region-test", 8192).unwrap();
+        assert_eq!(a.len(), 8192);
+        let mut zero = [1u8; 16];
+        a.copy_out(100, &mut zero).unwrap();
+        assert_eq!(zero, [0u8; 16], "a new region must read as zeroes");
+        a.copy_in(100, b"shared bytes").unwrap();
+        let mut b = ShmRegion::from_fd(a.fd().try_clone_to_owned().unwrap(), 8192).unwrap();
+        assert_eq!(b.view(100, 12).unwrap().to_vec(), b"shared bytes");
+        b.copy_in(8188, &0xdead_beef_u32.to_le_bytes()).unwrap();
+        assert_eq!(
+            a.view(0, 8192).unwrap().read_u32_le(8188).unwrap(),
+            0xdead_beef
+        );
+        // SAFETY (test): nobody writes the region while the slice lives.
+        let bytes = unsafe { a.view(100, 6).unwrap().as_bytes() };
+        assert_eq!(bytes, b"shared");
+        // SAFETY (test): no other writer of these bytes while the slice lives.
+        unsafe { b.bytes_mut(0, 4).unwrap() }.copy_from_slice(b"abcd");
+        assert_eq!(a.view(0, 4).unwrap().to_vec(), b"abcd");
+    }
+
+    #[test]
+    fn out_of_bounds_accesses_are_rejected() {
+        let mut r = ShmRegion::create("bounds", 4096).unwrap();
+        assert!(matches!(
+            r.copy_in(4090, &[0; 7]),
+            Err(ShmError::OutOfBounds {
+                offset: 4090,
+                len: 7,
+                region_len: 4096
+            })
+        ));
+        assert!(matches!(
+            r.copy_in(usize::MAX, &[0; 2]),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            r.copy_out(4097, &mut []),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        assert!(r.copy_out(4096, &mut []).is_ok());
+        assert!(r.view(1, 4096).is_err());
+        let v = r.view(4000, 96).unwrap();
+        assert!(v.sub(90, 7).is_err());
+        assert!(v.read_u32_le(93).is_err());
+        assert_eq!(v.sub(90, 6).unwrap().len(), 6);
+        assert!(matches!(
+            r.ptr_at(4, 8, 8),
+            Err(ShmError::Misaligned {
+                offset: 4,
+                align: 8
+            })
+        ));
+    }
+
+    #[test]
+    fn size_mismatch_is_rejected() {
+        let a = ShmRegion::create("size", 4096).unwrap();
+        match ShmRegion::from_fd(a.fd().try_clone_to_owned().unwrap(), 8192) {
+            Err(ShmError::SizeMismatch {
+                expected: 8192,
+                actual: 4096,
+            }) => {}
+            other => panic!("expected SizeMismatch, got {other:?}"),
+        }
+        assert!(matches!(
+            ShmRegion::from_fd(a.fd().try_clone_to_owned().unwrap(), 4095),
+            Err(ShmError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            ShmRegion::from_fd(a.fd().try_clone_to_owned().unwrap(), 0),
+            Err(ShmError::InvalidLength { len: 0 })
+        ));
+    }
+
+    #[test]
+    fn regions_are_sealed_and_unsealed_or_foreign_fds_rejected() {
+        let a = ShmRegion::create("sealed", 4096).unwrap();
+        // SAFETY (test): fcntl/ftruncate on an fd we borrow.
+        let seals = unsafe { libc::fcntl(a.fd().as_raw_fd(), libc::F_GET_SEALS) } as u32;
+        assert_eq!(seals & REQUIRED_SEALS, REQUIRED_SEALS);
+        // SAFETY (test): as above.
+        assert_ne!(
+            unsafe { libc::ftruncate(a.fd().as_raw_fd(), 0) },
+            0,
+            "shrinking must be refused"
+        );
+        match ShmRegion::from_fd(unsealed_memfd(4096), 4096) {
+            // Without MFD_ALLOW_SEALING the kernel sets F_SEAL_SEAL only.
+            Err(ShmError::MissingSeals {
+                found,
+                required: REQUIRED_SEALS,
+            }) if found == libc::F_SEAL_SEAL as u32 => {}
+            other => panic!("expected MissingSeals, got {other:?}"),
+        }
+        let (rd, _wr) = std::io::pipe().unwrap();
+        assert!(matches!(
+            ShmRegion::from_fd(rd.into(), 4096),
+            Err(ShmError::NotMemfd(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_create_arguments() {
+        assert!(matches!(
+            ShmRegion::create("x", 0),
+            Err(ShmError::InvalidLength { len: 0 })
+        ));
+        assert!(matches!(
+            ShmRegion::create("a\0b", 64),
+            Err(ShmError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            ShmRegion::create(&"n".repeat(300), 64),
+            Err(ShmError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            ShmRegion::create("huge", usize::MAX),
+            Err(ShmError::InvalidLength { .. })
+        ));
+    }
+}

@@ -1,0 +1,829 @@
+//! The doorbell: a single-producer single-consumer ring of 32-bit immediates in shared memory,
+//! with a futex-based sleep/wake handshake for event mode.
+//!
+//! # Layout (offsets from the ring's start, which must be a multiple of [`RingLayout::ALIGN`])
+//! | offset | size | written by | content |
+//! |---|---|---|---|
+//! | 0 | 8 (line of 128) | consumer | `tail`: absolute count of entries consumed (u64) |
+//! | 128 | 4 (line of 128) | consumer | `sleeping`: 1 while the consumer sleeps or is about to (futex word) |
+//! | 256 | 8 × capacity | producer | slots: `tag << 32 \| value`, `tag = (position + 1) mod 2^32` |
+//!
+//! The memory starts zeroed (a fresh [`ShmRegion`](super::ShmRegion) is): tail 0, nobody
+//! sleeping, and every slot tagged 0, which no position `< capacity` uses.
+//!
+//! # One cache-line hand-off per entry
+//! The producer does not publish a head counter: each slot carries the position it was written
+//! for, so the consumer polls the slot itself and a message costs the transfer of one line (the
+//! slot's), as in UCX's shared-memory FIFO. The consumer publishes `tail` on its own line after
+//! each entry; the producer reads it only when its cached copy says the ring is full, so that
+//! line does not ping-pong. Both sides keep their own position locally and never trust the
+//! shared copy of it.
+//!
+//! # Memory ordering
+//! - Publish: the producer stores the slot with `Release`; the consumer loads it with `Acquire`,
+//!   so whatever the producer wrote before (the message bytes in the partitions) is visible
+//!   once the immediate is.
+//! - Release of a slot: the consumer stores `tail` with `Release` after reading the slot; the
+//!   producer loads `tail` with `Acquire` before overwriting it, so the consumer's read of the
+//!   old value happens before the overwrite.
+//! - Sleep/wake (Dekker): the consumer stores `sleeping = 1`, issues a `SeqCst` fence and
+//!   re-reads the slot before sleeping; the producer stores the slot, issues a `SeqCst` fence and
+//!   reads `sleeping`. By the fences' total order at least one of them sees the other's store:
+//!   either the consumer finds the entry and does not sleep, or the producer sees the flag and
+//!   wakes it. `FUTEX_WAIT` itself re-checks `sleeping == 1` atomically with respect to
+//!   `FUTEX_WAKE`, closing the window between the re-check and the sleep.
+//!
+//! # Why a futex and not an eventfd
+//! The wake-up word lives in the ring's own shared page: no extra fd to create, pass and keep
+//! per ring, no kernel object to set up at connection time, and the producer pays a system call
+//! only when the flag says the consumer really sleeps. `FUTEX_WAIT` takes a timeout directly, and
+//! the shared (non-`PRIVATE`) futex ops key the word by its page in the memfd, so the two
+//! processes meet on the same wait queue. An eventfd would be pollable by epoll; a transport that
+//! needs that can still sleep in epoll on the peer socket and have the producer write a byte,
+//! keeping this ring unchanged.
+//!
+//! # A faulty or hostile peer
+//! Indices are always computed from this side's local position, so no shared value can steer an
+//! access out of bounds. The consumer accepts in the slot it polls only the tag of the position
+//! it expects (an entry) or of that position minus the capacity (not written yet): any other
+//! tag, such as one claiming a position further ahead, is [`ShmError::RingCorrupt`]. The
+//! producer accepts a `tail` only between its cached value and its own head. Waits take a
+//! timeout, so a peer that stops cannot hang the consumer beyond what its caller allows.
+
+use std::time::{Duration, Instant};
+
+#[cfg(loom)]
+use loom::sync::Arc;
+#[cfg(not(loom))]
+use std::sync::Arc;
+
+use super::ShmError;
+#[cfg(not(loom))]
+use super::ShmRegion;
+#[cfg(loom)]
+use super::sync::ModelFutex;
+use super::sync::{AtomicU32, AtomicU64, Ordering, fence, spin_hint};
+
+const TAIL_OFFSET: usize = 0;
+const SLEEP_OFFSET: usize = 128;
+const SLOTS_OFFSET: usize = 256;
+
+/// The geometry of a doorbell ring: its capacity (a power of two) and the bytes it occupies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingLayout {
+    capacity: u32,
+}
+
+impl RingLayout {
+    /// The largest supported capacity.
+    pub const MAX_CAPACITY: u32 = 1 << 24;
+    /// The alignment of a ring's offset inside its region (two cache lines, so the adjacent-line
+    /// prefetcher does not couple the consumer's and the producer's lines).
+    pub const ALIGN: usize = 128;
+
+    /// A ring of `capacity` entries.
+    ///
+    /// # Errors
+    /// [`ShmError::InvalidCapacity`] unless `capacity` is a power of two in
+    /// `1..=MAX_CAPACITY`.
+    pub fn new(capacity: u32) -> Result<Self, ShmError> {
+        if !capacity.is_power_of_two() || capacity > Self::MAX_CAPACITY {
+            return Err(ShmError::InvalidCapacity {
+                capacity,
+                max: Self::MAX_CAPACITY,
+            });
+        }
+        Ok(Self { capacity })
+    }
+
+    /// The number of entries.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// The bytes the ring occupies in its region.
+    pub fn bytes(&self) -> usize {
+        SLOTS_OFFSET + 8 * self.capacity as usize
+    }
+}
+
+/// The tag a slot carries when it holds the entry for `position`.
+#[inline(always)]
+fn tag(position: u64) -> u32 {
+    (position as u32).wrapping_add(1)
+}
+
+/// The outcome of [`DoorbellProducer::try_push`].
+#[must_use = "a full ring did not take the value"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The value is in the ring.
+    Pushed,
+    /// The ring is full: the consumer has not caught up; the value was not stored.
+    Full,
+}
+
+/// How [`DoorbellConsumer::wait`] waits for an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Poll without sleeping (lowest latency, burns a core).
+    Busy,
+    /// Sleep on the futex until the producer wakes us (needs a producer that calls
+    /// [`DoorbellProducer::notify`]).
+    Event,
+    /// Poll `spins` times, then sleep as in `Event`.
+    Adaptive {
+        /// Polls before sleeping.
+        spins: u32,
+    },
+}
+
+/// Who keeps the ring memory alive.
+#[cfg(not(loom))]
+type Owner = Arc<ShmRegion>;
+#[cfg(loom)]
+type Owner = Arc<ModelRing>;
+
+/// Heap storage standing in for the shared mapping in loom models.
+#[cfg(loom)]
+#[derive(Debug)]
+pub struct ModelRing {
+    tail: AtomicU64,
+    sleeping: AtomicU32,
+    slots: Box<[AtomicU64]>,
+    futex: ModelFutex,
+}
+
+/// Pointers into the ring, valid while the owner lives.
+#[derive(Debug, Clone, Copy)]
+struct RingPtrs {
+    tail: *const AtomicU64,
+    sleeping: *const AtomicU32,
+    slots: *const AtomicU64,
+    mask: u64,
+}
+
+impl RingPtrs {
+    #[cfg(not(loom))]
+    fn in_region(region: &ShmRegion, offset: usize, layout: RingLayout) -> Result<Self, ShmError> {
+        let base = region.ptr_at(offset, layout.bytes(), RingLayout::ALIGN)?;
+        // SAFETY: `base..base + layout.bytes()` is inside the mapping (checked) and the three
+        // offsets plus their sizes stay within `layout.bytes()`; all are 8-byte aligned since
+        // `base` is 128-aligned relative to a page-aligned mapping. `AtomicU64`/`AtomicU32`
+        // have the size and alignment of `u64`/`u32`, and every byte pattern is a valid value.
+        unsafe {
+            Ok(Self {
+                tail: base.add(TAIL_OFFSET).cast(),
+                sleeping: base.add(SLEEP_OFFSET).cast(),
+                slots: base.add(SLOTS_OFFSET).cast(),
+                mask: u64::from(layout.capacity) - 1,
+            })
+        }
+    }
+
+    // The accessors below dereference pointers into memory that the owner keeps mapped (or
+    // allocated) for as long as the producer/consumer holding these pointers lives, and that is
+    // only ever accessed through atomics on this side. A peer process may store to it at any
+    // time; atomics make such concurrent stores well defined.
+
+    #[inline(always)]
+    fn tail(&self) -> &AtomicU64 {
+        // SAFETY: see above; in bounds and aligned by construction.
+        unsafe { &*self.tail }
+    }
+
+    #[inline(always)]
+    fn sleeping(&self) -> &AtomicU32 {
+        // SAFETY: see above; in bounds and aligned by construction.
+        unsafe { &*self.sleeping }
+    }
+
+    #[inline(always)]
+    fn slot(&self, position: u64) -> &AtomicU64 {
+        // SAFETY: `position & mask < capacity`, and the slot array has `capacity` entries in
+        // bounds (see above), whatever `position` is.
+        unsafe { &*self.slots.add((position & self.mask) as usize) }
+    }
+}
+
+/// Creates a connected producer/consumer pair over heap storage, for loom models.
+#[cfg(loom)]
+pub fn model_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
+    let ring = Arc::new(ModelRing {
+        tail: AtomicU64::new(0),
+        sleeping: AtomicU32::new(0),
+        slots: (0..layout.capacity).map(|_| AtomicU64::new(0)).collect(),
+        futex: ModelFutex::default(),
+    });
+    let ptrs = RingPtrs {
+        tail: &ring.tail,
+        sleeping: &ring.sleeping,
+        slots: ring.slots.as_ptr(),
+        mask: u64::from(layout.capacity) - 1,
+    };
+    let cap = u64::from(layout.capacity);
+    (
+        DoorbellProducer {
+            owner: ring.clone(),
+            ptrs,
+            head: 0,
+            tail_cache: 0,
+            cap,
+        },
+        DoorbellConsumer {
+            owner: ring,
+            ptrs,
+            tail: 0,
+            cap,
+            sleeps: 0,
+        },
+    )
+}
+
+/// The producer (sender) end of a doorbell ring.
+#[derive(Debug)]
+pub struct DoorbellProducer {
+    owner: Owner,
+    ptrs: RingPtrs,
+    /// Entries published so far (the next position to write).
+    head: u64,
+    /// The consumer's `tail` as last read: entries below it are free to overwrite.
+    tail_cache: u64,
+    cap: u64,
+}
+
+// SAFETY: the raw pointers point into memory owned by `owner` (an `Arc`, itself Send + Sync),
+// which moves with the value; all accesses through them are atomic.
+unsafe impl Send for DoorbellProducer {}
+// SAFETY: `&self` methods (`notify`, getters) only perform atomic loads and a futex wake;
+// every method that changes the local position takes `&mut self`.
+unsafe impl Sync for DoorbellProducer {}
+
+impl DoorbellProducer {
+    /// Attaches the producer end to the ring at `offset` of `region` (usually a region received
+    /// from the consumer's process). The ring memory must be zeroed and have one producer.
+    ///
+    /// # Errors
+    /// [`ShmError::OutOfBounds`] or [`ShmError::Misaligned`] if the ring does not fit at
+    /// `offset` (which must be a multiple of [`RingLayout::ALIGN`]).
+    #[cfg(not(loom))]
+    pub fn new(
+        region: Arc<ShmRegion>,
+        offset: usize,
+        layout: RingLayout,
+    ) -> Result<Self, ShmError> {
+        let ptrs = RingPtrs::in_region(&region, offset, layout)?;
+        Ok(Self {
+            owner: region,
+            ptrs,
+            head: 0,
+            tail_cache: 0,
+            cap: u64::from(layout.capacity),
+        })
+    }
+
+    /// Publishes `value` if the ring has room. Allocation-free; one `Release` store to the slot,
+    /// plus an `Acquire` load of the consumer's `tail` only when the cached copy says "full".
+    ///
+    /// Does not wake a sleeping consumer: follow with [`notify`](Self::notify), or use
+    /// [`try_push_notify`](Self::try_push_notify), when the consumer may use event mode.
+    ///
+    /// # Errors
+    /// [`ShmError::RingCorrupt`] if the consumer's `tail` went backwards or past what was
+    /// published (a faulty peer); the ring is unusable then.
+    #[inline]
+    pub fn try_push(&mut self, value: u32) -> Result<PushOutcome, ShmError> {
+        if self.head - self.tail_cache >= self.cap {
+            let tail = self.ptrs.tail().load(Ordering::Acquire);
+            if tail < self.tail_cache || tail > self.head {
+                return Err(ShmError::RingCorrupt {
+                    detail: "consumer tail moved backwards or beyond the published head",
+                    position: self.head,
+                    found: tail,
+                });
+            }
+            self.tail_cache = tail;
+            if self.head - tail >= self.cap {
+                return Ok(PushOutcome::Full);
+            }
+        }
+        let entry = (u64::from(tag(self.head)) << 32) | u64::from(value);
+        self.ptrs.slot(self.head).store(entry, Ordering::Release);
+        self.head += 1;
+        Ok(PushOutcome::Pushed)
+    }
+
+    /// Wakes the consumer if it sleeps (or is about to): a `SeqCst` fence, a load of the
+    /// `sleeping` flag and, only if it is set, `FUTEX_WAKE`. Returns whether a wake was issued.
+    ///
+    /// # Errors
+    /// [`ShmError::Futex`] if `futex(2)` fails.
+    #[inline]
+    pub fn notify(&self) -> Result<bool, ShmError> {
+        fence(Ordering::SeqCst);
+        if self.ptrs.sleeping().load(Ordering::Relaxed) == 0 {
+            return Ok(false);
+        }
+        self.wake()?;
+        Ok(true)
+    }
+
+    /// [`try_push`](Self::try_push) then, if pushed, [`notify`](Self::notify).
+    ///
+    /// # Errors
+    /// As both.
+    #[inline]
+    pub fn try_push_notify(&mut self, value: u32) -> Result<PushOutcome, ShmError> {
+        let outcome = self.try_push(value)?;
+        if outcome == PushOutcome::Pushed {
+            self.notify()?;
+        }
+        Ok(outcome)
+    }
+
+    /// Entries published so far.
+    pub fn pushed(&self) -> u64 {
+        self.head
+    }
+
+    /// The ring's capacity.
+    pub fn capacity(&self) -> u32 {
+        self.cap as u32
+    }
+
+    #[cfg(not(loom))]
+    fn wake(&self) -> Result<(), ShmError> {
+        let _ = &self.owner; // keeps the mapping alive; the futex word is inside it
+        futex::wake(self.ptrs.sleeping())
+    }
+
+    #[cfg(loom)]
+    fn wake(&self) -> Result<(), ShmError> {
+        self.owner.futex.wake();
+        Ok(())
+    }
+}
+
+/// The consumer (receiver) end of a doorbell ring.
+#[derive(Debug)]
+pub struct DoorbellConsumer {
+    owner: Owner,
+    ptrs: RingPtrs,
+    /// Entries consumed so far (the next position to read).
+    tail: u64,
+    cap: u64,
+    sleeps: u64,
+}
+
+// SAFETY: as for `DoorbellProducer`: pointers into `owner`'s memory, atomics only.
+unsafe impl Send for DoorbellConsumer {}
+// SAFETY: `&self` methods are plain getters of local fields; everything else takes `&mut self`.
+unsafe impl Sync for DoorbellConsumer {}
+
+/// How many polls pass between clock reads in busy waits with a timeout.
+const POLLS_PER_CLOCK_CHECK: u32 = 256;
+
+impl DoorbellConsumer {
+    /// Attaches the consumer end to the ring at `offset` of `region` (usually a region this
+    /// process created). The ring memory must be zeroed and have one consumer.
+    ///
+    /// # Errors
+    /// [`ShmError::OutOfBounds`] or [`ShmError::Misaligned`] as for
+    /// [`DoorbellProducer::new`].
+    #[cfg(not(loom))]
+    pub fn new(
+        region: Arc<ShmRegion>,
+        offset: usize,
+        layout: RingLayout,
+    ) -> Result<Self, ShmError> {
+        let ptrs = RingPtrs::in_region(&region, offset, layout)?;
+        Ok(Self {
+            owner: region,
+            ptrs,
+            tail: 0,
+            cap: u64::from(layout.capacity),
+            sleeps: 0,
+        })
+    }
+
+    /// Takes the next entry if there is one. Allocation-free: one `Acquire` load of the slot
+    /// and, for an entry, one `Release` store of `tail`.
+    ///
+    /// # Errors
+    /// [`ShmError::RingCorrupt`] if the slot carries a tag that neither the expected entry nor
+    /// the previous lap's can have (a faulty or hostile producer); the ring is unusable then.
+    #[inline]
+    pub fn try_pop(&mut self) -> Result<Option<u32>, ShmError> {
+        let raw = self.ptrs.slot(self.tail).load(Ordering::Acquire);
+        let found = (raw >> 32) as u32;
+        if found == tag(self.tail) {
+            self.tail += 1;
+            self.ptrs.tail().store(self.tail, Ordering::Release);
+            return Ok(Some(raw as u32));
+        }
+        let not_yet = if self.tail < self.cap {
+            0
+        } else {
+            tag(self.tail - self.cap)
+        };
+        if found == not_yet {
+            Ok(None)
+        } else {
+            Err(ShmError::RingCorrupt {
+                detail: "slot tag is neither the expected position nor the previous lap",
+                position: self.tail,
+                found: raw,
+            })
+        }
+    }
+
+    /// Waits for the next entry in `mode`, for at most `timeout` (`None`: no limit). Returns
+    /// `Ok(None)` when the timeout passes with the ring still empty.
+    ///
+    /// In `Event` and `Adaptive` modes the producer must call
+    /// [`notify`](DoorbellProducer::notify) after pushing; a spurious or missed futex return is
+    /// harmless (the loop re-checks the ring).
+    ///
+    /// # Errors
+    /// [`ShmError::RingCorrupt`] as for [`try_pop`](Self::try_pop), [`ShmError::Futex`].
+    pub fn wait(
+        &mut self,
+        mode: WaitMode,
+        timeout: Option<Duration>,
+    ) -> Result<Option<u32>, ShmError> {
+        if let Some(v) = self.try_pop()? {
+            return Ok(Some(v));
+        }
+        // A timeout too large to represent means none.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
+        let mut spins_left = match mode {
+            WaitMode::Busy => u32::MAX,
+            WaitMode::Event => 0,
+            WaitMode::Adaptive { spins } => spins,
+        };
+        while spins_left > 0 {
+            let burst = spins_left.min(POLLS_PER_CLOCK_CHECK);
+            for _ in 0..burst {
+                spin_hint();
+                if let Some(v) = self.try_pop()? {
+                    return Ok(Some(v));
+                }
+            }
+            if expired(deadline) {
+                return Ok(None);
+            }
+            if mode != WaitMode::Busy {
+                spins_left -= burst;
+            }
+        }
+        self.sleep_until(deadline)
+    }
+
+    fn sleep_until(&mut self, deadline: Option<Instant>) -> Result<Option<u32>, ShmError> {
+        loop {
+            self.ptrs.sleeping().store(1, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            let popped = self.try_pop();
+            if !matches!(popped, Ok(None)) {
+                self.ptrs.sleeping().store(0, Ordering::Relaxed);
+                return popped;
+            }
+            let remaining = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(r) if !r.is_zero() => Some(r),
+                    _ => {
+                        self.ptrs.sleeping().store(0, Ordering::Relaxed);
+                        return Ok(None);
+                    }
+                },
+            };
+            self.sleeps += 1;
+            let slept = self.futex_wait(remaining);
+            self.ptrs.sleeping().store(0, Ordering::Relaxed);
+            slept?;
+            if let Some(v) = self.try_pop()? {
+                return Ok(Some(v));
+            }
+        }
+    }
+
+    #[cfg(not(loom))]
+    fn futex_wait(&self, timeout: Option<Duration>) -> Result<(), ShmError> {
+        let _ = &self.owner; // keeps the mapping alive; the futex word is inside it
+        futex::wait(self.ptrs.sleeping(), 1, timeout)
+    }
+
+    #[cfg(loom)]
+    fn futex_wait(&self, _timeout: Option<Duration>) -> Result<(), ShmError> {
+        self.owner.futex.wait(self.ptrs.sleeping(), 1);
+        Ok(())
+    }
+
+    /// Entries consumed so far.
+    pub fn popped(&self) -> u64 {
+        self.tail
+    }
+
+    /// How many times this consumer went to sleep on the futex (event and adaptive modes).
+    pub fn sleeps(&self) -> u64 {
+        self.sleeps
+    }
+
+    /// The ring's capacity.
+    pub fn capacity(&self) -> u32 {
+        self.cap as u32
+    }
+}
+
+/// Shared (not `PRIVATE`) futex operations on a word of a `MAP_SHARED` mapping, so that two
+/// processes mapping the same memfd page meet on one wait queue. See `futex(2)`.
+#[cfg(not(loom))]
+mod futex {
+    use std::io;
+    use std::time::Duration;
+
+    use super::{AtomicU32, ShmError};
+
+    /// Sleeps while `*word == expected`, at most `timeout`. Returns on wake-up, on a value
+    /// mismatch (`EAGAIN`), on a signal (`EINTR`) or on timeout: the caller re-checks.
+    pub(super) fn wait(
+        word: &AtomicU32,
+        expected: u32,
+        timeout: Option<Duration>,
+    ) -> Result<(), ShmError> {
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_nsec: t.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `word` is a live, aligned 32-bit atomic (the kernel reads it atomically);
+        // `ts_ptr` is NULL or points at `ts`, alive for the call. The other arguments are
+        // unused by FUTEX_WAIT.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT,
+                expected,
+                ts_ptr,
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT) => Ok(()),
+            _ => Err(ShmError::Futex {
+                op: "wait",
+                source: e,
+            }),
+        }
+    }
+
+    /// Wakes one waiter on `word` (there is one consumer per ring).
+    pub(super) fn wake(word: &AtomicU32) -> Result<(), ShmError> {
+        // SAFETY: `word` is a live, aligned 32-bit word; FUTEX_WAKE does not dereference
+        // anything else.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAKE,
+                1u32,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        if rc < 0 {
+            return Err(ShmError::Futex {
+                op: "wake",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    struct Setup {
+        producer: DoorbellProducer,
+        consumer: DoorbellConsumer,
+        /// A second mapping of the same memory, playing a faulty peer.
+        peer: ShmRegion,
+    }
+
+    fn setup(capacity: u32) -> Setup {
+        let layout = RingLayout::new(capacity).unwrap();
+        let offset = 256;
+        let len = offset + layout.bytes();
+        let mine = Arc::new(ShmRegion::create("doorbell-test", len).unwrap());
+        let theirs =
+            Arc::new(ShmRegion::from_fd(mine.fd().try_clone_to_owned().unwrap(), len).unwrap());
+        let peer = ShmRegion::from_fd(mine.fd().try_clone_to_owned().unwrap(), len).unwrap();
+        Setup {
+            producer: DoorbellProducer::new(theirs, offset, layout).unwrap(),
+            consumer: DoorbellConsumer::new(mine, offset, layout).unwrap(),
+            peer,
+        }
+    }
+
+    fn write_u64(region: &mut ShmRegion, offset: usize, v: u64) {
+        region.copy_in(256 + offset, &v.to_ne_bytes()).unwrap();
+    }
+
+    #[test]
+    fn layout_validation() {
+        for bad in [0, 3, 6, 1000, RingLayout::MAX_CAPACITY * 2, u32::MAX] {
+            assert!(
+                matches!(RingLayout::new(bad), Err(ShmError::InvalidCapacity { .. })),
+                "{bad}"
+            );
+        }
+        let l = RingLayout::new(16).unwrap();
+        assert_eq!((l.capacity(), l.bytes()), (16, 256 + 128));
+        let region = Arc::new(ShmRegion::create("layout", 4096).unwrap());
+        assert!(matches!(
+            DoorbellConsumer::new(region.clone(), 64, l),
+            Err(ShmError::Misaligned {
+                offset: 64,
+                align: 128
+            })
+        ));
+        assert!(matches!(
+            DoorbellProducer::new(region.clone(), 4096 - 256, l),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        assert!(DoorbellProducer::new(region, 4096 - 384, l).is_ok());
+    }
+
+    #[test]
+    fn fifo_order_full_and_many_laps() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            ..
+        } = setup(8);
+        assert_eq!(consumer.try_pop().unwrap(), None);
+        for lap in 0..1000u32 {
+            for i in 0..8 {
+                assert_eq!(producer.try_push(lap * 8 + i).unwrap(), PushOutcome::Pushed);
+            }
+            assert_eq!(producer.try_push(u32::MAX).unwrap(), PushOutcome::Full);
+            for i in 0..8 {
+                assert_eq!(consumer.try_pop().unwrap(), Some(lap * 8 + i));
+            }
+            assert_eq!(consumer.try_pop().unwrap(), None);
+        }
+        assert_eq!((producer.pushed(), consumer.popped()), (8000, 8000));
+        // Interleaved, with the extreme values.
+        for v in [0, u32::MAX, 1, 0x8000_0000] {
+            assert_eq!(producer.try_push(v).unwrap(), PushOutcome::Pushed);
+            assert_eq!(consumer.wait(WaitMode::Busy, None).unwrap(), Some(v));
+        }
+    }
+
+    #[test]
+    fn producer_tag_far_ahead_is_rejected() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            mut peer,
+        } = setup(8);
+        assert_eq!(producer.try_push(1).unwrap(), PushOutcome::Pushed);
+        assert_eq!(consumer.try_pop().unwrap(), Some(1));
+        // Slot 1 claims position 1 + 1000 * 8: a producer running laps ahead.
+        write_u64(
+            &mut peer,
+            SLOTS_OFFSET + 8,
+            (u64::from(tag(8001)) << 32) | 5,
+        );
+        match consumer.try_pop() {
+            Err(ShmError::RingCorrupt { position: 1, .. }) => {}
+            other => panic!("expected RingCorrupt, got {other:?}"),
+        }
+        // The waiting paths report it too instead of spinning or sleeping forever.
+        assert!(matches!(
+            consumer.wait(WaitMode::Busy, None),
+            Err(ShmError::RingCorrupt { .. })
+        ));
+        assert!(matches!(
+            consumer.wait(WaitMode::Event, None),
+            Err(ShmError::RingCorrupt { .. })
+        ));
+        // A slot claiming the next position but one is also impossible.
+        write_u64(&mut peer, SLOTS_OFFSET + 8, u64::from(tag(2)) << 32);
+        assert!(matches!(
+            consumer.try_pop(),
+            Err(ShmError::RingCorrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_consumer_tail_is_rejected() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            mut peer,
+        } = setup(4);
+        for i in 0..4 {
+            assert_eq!(producer.try_push(i).unwrap(), PushOutcome::Pushed);
+        }
+        // A tail beyond what was published would let the producer overwrite unread slots.
+        write_u64(&mut peer, TAIL_OFFSET, 1 << 40);
+        match producer.try_push(9) {
+            Err(ShmError::RingCorrupt { found, .. }) => assert_eq!(found, 1 << 40),
+            other => panic!("expected RingCorrupt, got {other:?}"),
+        }
+        // A tail that moves backwards is rejected too.
+        write_u64(&mut peer, TAIL_OFFSET, 0);
+        for i in 0..3 {
+            assert_eq!(consumer.try_pop().unwrap(), Some(i));
+        }
+        assert_eq!(producer.try_push(4).unwrap(), PushOutcome::Pushed);
+        assert_eq!(producer.try_push(5).unwrap(), PushOutcome::Pushed);
+        assert_eq!(producer.try_push(6).unwrap(), PushOutcome::Pushed);
+        write_u64(&mut peer, TAIL_OFFSET, 1);
+        assert!(matches!(
+            producer.try_push(7),
+            Err(ShmError::RingCorrupt { found: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn wait_times_out_on_an_empty_ring() {
+        let Setup { mut consumer, .. } = setup(4);
+        for mode in [
+            WaitMode::Busy,
+            WaitMode::Event,
+            WaitMode::Adaptive { spins: 100 },
+        ] {
+            assert_eq!(
+                consumer.wait(mode, Some(Duration::from_millis(5))).unwrap(),
+                None
+            );
+        }
+        assert_eq!(
+            consumer
+                .wait(WaitMode::Event, Some(Duration::ZERO))
+                .unwrap(),
+            None
+        );
+        assert!(
+            consumer.sleeps() >= 1,
+            "event mode must have slept on the futex"
+        );
+    }
+
+    #[test]
+    fn event_mode_wakes_across_threads() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            ..
+        } = setup(4);
+        const N: u32 = 2_000;
+        let t = thread::spawn(move || {
+            let mut woken = 0u32;
+            for i in 0..N {
+                if i % 50 == 0 {
+                    thread::sleep(Duration::from_micros(500));
+                }
+                loop {
+                    let outcome = producer.try_push(i).unwrap();
+                    if producer.notify().unwrap() {
+                        woken += 1;
+                    }
+                    if outcome == PushOutcome::Pushed {
+                        break;
+                    }
+                    thread::yield_now();
+                }
+            }
+            woken
+        });
+        for i in 0..N {
+            let mode = if i % 2 == 0 {
+                WaitMode::Event
+            } else {
+                WaitMode::Adaptive { spins: 64 }
+            };
+            let got = consumer.wait(mode, Some(Duration::from_secs(20))).unwrap();
+            assert_eq!(got, Some(i), "lost or reordered entry");
+        }
+        let woken = t.join().unwrap();
+        assert!(consumer.sleeps() > 0, "the consumer never slept");
+        assert!(woken > 0, "the producer never had to wake the consumer");
+    }
+}

@@ -35,6 +35,7 @@
 mod doorbell;
 mod error;
 mod fdpass;
+mod inplace;
 mod liveness;
 mod mailbox;
 mod region;

@@ -1,2 +1,181 @@
 #![forbid(unsafe_code)]
-//! Placeholder.
+//! Transport drivers: the sans-I/O [`core`](crate::core) joined to a way of moving bytes.
+//!
+//! A driver implements [`Link`] (how a reserved message reaches the peer's target segment, how
+//! immediates arrive, how credits are published and read) and [`TargetMemory`] (where received
+//! messages are read in place). [`Connection`] runs the protocol over any link: selection,
+//! allocation, the header, validation of every immediate and header, zero-copy delivery and
+//! credit return are written once, here and in the core.
+//!
+//! - [`shm`]: peers on one host; the source segment *is* the receiver's target segment mapped
+//!   into the sender (claim 3), immediates go through a doorbell ring in shared memory.
+
+mod conn;
+pub mod shm;
+
+pub use conn::{Connection, ConnectionStats, Message, SendError};
+
+use std::time::Duration;
+
+use crate::core::{CreditUpdate, ProtocolError, SegmentId};
+
+/// How a receiver waits for messages (and a blocked sender for credits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PollMode {
+    /// Spin on the completion source: lowest latency, one core per waiting thread.
+    #[default]
+    Busy,
+    /// Sleep in the kernel until the peer signals (futex for shared memory, completion channel
+    /// for verbs).
+    Event,
+    /// Spin `spins` times, then sleep as in [`PollMode::Event`].
+    Adaptive {
+        /// Polls before sleeping.
+        spins: u32,
+    },
+}
+
+impl std::str::FromStr for PollMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "busy" => Ok(PollMode::Busy),
+            "event" => Ok(PollMode::Event),
+            "adaptive" => Ok(PollMode::Adaptive { spins: 20_000 }),
+            other => match other.strip_prefix("adaptive:") {
+                Some(n) => n
+                    .parse()
+                    .map(|spins| PollMode::Adaptive { spins })
+                    .map_err(|_| format!("bad spin count in poll mode {other:?}")),
+                None => Err(format!(
+                    "unknown poll mode {other:?} (busy, event, adaptive[:SPINS])"
+                )),
+            },
+        }
+    }
+}
+
+/// Errors of a transport connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The peer broke the protocol (bad immediate, header, credit or control message); the
+    /// connection is closed.
+    #[error("peer broke the protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// A shared-memory primitive failed.
+    #[error("shared memory: {0}")]
+    Shm(#[from] crate::shm::ShmError),
+    /// The connection setup failed.
+    #[error("handshake with {peer}: {reason}")]
+    Handshake {
+        /// Who we were talking to.
+        peer: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An I/O step of the setup failed.
+    #[error("{step}: {source}")]
+    Io {
+        /// The step.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer closed the connection or its process died.
+    #[error("peer closed the connection")]
+    PeerClosed,
+    /// The connection failed earlier and can no longer be used.
+    #[error("connection failed earlier: {0}")]
+    Failed(String),
+    /// Nothing arrived before the timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// How the generic [`Connection`] drives one transport.
+///
+/// Offsets are byte offsets inside a segment; the link maps (segment, offset) to its memory.
+pub trait Link {
+    /// Copies `bytes` into the source image of `segment` at `offset` (for shared memory, straight
+    /// into the receiver's target segment).
+    ///
+    /// # Errors
+    /// Out-of-range offsets or a failed link.
+    fn write(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<(), TransportError>;
+
+    /// Borrows `len` bytes of the source image of `segment` at `offset` for filling in place.
+    ///
+    /// # Errors
+    /// Out-of-range offsets.
+    fn fill(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<&mut [u8], TransportError>;
+
+    /// Transfers `len` bytes at `offset` of `segment` to the same place of the peer's target
+    /// segment, and hands the peer `imm` once they are there (one WRITE_WITH_IMM; for shared
+    /// memory the bytes are already there and only the doorbell rings). The link is sized so that
+    /// this never meets a full queue while the core grants partitions.
+    ///
+    /// # Errors
+    /// A failed link.
+    fn post(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError>;
+
+    /// The next immediate from the peer, waiting in `mode` for at most `timeout` (`Some(ZERO)`:
+    /// do not wait). `Ok(None)` when nothing came.
+    ///
+    /// # Errors
+    /// A failed link or a peer that went away.
+    fn next_immediate(
+        &mut self,
+        mode: PollMode,
+        timeout: Option<Duration>,
+    ) -> Result<Option<u32>, TransportError>;
+
+    /// Publishes a credit into the peer's mailbox (and, if the peer sleeps for credits, a credit
+    /// notice immediate).
+    ///
+    /// # Errors
+    /// A failed link.
+    fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError>;
+
+    /// Announces that this side is about to wait for a credit: the peer pushes a credit notice
+    /// immediate with its next credit. Must be ordered (a `SeqCst` fence) before the caller's
+    /// next reading of the mailbox, so that either that reading sees the credit or the peer sees
+    /// the announcement.
+    fn want_credit_notice(&mut self);
+
+    /// The current value of this side's mailbox slot for `segment` (credits for our sends).
+    fn credit(&self, segment: SegmentId) -> u64;
+
+    /// `Err(PeerClosed)` once the peer is known to be gone.
+    ///
+    /// # Errors
+    /// [`TransportError::PeerClosed`].
+    fn check_peer(&self) -> Result<(), TransportError>;
+}
+
+/// The receiver's target segments, read in place.
+pub trait TargetMemory {
+    /// Borrows `len` bytes at `offset` of target segment `segment`.
+    ///
+    /// # Errors
+    /// Out-of-range offsets.
+    fn bytes(&self, segment: SegmentId, offset: usize, len: usize)
+    -> Result<&[u8], TransportError>;
+}

@@ -1,0 +1,530 @@
+//! The connection: one [`Sender`] and one [`Receiver`] of the core driven over a [`Link`].
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt;
+use std::ops::Deref;
+use std::time::{Duration, Instant};
+
+use super::{Link, PollMode, TargetMemory, TransportError};
+use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind};
+use crate::core::{
+    ControlMessage, Layout, MessageKind, Receiver, ReceiverStats, ReleaseToken, ReserveError,
+    Sender, SenderStats, close_reason,
+};
+
+/// How long a blocking wait sleeps before it looks at the peer's liveness again.
+const LIVENESS_SLICE: Duration = Duration::from_millis(50);
+
+/// Why a send did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No partition is free for the message now (the receiver has not released enough):
+    /// back-pressure. Nothing was written; retry later, or use a blocking send.
+    #[error("no free partitions for now (back-pressure)")]
+    WouldBlock,
+    /// The message is larger than any segment group carries eagerly.
+    #[error("message of {len} bytes exceeds the largest eager message of {max} bytes")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Largest payload the groups carry.
+        max: usize,
+    },
+    /// The connection failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Counters of one connection, cheap to copy.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionStats {
+    /// Sending side (messages, bytes, stalls, per group).
+    pub sender: SenderStats,
+    /// Receiving side (messages, bytes, partitions in use, per group).
+    pub receiver: ReceiverStats,
+}
+
+struct Inner<L> {
+    link: L,
+    tx: Sender,
+    rx: Receiver,
+    mode: PollMode,
+    /// Immediates taken from the link while waiting for credits, in arrival order.
+    stash: VecDeque<u32>,
+    failed: Option<String>,
+}
+
+/// A connection to one peer over a transport: bidirectional, messages in order.
+///
+/// # Thread safety
+/// A connection is `Send` (when its link is) but not `Sync`: use it from one thread at a time.
+/// Received [`Message`]s borrow it, so several can be held at once and released in any order.
+pub struct Connection<L: Link, T: TargetMemory> {
+    target: T,
+    inner: RefCell<Inner<L>>,
+}
+
+impl<L: Link, T: TargetMemory> fmt::Debug for Connection<L, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection").finish_non_exhaustive()
+    }
+}
+
+impl<L: Link, T: TargetMemory> Connection<L, T> {
+    /// Joins a link to the core. `send_layout` is the peer's receive layout (the target segments
+    /// we write into), `recv_layout` ours.
+    pub fn new(
+        link: L,
+        target: T,
+        send_layout: Layout,
+        recv_layout: Layout,
+        mode: PollMode,
+    ) -> Self {
+        let stash_cap = Layout::recv_wqe_bound_for(&recv_layout, &send_layout) as usize;
+        Connection {
+            target,
+            inner: RefCell::new(Inner {
+                link,
+                tx: Sender::new(send_layout),
+                rx: Receiver::new(recv_layout),
+                mode,
+                stash: VecDeque::with_capacity(stash_cap),
+                failed: None,
+            }),
+        }
+    }
+
+    /// The largest payload one message can carry.
+    pub fn max_message(&self) -> usize {
+        self.inner.borrow().tx.max_eager_payload()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ConnectionStats {
+        let inner = self.inner.borrow();
+        ConnectionStats {
+            sender: inner.tx.stats().clone(),
+            receiver: inner.rx.stats().clone(),
+        }
+    }
+
+    /// Sends `msg` if partitions are free now; never waits.
+    ///
+    /// # Errors
+    /// [`SendError::WouldBlock`] under back-pressure, [`SendError::TooLarge`],
+    /// [`SendError::Transport`] if the connection failed.
+    pub fn try_send(&self, msg: &[u8]) -> Result<(), SendError> {
+        self.try_send_vectored(&[msg])
+    }
+
+    /// Sends the concatenation of `parts` as one message if partitions are free now.
+    ///
+    /// # Errors
+    /// As [`Connection::try_send`].
+    pub fn try_send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        let r = inner.send_parts(parts);
+        inner.note(r)
+    }
+
+    /// Sends `msg`, waiting for credits while the receiver holds every partition.
+    ///
+    /// A blocking send waits for the peer application to release messages: two peers that
+    /// only ever block in `send` towards each other can wait forever; interleave `try_send` and
+    /// receives for such patterns.
+    ///
+    /// # Errors
+    /// [`SendError::TooLarge`], [`SendError::Transport`] (including a peer that went away).
+    pub fn send(&self, msg: &[u8]) -> Result<(), SendError> {
+        self.send_vectored(&[msg])
+    }
+
+    /// Blocking form of [`Connection::try_send_vectored`].
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        loop {
+            match inner.send_parts(parts) {
+                Err(SendError::WouldBlock) => {
+                    let r = inner.wait_credit();
+                    inner.note(r.map_err(SendError::from))?;
+                }
+                r => return inner.note(r),
+            }
+        }
+    }
+
+    /// Fills a message of `len` bytes in place in the source image (zero-copy send): `fill`
+    /// gets the payload bytes; the message is sent when it returns. Waits for credits like
+    /// [`Connection::send`].
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub fn send_with(&self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<(), SendError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        let res = loop {
+            match inner.reserve(MessageKind::Data, len) {
+                Err(SendError::WouldBlock) => {
+                    let r = inner.wait_credit();
+                    inner.note(r.map_err(SendError::from))?;
+                }
+                Err(e) => return inner.note(Err(e)),
+                Ok(res) => break res,
+            }
+        };
+        let r = (|| {
+            inner.link.write(res.segment, res.offset, &res.header)?;
+            fill(inner.link.fill(res.segment, res.payload_offset(), len)?);
+            inner
+                .link
+                .post(res.segment, res.offset, res.wire_len(), res.immediate.get())
+        })();
+        inner.note(r.map_err(SendError::from))
+    }
+
+    /// Takes the next message if one has arrived; never waits.
+    ///
+    /// # Errors
+    /// A protocol violation by the peer (the connection is then failed), a peer that closed.
+    pub fn try_recv(&self) -> Result<Option<Message<'_, L, T>>, TransportError> {
+        self.recv_until(Some(Instant::now()))
+    }
+
+    /// Waits for the next message.
+    ///
+    /// # Errors
+    /// As [`Connection::try_recv`].
+    pub fn recv(&self) -> Result<Message<'_, L, T>, TransportError> {
+        match self.recv_until(None)? {
+            Some(m) => Ok(m),
+            None => Err(TransportError::Failed(
+                "receive ended without a message".into(),
+            )),
+        }
+    }
+
+    /// Waits at most `timeout` for the next message.
+    ///
+    /// # Errors
+    /// [`TransportError::Timeout`] when nothing came, otherwise as [`Connection::try_recv`].
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Message<'_, L, T>, TransportError> {
+        match self.recv_until(Instant::now().checked_add(timeout))? {
+            Some(m) => Ok(m),
+            None => Err(TransportError::Timeout(timeout)),
+        }
+    }
+
+    /// Receives the next message into `buf` (copying) and releases its partitions at once.
+    /// Returns the message length.
+    ///
+    /// # Errors
+    /// As [`Connection::recv`]; a message longer than `buf` is an error and is released.
+    pub fn recv_into(&self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        let m = self.recv()?;
+        let n = m.len();
+        if n > buf.len() {
+            return Err(TransportError::Failed(format!(
+                "message of {n} bytes does not fit a buffer of {}",
+                buf.len()
+            )));
+        }
+        buf[..n].copy_from_slice(&m);
+        Ok(n)
+    }
+
+    /// Tells the peer we are closing (best effort) and fails the connection locally.
+    pub fn close(&self) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.failed.is_none() {
+            let _ = inner.send_control(&ControlMessage::Close {
+                reason: close_reason::NORMAL,
+            });
+            inner.failed = Some("closed by this side".into());
+        }
+    }
+
+    fn recv_until(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Message<'_, L, T>>, TransportError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        loop {
+            let imm = match inner.next_immediate(deadline) {
+                Ok(Some(imm)) => imm,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(inner.fail(e)),
+            };
+            match self.accept(&mut inner, imm) {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => continue,
+                Err(e) => return Err(inner.fail(e)),
+            }
+        }
+    }
+
+    /// Handles one immediate: a data message is returned, credits and control are consumed.
+    fn accept(
+        &self,
+        inner: &mut Inner<L>,
+        imm: u32,
+    ) -> Result<Option<Message<'_, L, T>>, TransportError> {
+        match Immediate(imm).decode()? {
+            ImmediateKind::Credit { .. } => {
+                inner.tx.handle_credit_notice(imm)?;
+                Ok(None)
+            }
+            ImmediateKind::Message { .. } => {
+                let arrival = inner.rx.on_immediate(imm)?;
+                let header =
+                    self.target
+                        .bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
+                let d = inner.rx.accept(arrival, header)?;
+                let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
+                match d.kind {
+                    MessageKind::Data => Ok(Some(Message {
+                        conn: self,
+                        token: Some(d.token),
+                        data,
+                        seq: d.seq,
+                    })),
+                    MessageKind::Control => {
+                        let msg = ControlMessage::decode(data);
+                        inner.release(d.token)?;
+                        match msg? {
+                            ControlMessage::Close { .. } => Err(TransportError::PeerClosed),
+                            other => Err(TransportError::Failed(format!(
+                                "unsupported control message {other:?}"
+                            ))),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn release(&self, token: ReleaseToken) {
+        let mut inner = self.inner.borrow_mut();
+        if let Err(e) = inner.release(token) {
+            inner.fail(e);
+        }
+    }
+}
+
+impl<L: Link> Inner<L> {
+    fn check(&self) -> Result<(), TransportError> {
+        match &self.failed {
+            Some(why) => Err(TransportError::Failed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, e: TransportError) -> TransportError {
+        if self.failed.is_none() {
+            if !matches!(e, TransportError::PeerClosed | TransportError::Failed(_)) {
+                // Tell the peer why, best effort: it must not keep writing into our segments.
+                let _ = self.send_control(&ControlMessage::Close {
+                    reason: close_reason::PROTOCOL_ERROR,
+                });
+            }
+            tracing::debug!(error = %e, "connection failed");
+            self.failed = Some(e.to_string());
+        }
+        e
+    }
+
+    fn note<R>(&mut self, r: Result<R, SendError>) -> Result<R, SendError> {
+        if let Err(SendError::Transport(e)) = &r {
+            if self.failed.is_none() {
+                self.failed = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    /// Reads every mailbox slot newer than what the sender knows.
+    fn refresh_credits(&mut self) -> Result<(), TransportError> {
+        for i in 0..self.tx.tables().segments().len() {
+            let id = self.tx.tables().segments()[i].id;
+            let v = self.link.credit(id);
+            if self.tx.credit(id).is_some_and(|known| v > known) {
+                self.tx.handle_credit(id, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve(
+        &mut self,
+        kind: MessageKind,
+        len: usize,
+    ) -> Result<crate::core::Reservation, SendError> {
+        match self.tx.reserve_kind(kind, len) {
+            Ok(r) => Ok(r),
+            Err(ReserveError::WouldBlock { .. }) => {
+                self.refresh_credits()?;
+                self.tx.reserve_kind(kind, len).map_err(|e| match e {
+                    ReserveError::NeedsRendezvous { len, max } => SendError::TooLarge { len, max },
+                    _ => SendError::WouldBlock,
+                })
+            }
+            Err(ReserveError::NeedsRendezvous { len, max }) => {
+                Err(SendError::TooLarge { len, max })
+            }
+        }
+    }
+
+    fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), SendError> {
+        let len = parts.iter().map(|p| p.len()).sum();
+        let res = self.reserve(MessageKind::Data, len)?;
+        self.link.write(res.segment, res.offset, &res.header)?;
+        let mut off = res.payload_offset();
+        for p in parts {
+            self.link.write(res.segment, off, p)?;
+            off += p.len();
+        }
+        self.link
+            .post(res.segment, res.offset, res.wire_len(), res.immediate.get())?;
+        Ok(())
+    }
+
+    fn send_control(&mut self, msg: &ControlMessage) -> Result<(), SendError> {
+        let body = msg.encode();
+        let res = self.reserve(MessageKind::Control, body.as_slice().len())?;
+        self.link.write(res.segment, res.offset, &res.header)?;
+        self.link
+            .write(res.segment, res.payload_offset(), body.as_slice())?;
+        self.link
+            .post(res.segment, res.offset, res.wire_len(), res.immediate.get())?;
+        Ok(())
+    }
+
+    fn release(&mut self, token: ReleaseToken) -> Result<(), TransportError> {
+        if let Some(credit) = self.rx.release(token)? {
+            self.link.publish_credit(credit)?;
+        }
+        Ok(())
+    }
+
+    fn next_immediate(&mut self, deadline: Option<Instant>) -> Result<Option<u32>, TransportError> {
+        if let Some(imm) = self.stash.pop_front() {
+            return Ok(Some(imm));
+        }
+        loop {
+            let slice = match deadline {
+                None => LIVENESS_SLICE,
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(LIVENESS_SLICE),
+            };
+            if let Some(imm) = self.link.next_immediate(self.mode, Some(slice))? {
+                return Ok(Some(imm));
+            }
+            self.link.check_peer()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Waits until a credit may have arrived: busy, it re-reads the mailbox; otherwise it waits
+    /// for the link's credit notice, keeping message immediates that arrive meanwhile.
+    fn wait_credit(&mut self) -> Result<(), TransportError> {
+        let before: u64 = self.credit_sum();
+        loop {
+            self.link.check_peer()?;
+            if self.credit_sum() != before {
+                return Ok(());
+            }
+            match self.mode {
+                PollMode::Busy => {
+                    for _ in 0..1024 {
+                        std::hint::spin_loop();
+                        if self.credit_sum() != before {
+                            return Ok(());
+                        }
+                    }
+                }
+                PollMode::Event | PollMode::Adaptive { .. } => {
+                    self.link.want_credit_notice();
+                    if self.credit_sum() != before {
+                        return Ok(());
+                    }
+                    if let Some(imm) = self.link.next_immediate(self.mode, Some(LIVENESS_SLICE))? {
+                        match Immediate(imm).decode()? {
+                            ImmediateKind::Credit { .. } => {
+                                self.tx.handle_credit_notice(imm)?;
+                                return Ok(());
+                            }
+                            ImmediateKind::Message { .. } => self.stash.push_back(imm),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn credit_sum(&self) -> u64 {
+        self.tx
+            .tables()
+            .segments()
+            .iter()
+            .map(|s| self.link.credit(s.id))
+            .fold(0u64, u64::wrapping_add)
+    }
+}
+
+/// A received message, read in place in the target segment (zero-copy). Its partitions return
+/// to the sender when it is dropped (or [`released`](Message::release)); messages may be
+/// released in any order.
+pub struct Message<'a, L: Link, T: TargetMemory> {
+    conn: &'a Connection<L, T>,
+    token: Option<ReleaseToken>,
+    data: &'a [u8],
+    seq: u32,
+}
+
+impl<L: Link, T: TargetMemory> Message<'_, L, T> {
+    /// The message's sequence number in its direction of the connection.
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// Returns the partitions to the sender now (same as dropping the message).
+    pub fn release(mut self) {
+        if let Some(t) = self.token.take() {
+            self.conn.release(t);
+        }
+    }
+}
+
+impl<L: Link, T: TargetMemory> Deref for Message<'_, L, T> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.data
+    }
+}
+
+impl<L: Link, T: TargetMemory> fmt::Debug for Message<'_, L, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("seq", &self.seq)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+impl<L: Link, T: TargetMemory> Drop for Message<'_, L, T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.token.take() {
+            self.conn.release(t);
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! The shared-memory transport: peers on one host.
+//!
+//! Here claim 3 holds literally: the receiver allocates each target segment as a sealed memfd,
+//! passes it to the sender over a Unix-domain socket (`SCM_RIGHTS`), and the sender maps it: the
+//! source segment *is* the target segment, so a message costs one copy, straight into the
+//! receiver's partitions. The immediate goes through a doorbell ring in the receiver's control
+//! region; credits come back as absolute counters in the sender's control region.
+//!
+//! # Regions of one side (the receiver of one direction)
+//! - the control region: the doorbell ring the peer pushes immediates into, then the credit
+//!   mailbox the peer publishes credits into (one `u64` per segment of our *sending* direction,
+//!   plus one word where we announce that we wait for a credit);
+//! - one region per target segment of our receive layout.
+//!
+//! # Handshake (over the Unix socket, fixed-size frames)
+//! 1. connector → listener: `Hello` (magic, version, poll mode, pid, the connector's receive
+//!    layout).
+//! 2. listener → connector: `Hello` with the listener's receive layout, then a frame carrying the
+//!    fds of its control region and target segments.
+//! 3. connector → listener: a frame carrying the connector's fds.
+//! 4. listener → connector: one status byte once it has mapped them.
+//!
+//! Each side checks every field and every region's size (and seals) against the layouts before
+//! it uses anything; a peer that dies leaves nothing behind once both processes are gone (the
+//! memfds have no name in any file system).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
+use std::time::Duration;
+
+use super::{Connection, Link, PollMode, TargetMemory, TransportError};
+use crate::core::{CreditUpdate, Layout, SegmentId};
+use crate::shm::{
+    CreditMailbox, DoorbellConsumer, DoorbellProducer, PeerStatus, PushOutcome, RingLayout,
+    ShmRegion, WaitMode, recv_fds, send_fds, socket_peer_status,
+};
+
+const MAGIC: [u8; 4] = *b"RSHM";
+const VERSION: u16 = 1;
+const HELLO_LEN: usize = 512;
+const LAYOUT_MAX: usize = HELLO_LEN - 16;
+/// Mailbox slots: one per possible segment id, then the "waiting for a credit" word.
+const MAILBOX_SLOTS: usize = 257;
+const WAITER_SLOT: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection over shared memory.
+pub type ShmConnection = Connection<ShmLink, ShmTarget>;
+
+/// The directory holding the sockets of named shared-memory endpoints: `$RSMSG_SHM_DIR`, else
+/// `$XDG_RUNTIME_DIR/rsmsg`, else `/tmp/rsmsg-UID`.
+pub fn socket_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RSMSG_SHM_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&d).join("rsmsg");
+    }
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0);
+    PathBuf::from(format!("/tmp/rsmsg-{uid}"))
+}
+
+/// The socket path of endpoint `name`.
+///
+/// # Errors
+/// A name that is empty, longer than 64 bytes or not made of `[A-Za-z0-9._-]`.
+pub fn socket_path(name: &str) -> Result<PathBuf, TransportError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if !ok {
+        return Err(TransportError::Handshake {
+            peer: name.into(),
+            reason: "endpoint names are 1-64 bytes of [A-Za-z0-9._-]".into(),
+        });
+    }
+    Ok(socket_dir().join(format!("{name}.sock")))
+}
+
+fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+    move |source| TransportError::Io { step, source }
+}
+
+fn hs(peer: &str, reason: impl Into<String>) -> TransportError {
+    TransportError::Handshake {
+        peer: peer.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The `Hello` frame.
+#[derive(Debug, Clone, PartialEq)]
+struct Hello {
+    mode: PollMode,
+    pid: u32,
+    layout: Layout,
+}
+
+impl Hello {
+    fn encode(&self) -> Result<[u8; HELLO_LEN], TransportError> {
+        let mut b = [0u8; HELLO_LEN];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        let (mode, spins) = match self.mode {
+            PollMode::Busy => (0u8, 0u32),
+            PollMode::Event => (1, 0),
+            PollMode::Adaptive { spins } => (2, spins),
+        };
+        b[6] = mode;
+        b[8..12].copy_from_slice(&self.pid.to_le_bytes());
+        b[12..16].copy_from_slice(&spins.to_le_bytes());
+        let text = self.layout.to_string();
+        if text.len() > LAYOUT_MAX - 2 {
+            return Err(hs("", "layout description too long for the handshake"));
+        }
+        b[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
+        b[18..18 + text.len()].copy_from_slice(text.as_bytes());
+        Ok(b)
+    }
+
+    fn decode(b: &[u8; HELLO_LEN], peer: &str) -> Result<Hello, TransportError> {
+        if b[0..4] != MAGIC {
+            return Err(hs(peer, "not an rsmsg shared-memory peer (bad magic)"));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != VERSION {
+            return Err(hs(
+                peer,
+                format!("protocol version {version}, expected {VERSION}"),
+            ));
+        }
+        if b[7] != 0 {
+            return Err(hs(peer, "reserved byte set"));
+        }
+        let spins = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
+        let mode = match b[6] {
+            0 => PollMode::Busy,
+            1 => PollMode::Event,
+            2 => PollMode::Adaptive { spins },
+            m => return Err(hs(peer, format!("unknown poll mode {m}"))),
+        };
+        let pid = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        let n = u16::from_le_bytes([b[16], b[17]]) as usize;
+        if n == 0 || n > LAYOUT_MAX - 2 {
+            return Err(hs(peer, format!("layout length {n} out of range")));
+        }
+        if b[18 + n..].iter().any(|&x| x != 0) {
+            return Err(hs(peer, "bytes after the layout"));
+        }
+        let text = std::str::from_utf8(&b[18..18 + n]).map_err(|_| hs(peer, "layout not UTF-8"))?;
+        let layout = text
+            .parse::<Layout>()
+            .map_err(|e| hs(peer, format!("layout {text:?}: {e}")))?;
+        Ok(Hello { mode, pid, layout })
+    }
+}
+
+/// Geometry of a control region for a receiver with these layouts.
+#[derive(Debug, Clone, Copy)]
+struct ControlGeometry {
+    ring: RingLayout,
+    mailbox_offset: usize,
+    bytes: usize,
+}
+
+impl ControlGeometry {
+    fn new(recv: &Layout, send: &Layout) -> Result<Self, TransportError> {
+        let bound = Layout::recv_wqe_bound_for(recv, send);
+        let cap = bound.checked_next_power_of_two().unwrap_or(u32::MAX);
+        let ring = RingLayout::new(cap)?;
+        let mailbox_offset = ring.bytes().next_multiple_of(RingLayout::ALIGN);
+        let bytes = mailbox_offset + CreditMailbox::bytes(MAILBOX_SLOTS);
+        Ok(ControlGeometry {
+            ring,
+            mailbox_offset,
+            bytes,
+        })
+    }
+}
+
+/// This side's receiving resources: what it creates and hands to the peer.
+struct Local {
+    control: Arc<ShmRegion>,
+    segments: Vec<ShmRegion>,
+}
+
+impl Local {
+    fn create(recv: &Layout, geo: ControlGeometry) -> Result<Local, TransportError> {
+        let control = Arc::new(ShmRegion::create("rsmsg-control", geo.bytes)?);
+        let tables = crate::core::Tables::new(recv.clone());
+        let segments = tables
+            .segments()
+            .iter()
+            .map(|s| ShmRegion::create(&format!("rsmsg-seg{}", s.id.0), s.bytes() as usize))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Local { control, segments })
+    }
+
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        std::iter::once(self.control.fd())
+            .chain(self.segments.iter().map(|s| s.fd()))
+            .collect()
+    }
+}
+
+/// The peer's receiving resources, mapped here.
+struct Remote {
+    control: Arc<ShmRegion>,
+    segments: Vec<ShmRegion>,
+}
+
+impl Remote {
+    fn open(
+        fds: Vec<OwnedFd>,
+        recv: &Layout,
+        geo: ControlGeometry,
+        peer: &str,
+    ) -> Result<Remote, TransportError> {
+        let tables = crate::core::Tables::new(recv.clone());
+        if fds.len() != 1 + tables.segments().len() {
+            return Err(hs(
+                peer,
+                format!(
+                    "{} regions passed, expected {}",
+                    fds.len(),
+                    1 + tables.segments().len()
+                ),
+            ));
+        }
+        let mut fds = fds.into_iter();
+        let control = Arc::new(ShmRegion::from_fd(fds.next().expect("counted"), geo.bytes)?);
+        let segments = tables
+            .segments()
+            .iter()
+            .zip(fds)
+            .map(|(s, fd)| ShmRegion::from_fd(fd, s.bytes() as usize))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Remote { control, segments })
+    }
+}
+
+/// The [`Link`] of a shared-memory connection.
+pub struct ShmLink {
+    sock: UnixStream,
+    /// The peer's target segments, mapped: our source images.
+    peer_segments: Vec<ShmRegion>,
+    /// The peer's doorbell ring (we push).
+    doorbell: DoorbellProducer,
+    /// Our doorbell ring (the peer pushes).
+    bell: DoorbellConsumer,
+    /// Credits for our sends (the peer publishes here).
+    mailbox: CreditMailbox,
+    /// The peer's mailbox (we publish credits for its sends).
+    peer_mailbox: CreditMailbox,
+    /// Whether the peer sleeps (event/adaptive): then every push is followed by a wake-up check.
+    peer_sleeps: bool,
+    _control: Arc<ShmRegion>,
+    _peer_control: Arc<ShmRegion>,
+}
+
+impl std::fmt::Debug for ShmLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmLink").finish_non_exhaustive()
+    }
+}
+
+/// Our target segments, read in place.
+#[derive(Debug)]
+pub struct ShmTarget {
+    segments: Vec<ShmRegion>,
+}
+
+impl TargetMemory for ShmTarget {
+    #[inline]
+    fn bytes(
+        &self,
+        segment: SegmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<&[u8], TransportError> {
+        let region = self
+            .segments
+            .get(segment.index())
+            .ok_or(TransportError::Failed(format!(
+                "no target segment {}",
+                segment.0
+            )))?;
+        Ok(region.received(offset, len)?)
+    }
+}
+
+fn wait_mode(m: PollMode) -> WaitMode {
+    match m {
+        PollMode::Busy => WaitMode::Busy,
+        PollMode::Event => WaitMode::Event,
+        PollMode::Adaptive { spins } => WaitMode::Adaptive { spins },
+    }
+}
+
+impl ShmLink {
+    #[inline]
+    fn segment(&mut self, segment: SegmentId) -> Result<&mut ShmRegion, TransportError> {
+        self.peer_segments
+            .get_mut(segment.index())
+            .ok_or(TransportError::Failed(format!(
+                "no peer segment {}",
+                segment.0
+            )))
+    }
+
+    fn push(&mut self, imm: u32) -> Result<(), TransportError> {
+        match self.doorbell.try_push(imm)? {
+            PushOutcome::Pushed => {}
+            PushOutcome::Full => {
+                // The ring holds every message the core lets us have in flight plus our credit
+                // notices; full means the peer stopped consuming or is broken.
+                return Err(TransportError::Failed(
+                    "peer's doorbell ring is full beyond the protocol bound".into(),
+                ));
+            }
+        }
+        if self.peer_sleeps {
+            self.doorbell.notify()?;
+        }
+        Ok(())
+    }
+}
+
+impl Link for ShmLink {
+    #[inline]
+    fn write(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<(), TransportError> {
+        self.segment(segment)?.copy_in(offset, bytes)?;
+        Ok(())
+    }
+
+    #[inline]
+    fn fill(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<&mut [u8], TransportError> {
+        Ok(self.segment(segment)?.filling(offset, len)?)
+    }
+
+    #[inline]
+    fn post(
+        &mut self,
+        _segment: SegmentId,
+        _offset: usize,
+        _len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
+        // The bytes are already in the receiver's partitions; the doorbell's Release store
+        // publishes them with the immediate.
+        self.push(imm)
+    }
+
+    #[inline]
+    fn next_immediate(
+        &mut self,
+        mode: PollMode,
+        timeout: Option<Duration>,
+    ) -> Result<Option<u32>, TransportError> {
+        if timeout == Some(Duration::ZERO) {
+            return Ok(self.bell.try_pop()?);
+        }
+        Ok(self.bell.wait(wait_mode(mode), timeout)?)
+    }
+
+    fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
+        self.peer_mailbox
+            .store(credit.segment.index(), credit.freed)?;
+        // Dekker with `want_credit_notice`: our credit store, a full fence, then the peer's flag.
+        fence(Ordering::SeqCst);
+        if self.peer_mailbox.load(WAITER_SLOT)? != 0 {
+            self.peer_mailbox.store(WAITER_SLOT, 0)?;
+            self.push(credit.notice().get())?;
+        }
+        Ok(())
+    }
+
+    fn want_credit_notice(&mut self) {
+        // The slot index is in range by construction; a failure here can only be a bug.
+        let _ = self.mailbox.store(WAITER_SLOT, 1);
+        fence(Ordering::SeqCst);
+    }
+
+    #[inline]
+    fn credit(&self, segment: SegmentId) -> u64 {
+        self.mailbox.load(segment.index()).unwrap_or(0)
+    }
+
+    fn check_peer(&self) -> Result<(), TransportError> {
+        match socket_peer_status(&self.sock)? {
+            PeerStatus::Alive => Ok(()),
+            PeerStatus::Gone => Err(TransportError::PeerClosed),
+        }
+    }
+}
+
+/// A named shared-memory endpoint accepting connections.
+#[derive(Debug)]
+pub struct ShmListener {
+    listener: UnixListener,
+    path: PathBuf,
+    layout: Layout,
+    mode: PollMode,
+}
+
+impl ShmListener {
+    /// Listens under `name` (see [`socket_path`]) offering `layout` for messages sent to us.
+    /// A stale socket left by a process that died is replaced; a live one is an error.
+    ///
+    /// # Errors
+    /// A bad name, a name in use, a socket error.
+    pub fn bind(name: &str, layout: Layout, mode: PollMode) -> Result<Self, TransportError> {
+        let path = socket_path(name)?;
+        Self::bind_path(&path, layout, mode)
+    }
+
+    /// As [`ShmListener::bind`], at an explicit socket path.
+    ///
+    /// # Errors
+    /// As [`ShmListener::bind`].
+    pub fn bind_path(path: &Path, layout: Layout, mode: PollMode) -> Result<Self, TransportError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io("create the socket directory"))?;
+        }
+        let listener = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(hs(
+                        &path.display().to_string(),
+                        "an endpoint is already listening under this name",
+                    ));
+                }
+                std::fs::remove_file(path).map_err(io("remove a stale socket"))?;
+                UnixListener::bind(path).map_err(io("bind the endpoint socket"))?
+            }
+            Err(e) => return Err(io("bind the endpoint socket")(e)),
+        };
+        Ok(ShmListener {
+            listener,
+            path: path.to_path_buf(),
+            layout,
+            mode,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts one connection and completes its handshake.
+    ///
+    /// # Errors
+    /// A socket error or a peer that fails the handshake (the listener stays usable).
+    pub fn accept(&self) -> Result<ShmConnection, TransportError> {
+        let (mut sock, _) = self.listener.accept().map_err(io("accept"))?;
+        let peer = "connecting peer";
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(io("set the handshake timeout"))?;
+        let mut b = [0u8; HELLO_LEN];
+        sock.read_exact(&mut b)
+            .map_err(io("read the peer's hello"))?;
+        let theirs = Hello::decode(&b, peer)?;
+        let ours = Hello {
+            mode: self.mode,
+            pid: std::process::id(),
+            layout: self.layout.clone(),
+        };
+        sock.write_all(&ours.encode()?)
+            .map_err(io("send our hello"))?;
+        let my_geo = ControlGeometry::new(&self.layout, &theirs.layout)?;
+        let local = Local::create(&self.layout, my_geo)?;
+        send_fds(
+            &sock,
+            &(local.fds().len() as u64).to_le_bytes(),
+            &local.fds(),
+        )?;
+        let peer_geo = ControlGeometry::new(&theirs.layout, &self.layout)?;
+        let fds = recv_frame_fds(&sock, 1 + theirs.layout.segment_count() as usize, peer)?;
+        let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
+        sock.write_all(&[1]).map_err(io("confirm the handshake"))?;
+        sock.set_read_timeout(None)
+            .map_err(io("clear the timeout"))?;
+        build(
+            sock,
+            (local, my_geo),
+            (remote, peer_geo),
+            &self.layout,
+            theirs,
+            self.mode,
+        )
+    }
+}
+
+impl Drop for ShmListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn recv_frame_fds(
+    sock: &UnixStream,
+    expected: usize,
+    peer: &str,
+) -> Result<Vec<OwnedFd>, TransportError> {
+    let mut count = [0u8; 8];
+    let (n, fds) = recv_fds(sock.as_fd(), &mut count, expected)?;
+    if n != 8 || u64::from_le_bytes(count) != expected as u64 {
+        return Err(hs(peer, "bad region frame"));
+    }
+    Ok(fds)
+}
+
+fn build(
+    sock: UnixStream,
+    (local, my_geo): (Local, ControlGeometry),
+    (remote, peer_geo): (Remote, ControlGeometry),
+    recv_layout: &Layout,
+    theirs: Hello,
+    mode: PollMode,
+) -> Result<ShmConnection, TransportError> {
+    let bell = DoorbellConsumer::new(local.control.clone(), 0, my_geo.ring)?;
+    let mailbox = CreditMailbox::new(local.control.clone(), my_geo.mailbox_offset, MAILBOX_SLOTS)?;
+    let doorbell = DoorbellProducer::new(remote.control.clone(), 0, peer_geo.ring)?;
+    let peer_mailbox = CreditMailbox::new(
+        remote.control.clone(),
+        peer_geo.mailbox_offset,
+        MAILBOX_SLOTS,
+    )?;
+    let link = ShmLink {
+        sock,
+        peer_segments: remote.segments,
+        doorbell,
+        bell,
+        mailbox,
+        peer_mailbox,
+        peer_sleeps: theirs.mode != PollMode::Busy,
+        _control: local.control,
+        _peer_control: remote.control,
+    };
+    let target = ShmTarget {
+        segments: local.segments,
+    };
+    Ok(Connection::new(
+        link,
+        target,
+        theirs.layout,
+        recv_layout.clone(),
+        mode,
+    ))
+}
+
+/// Connects to the endpoint `name` (see [`socket_path`]) offering `layout` for messages sent to
+/// us.
+///
+/// # Errors
+/// No such endpoint, a socket error, or a handshake failure.
+pub fn connect(
+    name: &str,
+    layout: Layout,
+    mode: PollMode,
+) -> Result<ShmConnection, TransportError> {
+    connect_path(&socket_path(name)?, layout, mode)
+}
+
+/// As [`connect`], to an explicit socket path.
+///
+/// # Errors
+/// As [`connect`].
+pub fn connect_path(
+    path: &Path,
+    layout: Layout,
+    mode: PollMode,
+) -> Result<ShmConnection, TransportError> {
+    let peer = path.display().to_string();
+    let mut sock = UnixStream::connect(path).map_err(io("connect to the endpoint socket"))?;
+    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io("set the handshake timeout"))?;
+    let ours = Hello {
+        mode,
+        pid: std::process::id(),
+        layout: layout.clone(),
+    };
+    sock.write_all(&ours.encode()?)
+        .map_err(io("send our hello"))?;
+    let mut b = [0u8; HELLO_LEN];
+    sock.read_exact(&mut b)
+        .map_err(io("read the peer's hello"))?;
+    let theirs = Hello::decode(&b, &peer)?;
+    let peer_geo = ControlGeometry::new(&theirs.layout, &layout)?;
+    let fds = recv_frame_fds(&sock, 1 + theirs.layout.segment_count() as usize, &peer)?;
+    let remote = Remote::open(fds, &theirs.layout, peer_geo, &peer)?;
+    let my_geo = ControlGeometry::new(&layout, &theirs.layout)?;
+    let local = Local::create(&layout, my_geo)?;
+    send_fds(
+        &sock,
+        &(local.fds().len() as u64).to_le_bytes(),
+        &local.fds(),
+    )?;
+    let mut ok = [0u8; 1];
+    sock.read_exact(&mut ok)
+        .map_err(io("wait for the peer to map our regions"))?;
+    if ok[0] != 1 {
+        return Err(hs(&peer, "peer refused our regions"));
+    }
+    sock.set_read_timeout(None)
+        .map_err(io("clear the timeout"))?;
+    build(
+        sock,
+        (local, my_geo),
+        (remote, peer_geo),
+        &layout,
+        theirs,
+        mode,
+    )
+}

@@ -1,0 +1,260 @@
+//! The shared-memory transport end to end: handshake, messages of every group, credits,
+//! back-pressure, out-of-order release, event mode, peer departure.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use rsmsg::core::Layout;
+use rsmsg::transport::shm::{ShmConnection, ShmListener, connect_path};
+use rsmsg::transport::{PollMode, SendError, TransportError};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A connected pair in one process: (listener side, connector side).
+fn pair_with(a_layout: Layout, b_layout: Layout, mode: PollMode) -> (ShmConnection, ShmConnection) {
+    let dir = std::env::temp_dir().join(format!("rsmsg-test-{}", std::process::id()));
+    let path = dir.join(format!("ep{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
+    let listener = ShmListener::bind_path(&path, a_layout, mode).expect("bind");
+    let h = thread::spawn(move || listener.accept().expect("accept"));
+    let b = connect_path(&path, b_layout, mode).expect("connect");
+    let a = h.join().expect("listener thread");
+    (a, b)
+}
+
+fn pair() -> (ShmConnection, ShmConnection) {
+    pair_with(Layout::default(), Layout::default(), PollMode::Busy)
+}
+
+/// Deterministic payload for message `seq` of `len` bytes.
+fn payload(seq: u64, len: usize) -> Vec<u8> {
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn ping_pong_both_directions() {
+    let (a, b) = pair();
+    for i in 0..1000u64 {
+        let m = payload(i, (i as usize * 7) % 300 + 1);
+        b.send(&m).unwrap();
+        let got = a.recv().unwrap();
+        assert_eq!(&*got, &m[..]);
+        drop(got);
+        a.send(&m).unwrap();
+        let back = b.recv().unwrap();
+        assert_eq!(&*back, &m[..]);
+    }
+}
+
+#[test]
+fn stream_of_every_size_across_groups_checks_every_byte() {
+    let (a, b) = pair();
+    let max = b.max_message();
+    assert_eq!(max, Layout::default().max_eager_payload());
+    // Every group boundary and a spread of sizes in between.
+    let mut sizes: Vec<usize> = vec![
+        0,
+        1,
+        15,
+        16,
+        17,
+        240,
+        1008,
+        1009,
+        16368,
+        16369,
+        max - 1,
+        max,
+    ];
+    let mut x = 12345u64;
+    for _ in 0..3000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let bound = match x % 3 {
+            0 => 1100,
+            1 => 17000,
+            _ => max + 1,
+        };
+        sizes.push(((x >> 33) as usize) % bound);
+    }
+    let n = sizes.len();
+    let expect = sizes.clone();
+    let sender = thread::spawn(move || {
+        for (i, &len) in sizes.iter().enumerate() {
+            b.send(&payload(i as u64, len)).unwrap();
+        }
+        b
+    });
+    for (i, &len) in expect.iter().enumerate() {
+        let m = a.recv().unwrap();
+        assert_eq!(m.len(), len, "message {i}");
+        assert!(*m == payload(i as u64, len)[..], "bytes of message {i}");
+        assert_eq!(m.seq(), i as u32);
+    }
+    let b = sender.join().unwrap();
+    assert_eq!(b.stats().sender.messages, n as u64);
+    assert_eq!(a.stats().receiver.messages, n as u64);
+}
+
+#[test]
+fn too_large_is_refused_not_truncated() {
+    let (_a, b) = pair();
+    let max = b.max_message();
+    match b.try_send(&vec![0u8; max + 1]) {
+        Err(SendError::TooLarge { len, max: m }) => {
+            assert_eq!(len, max + 1);
+            assert_eq!(m, max);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn back_pressure_then_out_of_order_release_frees_everything() {
+    let small: Layout = "256:8:2,4096:4:2".parse().unwrap();
+    let (a, b) = pair_with(small.clone(), small, PollMode::Busy);
+    // Fill every partition of both groups with one-partition messages.
+    let mut sent = 0u64;
+    loop {
+        match b.try_send(&payload(sent, 100)) {
+            Ok(()) => sent += 1,
+            Err(SendError::WouldBlock) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // 8 partitions of 256 B hold 8 messages, then the sender moves to the 4 KiB group: 4 more.
+    assert_eq!(sent, 12);
+    let mut held = Vec::new();
+    for i in 0..sent {
+        let m = a.recv().unwrap();
+        assert!(*m == payload(i, 100)[..]);
+        held.push(m);
+    }
+    assert!(matches!(b.try_send(&[1]), Err(SendError::WouldBlock)));
+    // Release in a scrambled order; nothing must be overwritten while held.
+    let order = [5usize, 0, 11, 3, 7, 1, 9, 2, 10, 4, 8, 6];
+    let mut slots: Vec<Option<_>> = held.into_iter().map(Some).collect();
+    for &i in &order[..6] {
+        slots[i].take().unwrap().release();
+    }
+    for (i, s) in slots.iter().enumerate() {
+        if let Some(m) = s {
+            assert!(
+                **m == payload(i as u64, 100)[..],
+                "held message {i} changed"
+            );
+        }
+    }
+    for &i in &order[6..] {
+        slots[i].take().unwrap().release();
+    }
+    // All released: the sender gets every partition back.
+    for i in 0..12 {
+        b.try_send(&payload(100 + i, 100)).unwrap();
+    }
+    for i in 0..12 {
+        let m = a.recv().unwrap();
+        assert!(*m == payload(100 + i, 100)[..]);
+    }
+}
+
+#[test]
+fn blocking_sender_outpacing_receiver_loses_nothing() {
+    let small: Layout = "256:4:2,1024:4:2".parse().unwrap();
+    let (a, b) = pair_with(small.clone(), small, PollMode::Busy);
+    let n = 5_000u64;
+    let sender = thread::spawn(move || {
+        for i in 0..n {
+            b.send(&payload(i, (i % 700) as usize)).unwrap();
+        }
+        b.stats()
+    });
+    for i in 0..n {
+        if i % 1000 == 0 {
+            thread::sleep(Duration::from_millis(2));
+        }
+        let m = a.recv().unwrap();
+        assert!(*m == payload(i, (i % 700) as usize)[..], "message {i}");
+    }
+    let stats = sender.join().unwrap();
+    assert_eq!(stats.sender.messages, n);
+    assert!(
+        stats.sender.credit_stalls > 0,
+        "the receiver was slower: the sender must have stalled"
+    );
+}
+
+#[test]
+fn event_mode_wakes_sleeping_receiver_and_sender() {
+    let small: Layout = "256:4:2,1024:4:2".parse().unwrap();
+    let (a, b) = pair_with(small.clone(), small, PollMode::Event);
+    let n = 2000u64;
+    let sender = thread::spawn(move || {
+        for i in 0..n {
+            if i % 200 == 0 {
+                thread::sleep(Duration::from_millis(1));
+            }
+            b.send(&payload(i, 64)).unwrap();
+        }
+        b
+    });
+    for i in 0..n {
+        let m = a.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert!(*m == payload(i, 64)[..]);
+    }
+    drop(sender.join().unwrap());
+}
+
+#[test]
+fn zero_copy_send_and_recv_into() {
+    let (a, b) = pair();
+    b.send_with(5000, |buf| buf.copy_from_slice(&payload(7, 5000)))
+        .unwrap();
+    let mut out = vec![0u8; 8000];
+    let n = a.recv_into(&mut out).unwrap();
+    assert_eq!(&out[..n], &payload(7, 5000)[..]);
+    b.send_vectored(&[b"abc", b"", b"defg"]).unwrap();
+    assert_eq!(&*a.recv().unwrap(), b"abcdefg");
+}
+
+#[test]
+fn peer_departure_is_reported() {
+    let (a, b) = pair();
+    b.send(b"last words").unwrap();
+    drop(b);
+    assert_eq!(&*a.recv().unwrap(), b"last words");
+    match a.recv_timeout(Duration::from_secs(5)) {
+        Err(TransportError::PeerClosed) => {}
+        other => panic!("expected PeerClosed, got {other:?}"),
+    }
+}
+
+#[test]
+fn close_is_seen_by_peer() {
+    let (a, b) = pair();
+    b.close();
+    match a.recv_timeout(Duration::from_secs(5)) {
+        Err(TransportError::PeerClosed) => {}
+        other => panic!("expected PeerClosed, got {other:?}"),
+    }
+    assert!(b.try_send(b"x").is_err());
+}
+
+#[test]
+fn try_recv_on_empty_returns_none() {
+    let (a, _b) = pair();
+    assert!(a.try_recv().unwrap().is_none());
+    assert!(matches!(
+        a.recv_timeout(Duration::from_millis(20)),
+        Err(TransportError::Timeout(_))
+    ));
+}

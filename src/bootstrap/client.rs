@@ -99,18 +99,15 @@ impl ManagerClient {
     fn handshake(&mut self, token: &Token) -> Result<(), BootstrapError> {
         let step = "authenticating";
         let client_nonce = nonce().map_err(BootstrapError::Random)?;
-        let server_nonce = match self.exchange(
-            step,
-            &Message::Hello {
-                nonce: client_nonce,
-            },
-            Duration::ZERO,
-        )? {
+        let hello = Message::Hello {
+            nonce: client_nonce,
+        };
+        let server_nonce = match self.request(step, &hello)? {
             Message::Challenge { nonce } => nonce,
             other => return Err(self.unexpected(step, &other)),
         };
         let mac = token.client_proof(&client_nonce, &server_nonce);
-        match self.exchange(step, &Message::Auth { mac }, Duration::ZERO)? {
+        match self.request(step, &Message::Auth { mac })? {
             Message::AuthOk { mac } if token.verify_server(&client_nonce, &server_nonce, &mac) => {
                 Ok(())
             }

@@ -20,8 +20,8 @@ use super::auth::{Token, nonce};
 use super::error::BootstrapError;
 use super::frame_io::{ReadError, read_frame, write_frame};
 use super::wire::{
-    DecodeError, Descriptors, EndpointInfo, EndpointName, ErrorCode, MAX_TEXT_LEN, Message,
-    RendezvousId, Side, VERSION,
+    DecodeError, Descriptors, EndpointInfo, EndpointName, ErrorCode, MAX_PAYLOAD, MAX_TEXT_LEN,
+    Message, RendezvousId, Side, VERSION,
 };
 
 /// The manager's resource limits and timeouts.
@@ -294,6 +294,8 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error { code, message }
 }
 
+/// How long a connection closed after an error keeps draining its input.
+const LINGER: Duration = Duration::from_millis(200);
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 const REAP_EVERY: Duration = Duration::from_secs(1);
 /// How often a long poll checks that its client is still connected.
@@ -348,6 +350,17 @@ fn admit(
     if shared.active.load(Ordering::Acquire) >= shared.limits.max_clients {
         warn!(%peer, max = shared.limits.max_clients, "refusing client: too many clients");
         let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+        // Discard input already received so that closing does not reset the connection and
+        // destroy the reply (best effort, without blocking the accept loop).
+        if stream.set_nonblocking(true).is_ok() {
+            let mut buf = [0u8; 4096];
+            for _ in 0..16 {
+                if !matches!(io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            let _ = stream.set_nonblocking(false);
+        }
         if let Ok(f) = err(
             ErrorCode::Busy,
             "the manager serves its maximum number of clients",
@@ -356,6 +369,7 @@ fn admit(
         {
             let _ = write_frame(&mut stream, &f);
         }
+        let _ = stream.shutdown(Shutdown::Write);
         return;
     }
     let clone = match stream.try_clone() {
@@ -460,6 +474,25 @@ impl Client<'_> {
         }
     }
 
+    /// Sends a final error and closes so that the reply is not lost: half-close, then discard
+    /// what the client still sends for a moment (closing with unread input would reset the
+    /// connection, and a reset may destroy the reply before the client reads it).
+    fn fail(&mut self, reply: &Message) {
+        if self.send(reply) {
+            let _ = self.stream.shutdown(Shutdown::Write);
+            let deadline = Instant::now() + LINGER;
+            let mut buf = [0u8; 4096];
+            let mut drained = 0usize;
+            while drained < MAX_PAYLOAD && Instant::now() < deadline {
+                let _ = self.stream.set_read_timeout(Some(LINGER));
+                match io::Read::read(&mut self.stream, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        }
+    }
+
     /// Replies to a read failure where a reply makes sense. Returns nothing: the connection
     /// closes after any read failure.
     fn read_failed(&mut self, e: ReadError, during: &'static str) {
@@ -475,7 +508,7 @@ impl Client<'_> {
                     DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
                     _ => ErrorCode::Malformed,
                 };
-                self.send(&err(code, e.to_string()));
+                self.fail(&err(code, e.to_string()));
             }
         }
     }
@@ -502,10 +535,10 @@ impl Client<'_> {
             if let Message::Error { code, message } = &reply {
                 debug!(%code, message = message.as_str(), "request failed");
             }
-            if !self.send(&reply) {
-                return;
-            }
             if let After::Close = after {
+                return self.fail(&reply);
+            }
+            if !self.send(&reply) {
                 return;
             }
         }
@@ -545,7 +578,7 @@ impl Client<'_> {
             Ok(Message::Auth { mac }) => mac,
             Ok(other) => {
                 warn!(got = other.name(), "expected auth");
-                self.send(&err(ErrorCode::NotAuthenticated, "expected auth"));
+                self.fail(&err(ErrorCode::NotAuthenticated, "expected auth"));
                 return false;
             }
             Err(e) => {
@@ -559,7 +592,7 @@ impl Client<'_> {
             .verify_client(&client_nonce, &server_nonce, &proof)
         {
             warn!("client failed authentication");
-            self.send(&err(ErrorCode::AuthFailed, "wrong token"));
+            self.fail(&err(ErrorCode::AuthFailed, "wrong token"));
             return false;
         }
         let mac = self.shared.token.server_proof(&client_nonce, &server_nonce);

@@ -332,3 +332,40 @@ fn long_poll_wakes_on_request() {
         .unwrap();
     assert_eq!(waiter.join().unwrap(), Some(name("a")));
 }
+
+#[test]
+fn registration_survives_a_manager_restart() {
+    use rsmsg::bootstrap::Registration;
+    let m = manager();
+    let addr = m.local_addr();
+    let mut reg = Registration::new(addr, token(), info("durable"), T).unwrap();
+    assert!(reg.is_connected());
+
+    m.shutdown();
+    let e = reg.accept(Duration::from_millis(50)).unwrap_err();
+    assert!(e.is_unreachable(), "{e:?}");
+    assert!(!reg.is_connected());
+    // While no manager runs, new connection requests fail clearly.
+    let e = ManagerClient::connect(addr, &token(), Duration::from_secs(2)).unwrap_err();
+    assert!(e.is_unreachable(), "{e:?}");
+    let e = reg.accept(Duration::from_millis(50)).unwrap_err();
+    assert!(matches!(e, BootstrapError::Connect { .. }), "{e:?}");
+
+    // The manager comes back: the listener registers again on its next call...
+    let _m2 = Manager::bind(addr, token()).unwrap();
+    assert_eq!(reg.accept(Duration::from_millis(50)).unwrap(), None);
+    assert!(reg.is_connected());
+    // ...and new connections succeed.
+    let mut a = ManagerClient::connect(addr, &token(), T).unwrap();
+    let id = a
+        .connect_to(&info("a"), &name("durable"), &Descriptors::default())
+        .unwrap();
+    let inc = reg.accept(T).unwrap().unwrap();
+    assert_eq!(inc.id, id);
+    reg.with_client(|c| c.send(inc.id, Side::Listener, &Descriptors::default()))
+        .unwrap();
+    assert_eq!(
+        a.recv(id, Side::Initiator, T).unwrap(),
+        Some(Descriptors::default())
+    );
+}

@@ -54,6 +54,7 @@ mod client;
 mod error;
 mod frame_io;
 pub mod launcher;
+mod registration;
 mod server;
 pub mod wire;
 
@@ -61,6 +62,7 @@ pub use auth::{Token, TokenError};
 pub use client::{Incoming, ManagerClient};
 pub use error::BootstrapError;
 pub use launcher::{LaunchError, LaunchInfo, Launcher};
+pub use registration::Registration;
 pub use server::{DEFAULT_PORT, Limits, Manager, ManagerConfig, ManagerHandle, run};
 pub use wire::{
     DecodeError, Descriptors, EndpointInfo, EndpointName, ErrorCode, HostId, MailboxDescriptor,

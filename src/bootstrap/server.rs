@@ -825,9 +825,8 @@ impl Client<'_> {
                     offer,
                 };
             }
-            match self.park(&mut st, deadline) {
-                Ok(()) => {}
-                Err(reply) => return reply,
+            if let Some(reply) = self.park(&mut st, deadline) {
+                return reply;
             }
         }
     }
@@ -853,30 +852,29 @@ impl Client<'_> {
             if let Some(reason) = &r.closed[ix(side.peer())] {
                 return closed_by(id, side.peer(), reason);
             }
-            match self.park(&mut st, deadline) {
-                Ok(()) => {}
-                Err(reply) => return reply,
+            if let Some(reply) = self.park(&mut st, deadline) {
+                return reply;
             }
         }
     }
 
-    /// Waits for a state change. `Err(reply)` ends the long poll: the deadline passed
+    /// Waits for a state change. `Some(reply)` ends the long poll: the deadline passed
     /// (`TimedOut`), the manager is stopping, or the client went away.
-    fn park(&self, st: &mut MutexGuard<'_, State>, deadline: Instant) -> Result<(), Message> {
+    fn park(&self, st: &mut MutexGuard<'_, State>, deadline: Instant) -> Option<Message> {
         if self.shared.stopping() {
-            return Err(err(ErrorCode::ShuttingDown, "the manager is shutting down"));
+            return Some(err(ErrorCode::ShuttingDown, "the manager is shutting down"));
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(Message::TimedOut);
+            return Some(Message::TimedOut);
         }
         let slice = (deadline - now).min(LIVENESS_EVERY);
         let timed_out = self.shared.changed.wait_for(st, slice).timed_out();
         if timed_out && MutexGuard::unlocked(st, || self.client_gone()) {
             debug!("client went away during a long poll");
-            return Err(err(ErrorCode::Closed, "client gone"));
+            return Some(err(ErrorCode::Closed, "client gone"));
         }
-        Ok(())
+        None
     }
 
     /// Whether the client closed its end (checked without consuming data).

@@ -428,10 +428,10 @@ impl MailboxDescriptor {
     /// # Errors
     /// The first field out of range.
     pub fn validate(&self) -> Result<(), DecodeError> {
-        if self.addr % 8 != 0 {
+        if !self.addr.is_multiple_of(8) {
             return Err(invalid("mailbox address", "not 8-byte aligned"));
         }
-        if self.len == 0 || self.len % 8 != 0 || self.len > MAX_MAILBOX_LEN {
+        if self.len == 0 || !self.len.is_multiple_of(8) || self.len > MAX_MAILBOX_LEN {
             return Err(invalid(
                 "mailbox length",
                 format!(

@@ -433,3 +433,86 @@ fn client_reports_version_mismatch() {
     );
     fake.join().unwrap();
 }
+
+#[test]
+fn resource_limits_give_clear_errors() {
+    use rsmsg::bootstrap::{Descriptors, Side};
+    let mut l = Limits::default();
+    l.max_endpoints = 3;
+    l.max_names_per_client = 2;
+    l.max_pending_per_endpoint = 2;
+    l.max_queued_per_side = 2;
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let mut a = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    a.register(&info("a1")).unwrap();
+    a.register(&info("a2")).unwrap();
+    let e = a.register(&info("a3")).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    b.register(&info("b1")).unwrap();
+    let e = b.register(&info("b2")).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    assert!(e.to_string().contains("endpoints"), "{e}");
+
+    // Pending requests per listener.
+    let mut c = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let to = EndpointName::new("a1").unwrap();
+    let d = Descriptors::default();
+    let id = c.connect_to(&info("c"), &to, &d).unwrap();
+    c.connect_to(&info("c"), &to, &d).unwrap();
+    let e = c.connect_to(&info("c"), &to, &d).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+
+    // The listener may not read a rendezvous it has not taken yet.
+    let e = a.recv(id, Side::Listener, Duration::ZERO).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+
+    // Messages queued unread for one side.
+    c.send(id, Side::Initiator, &d).unwrap();
+    let e = c.send(id, Side::Initiator, &d).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    // Taking the request frees room in the queue (the offer was one of the two).
+    let inc = a.wait_connect(&to, T).unwrap().unwrap();
+    assert_eq!(inc.id, id);
+    c.send(id, Side::Initiator, &d).unwrap();
+    assert_eq!(a.recv(id, Side::Listener, T).unwrap(), Some(d.clone()));
+    assert_eq!(a.recv(id, Side::Listener, T).unwrap(), Some(d));
+}
+
+#[test]
+fn idle_rendezvous_expire() {
+    use rsmsg::bootstrap::{Descriptors, Side};
+    let mut l = Limits::default();
+    l.rendezvous_ttl = Duration::from_millis(100);
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    b.register(&info("b")).unwrap();
+    let mut a = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let id = a
+        .connect_to(
+            &info("a"),
+            &EndpointName::new("b").unwrap(),
+            &Descriptors::default(),
+        )
+        .unwrap();
+    // Nobody takes the request; the manager discards it once it expired.
+    let mut code = None;
+    for _ in 0..100 {
+        thread::sleep(Duration::from_millis(50));
+        match a.recv(id, Side::Initiator, Duration::ZERO) {
+            Ok(None) => {}
+            Ok(Some(d)) => panic!("unexpected delivery {d:?}"),
+            Err(e) => {
+                code = e.code();
+                break;
+            }
+        }
+    }
+    assert_eq!(code, Some(ErrorCode::UnknownRendezvous));
+    // The expired request is not delivered to the listener.
+    assert_eq!(
+        b.wait_connect(&EndpointName::new("b").unwrap(), Duration::ZERO)
+            .unwrap(),
+        None
+    );
+}

@@ -91,6 +91,20 @@ impl ManagerConfig {
             limits: Limits::default(),
         }
     }
+
+    /// The configuration `rsmsg manager --listen ADDR [--token T | --token-file F]` describes:
+    /// the token comes from `token`, else `token_file`, else `RSMSG_TOKEN`
+    /// ([`Token::resolve`]).
+    ///
+    /// # Errors
+    /// [`BootstrapError::Token`] when no usable token is found.
+    pub fn from_cli(
+        listen: &str,
+        token: Option<&str>,
+        token_file: Option<&std::path::Path>,
+    ) -> Result<Self, BootstrapError> {
+        Ok(Self::new(listen, Token::resolve(token, token_file)?))
+    }
 }
 
 /// The default TCP port of a standalone manager.

@@ -1673,8 +1673,92 @@ mod tests {
         assert!(Message::decode_frame(&b).is_err());
     }
 
+    fn arb_segment() -> impl Strategy<Value = SegmentDescriptor> {
+        (
+            any::<u8>(),
+            6u32..=12,
+            1u32..=1024,
+            any::<u32>(),
+            any::<u32>(),
+        )
+            .prop_flat_map(|(id, shift, count, rkey, addr)| {
+                let p = 1u32 << shift;
+                (1..=count, 0u64..4096).prop_map(move |(span, extra)| SegmentDescriptor {
+                    segment_id: id,
+                    // One group per partition size keeps group shapes consistent.
+                    group: shift as u8,
+                    addr: u64::from(addr) << 12,
+                    len: u64::from(p) * u64::from(count) + extra,
+                    rkey,
+                    partition_size: p,
+                    partition_count: count,
+                    span_factor: span,
+                })
+            })
+    }
+
+    fn arb_descriptors() -> impl Strategy<Value = Descriptors> {
+        let qp = (
+            2u32..=0xff_ffff,
+            0u32..=0xff_ffff,
+            any::<[u8; 16]>(),
+            any::<u16>(),
+            0usize..5,
+            1u8..=2,
+            any::<u8>(),
+        )
+            .prop_map(|(qpn, psn, gid, lid, m, port, gid_index)| QpInfo {
+                qpn,
+                psn,
+                gid,
+                lid,
+                mtu: 256 << m,
+                port,
+                gid_index,
+            });
+        let mb =
+            (any::<u32>(), any::<u32>(), 1u32..=8192).prop_map(|(a, rkey, n)| MailboxDescriptor {
+                addr: u64::from(a) * 8,
+                rkey,
+                len: n * 8,
+            });
+        let segs = proptest::collection::vec(arb_segment(), 0..40).prop_map(|mut v| {
+            // Unique ids and one shape per group.
+            let mut seen = std::collections::HashSet::new();
+            v.retain(|s| seen.insert(s.segment_id));
+            let mut shape = std::collections::HashMap::new();
+            v.retain(|s| {
+                *shape
+                    .entry(s.group)
+                    .or_insert((s.partition_count, s.span_factor))
+                    == (s.partition_count, s.span_factor)
+            });
+            v
+        });
+        (
+            proptest::option::of(qp),
+            proptest::option::of(mb),
+            segs,
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(qp, mailbox, segments, opaque)| Descriptors {
+                qp,
+                mailbox,
+                segments,
+                opaque,
+            })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn valid_descriptors_round_trip(d in arb_descriptors(), id in any::<u64>()) {
+            prop_assert!(d.validate().is_ok(), "{:?}", d.validate());
+            prop_assert_eq!(Descriptors::decode(&d.encode().unwrap()).unwrap(), d.clone());
+            let m = Message::Send { id: RendezvousId(id), side: Side::Initiator, payload: d };
+            prop_assert_eq!(Message::decode_frame(&m.encode().unwrap()).unwrap(), m);
+        }
 
         #[test]
         fn decoder_never_panics_on_random_frames(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -495,24 +495,56 @@ fn idle_rendezvous_expire() {
             &Descriptors::default(),
         )
         .unwrap();
-    // Nobody takes the request; the manager discards it once it expired.
-    let mut code = None;
-    for _ in 0..100 {
-        thread::sleep(Duration::from_millis(50));
-        match a.recv(id, Side::Initiator, Duration::ZERO) {
-            Ok(None) => {}
-            Ok(Some(d)) => panic!("unexpected delivery {d:?}"),
-            Err(e) => {
-                code = e.code();
-                break;
-            }
+    assert_eq!(m.rendezvous_count(), 1);
+    // Nobody takes the request and nobody waits on it: the manager discards it.
+    for _ in 0..200 {
+        if m.rendezvous_count() == 0 {
+            break;
         }
+        thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(code, Some(ErrorCode::UnknownRendezvous));
+    assert_eq!(m.rendezvous_count(), 0);
+    let e = a.recv(id, Side::Initiator, Duration::ZERO).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownRendezvous), "{e}");
     // The expired request is not delivered to the listener.
     assert_eq!(
         b.wait_connect(&EndpointName::new("b").unwrap(), Duration::ZERO)
             .unwrap(),
         None
     );
+}
+
+#[test]
+fn a_waiting_initiator_keeps_its_rendezvous_alive() {
+    use rsmsg::bootstrap::{Descriptors, Side};
+    let mut l = Limits::default();
+    l.rendezvous_ttl = Duration::from_millis(100);
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let name = EndpointName::new("b").unwrap();
+    b.register(&info("b")).unwrap();
+    let addr = m.local_addr();
+    let initiator = thread::spawn(move || {
+        let mut a = ManagerClient::connect(addr, &token(), T).unwrap();
+        // Waits far longer than the time to live; its waiting keeps the request alive.
+        a.dial(
+            &info("a"),
+            &EndpointName::new("b").unwrap(),
+            &Descriptors::default(),
+            T,
+        )
+        .map(|(_, d)| d.opaque)
+    });
+    // Let several reaper passes run while the initiator waits.
+    thread::sleep(Duration::from_millis(2500));
+    let inc = b
+        .wait_connect(&name, T)
+        .unwrap()
+        .expect("the request survived");
+    let answer = Descriptors {
+        opaque: vec![42],
+        ..Descriptors::default()
+    };
+    b.send(inc.id, Side::Listener, &answer).unwrap();
+    assert_eq!(initiator.join().unwrap().unwrap(), vec![42]);
 }

@@ -206,6 +206,11 @@ impl ManagerHandle {
         self.shared.active.load(Ordering::Acquire)
     }
 
+    /// The number of rendezvous (connection attempts) the manager holds.
+    pub fn rendezvous_count(&self) -> usize {
+        self.shared.state.lock().rendezvous.len()
+    }
+
     /// The number of registered endpoints.
     pub fn endpoint_count(&self) -> usize {
         self.shared.state.lock().endpoints.len()
@@ -286,6 +291,8 @@ struct Rendezvous {
     closed: [Option<String>; 2],
     /// Whether the listener has taken the request.
     accepted: bool,
+    /// Long polls waiting on this rendezvous now; it does not expire while one waits.
+    waiters: u32,
     last_activity: Instant,
 }
 
@@ -429,7 +436,7 @@ fn reap(shared: &Shared) {
     let mut st = shared.state.lock();
     let before = st.rendezvous.len();
     st.rendezvous.retain(|id, r| {
-        let keep = r.last_activity.elapsed() < ttl;
+        let keep = r.waiters > 0 || r.last_activity.elapsed() < ttl;
         if !keep {
             debug!(rendezvous = id, listener = %r.listener, "rendezvous expired");
         }
@@ -795,6 +802,7 @@ impl Client<'_> {
                 queues: [VecDeque::new(), VecDeque::from([offer])],
                 closed: [None, None],
                 accepted: false,
+                waiters: 0,
                 last_activity: Instant::now(),
             },
         );
@@ -846,9 +854,29 @@ impl Client<'_> {
     }
 
     fn recv(&mut self, id: RendezvousId, side: Side, timeout: Duration) -> Message {
-        let deadline = Instant::now() + timeout;
         let shared = self.shared;
         let mut st = shared.state.lock();
+        // Someone waiting on a rendezvous keeps it alive; only abandoned ones expire.
+        match st.rendezvous.get_mut(&id.0) {
+            Some(r) => r.waiters += 1,
+            None => return unknown_rendezvous(id),
+        }
+        let reply = self.recv_locked(&mut st, id, side, timeout);
+        if let Some(r) = st.rendezvous.get_mut(&id.0) {
+            r.waiters -= 1;
+            r.last_activity = Instant::now();
+        }
+        reply
+    }
+
+    fn recv_locked(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        id: RendezvousId,
+        side: Side,
+        timeout: Duration,
+    ) -> Message {
+        let deadline = Instant::now() + timeout;
         loop {
             let Some(r) = st.rendezvous.get_mut(&id.0) else {
                 return unknown_rendezvous(id);
@@ -860,13 +888,12 @@ impl Client<'_> {
                 );
             }
             if let Some(payload) = r.queues[ix(side)].pop_front() {
-                r.last_activity = Instant::now();
                 return Message::Delivered { payload };
             }
             if let Some(reason) = &r.closed[ix(side.peer())] {
                 return closed_by(id, side.peer(), reason);
             }
-            if let Some(reply) = self.park(&mut st, deadline) {
+            if let Some(reply) = self.park(st, deadline) {
                 return reply;
             }
         }

@@ -347,7 +347,14 @@ fn silent_and_idle_clients_are_dropped() {
     // Authenticates, then stays silent longer than the idle timeout.
     let mut c = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
     c.register(&info("sleepy")).unwrap();
-    thread::sleep(Duration::from_millis(1500));
+    // Wait (boundedly) until the manager has dropped both silent clients.
+    for _ in 0..400 {
+        if m.client_count() == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(m.client_count(), 0, "idle clients were not dropped");
     let e = c.ping().unwrap_err();
     assert!(e.is_unreachable(), "{e:?}");
     // Its registration went with it.

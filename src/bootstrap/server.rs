@@ -222,8 +222,8 @@ impl ManagerHandle {
         self.stop();
     }
 
-    /// Blocks until the manager stops (it stops only through [`Self::shutdown`] from another
-    /// handle-owning context, so for a standalone manager this is forever).
+    /// Serves until the process ends: nothing can shut the manager down once its handle is
+    /// given to `join`. [`run`] uses this for the standalone manager.
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();

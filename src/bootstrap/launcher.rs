@@ -1,0 +1,178 @@
+//! Rank and job size from the launcher's environment (Slurm, Open MPI, PMI/Hydra).
+
+use thiserror::Error;
+
+/// The launcher a [`LaunchInfo`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Launcher {
+    /// Open MPI's `mpirun`/`prterun` (`OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`).
+    OpenMpi,
+    /// A PMI launcher such as MPICH's Hydra (`PMI_RANK`, `PMI_SIZE`).
+    Pmi,
+    /// Slurm's `srun` (`SLURM_PROCID`, `SLURM_NTASKS`).
+    Slurm,
+}
+
+/// This process's place in a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchInfo {
+    /// Rank, `0..size`.
+    pub rank: u32,
+    /// Number of processes in the job.
+    pub size: u32,
+    /// Where the values came from.
+    pub launcher: Launcher,
+}
+
+/// A launcher variable is present but unusable.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// A variable is not a decimal `u32`.
+    #[error("{var}={value:?} is not a non-negative integer")]
+    NotANumber {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// Only one of the rank and size variables is set.
+    #[error("{present} is set but {missing} is not")]
+    Incomplete {
+        /// The variable found.
+        present: &'static str,
+        /// The variable missing.
+        missing: &'static str,
+    },
+    /// The rank is not below the size, or the size is zero.
+    #[error("rank {rank} is out of range for a job of {size} from {var}")]
+    OutOfRange {
+        /// The rank.
+        rank: u32,
+        /// The size.
+        size: u32,
+        /// The rank variable.
+        var: &'static str,
+    },
+}
+
+const SOURCES: [(Launcher, &str, &str); 3] = [
+    (
+        Launcher::OpenMpi,
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+    ),
+    (Launcher::Pmi, "PMI_RANK", "PMI_SIZE"),
+    (Launcher::Slurm, "SLURM_PROCID", "SLURM_NTASKS"),
+];
+
+impl LaunchInfo {
+    /// Reads the process environment. The MPI launchers are tried before Slurm, because
+    /// `mpirun` inside a Slurm allocation sees Slurm's variables of the allocation, not of the job.
+    ///
+    /// # Errors
+    /// A variable of the first launcher found is malformed or inconsistent.
+    pub fn from_env() -> Result<Option<Self>, LaunchError> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// As [`Self::from_env`], reading variables through `get`.
+    ///
+    /// # Errors
+    /// As [`Self::from_env`].
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, LaunchError> {
+        let num = |var: &'static str, value: String| {
+            value
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| LaunchError::NotANumber { var, value })
+        };
+        for (launcher, rank_var, size_var) in SOURCES {
+            match (get(rank_var), get(size_var)) {
+                (None, None) => continue,
+                (Some(_), None) => {
+                    return Err(LaunchError::Incomplete {
+                        present: rank_var,
+                        missing: size_var,
+                    });
+                }
+                (None, Some(_)) => {
+                    return Err(LaunchError::Incomplete {
+                        present: size_var,
+                        missing: rank_var,
+                    });
+                }
+                (Some(r), Some(s)) => {
+                    let rank = num(rank_var, r)?;
+                    let size = num(size_var, s)?;
+                    if rank >= size {
+                        return Err(LaunchError::OutOfRange {
+                            rank,
+                            size,
+                            var: rank_var,
+                        });
+                    }
+                    return Ok(Some(Self {
+                        rank,
+                        size,
+                        launcher,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Option<LaunchInfo>, LaunchError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        LaunchInfo::from_vars(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn launchers() {
+        assert_eq!(with(&[]), Ok(None));
+        let i = with(&[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "8")])
+            .unwrap()
+            .unwrap();
+        assert_eq!((i.rank, i.size, i.launcher), (3, 8, Launcher::Slurm));
+        let i = with(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("OMPI_COMM_WORLD_RANK", "5"),
+            ("OMPI_COMM_WORLD_SIZE", "6"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((i.rank, i.size, i.launcher), (5, 6, Launcher::OpenMpi));
+        let i = with(&[("PMI_RANK", "1"), ("PMI_SIZE", "2")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(i.launcher, Launcher::Pmi);
+        assert!(matches!(
+            with(&[("PMI_RANK", "2"), ("PMI_SIZE", "2")]),
+            Err(LaunchError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            with(&[("PMI_RANK", "x"), ("PMI_SIZE", "2")]),
+            Err(LaunchError::NotANumber { .. })
+        ));
+        assert!(matches!(
+            with(&[("PMI_RANK", "-1"), ("PMI_SIZE", "2")]),
+            Err(LaunchError::NotANumber { .. })
+        ));
+        assert!(matches!(
+            with(&[("SLURM_NTASKS", "2")]),
+            Err(LaunchError::Incomplete { .. })
+        ));
+    }
+}

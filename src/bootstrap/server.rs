@@ -1,0 +1,987 @@
+//! The manager: a threaded TCP service, embedded ([`Manager::bind`]) or standalone ([`run`]).
+//!
+//! One thread accepts connections (non-blocking, polled, so that shutdown is prompt); each client
+//! gets a thread of its own, up to [`Limits::max_clients`]. All state sits behind one mutex with
+//! one condition variable that long polls wait on.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use tracing::{debug, info, info_span, warn};
+
+use super::auth::{Token, nonce};
+use super::error::BootstrapError;
+use super::frame_io::{ReadError, read_frame, write_frame};
+use super::wire::{
+    DecodeError, Descriptors, EndpointInfo, EndpointName, ErrorCode, MAX_PAYLOAD, MAX_TEXT_LEN,
+    Message, RendezvousId, Side, VERSION,
+};
+
+/// The manager's resource limits and timeouts.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Most clients served at once; more are answered `Busy` and closed.
+    pub max_clients: usize,
+    /// Most registered endpoints.
+    pub max_endpoints: usize,
+    /// Most names one client connection may register.
+    pub max_names_per_client: usize,
+    /// Most rendezvous alive at once.
+    pub max_rendezvous: usize,
+    /// Most connection requests waiting for one listener.
+    pub max_pending_per_endpoint: usize,
+    /// Most undelivered descriptor messages queued for one side of a rendezvous.
+    pub max_queued_per_side: usize,
+    /// Time a new client has to complete authentication.
+    pub handshake_timeout: Duration,
+    /// Time a frame has to arrive completely once its first byte arrived.
+    pub frame_timeout: Duration,
+    /// Longest silence between requests of an authenticated client.
+    pub idle_timeout: Duration,
+    /// Time a reply has to be written.
+    pub write_timeout: Duration,
+    /// A rendezvous without activity for this long is discarded.
+    pub rendezvous_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_clients: 256,
+            max_endpoints: 4096,
+            max_names_per_client: 64,
+            max_rendezvous: 4096,
+            max_pending_per_endpoint: 64,
+            max_queued_per_side: 16,
+            handshake_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(5),
+            rendezvous_ttl: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Configuration of a standalone manager ([`run`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ManagerConfig {
+    /// The address to listen on, e.g. `0.0.0.0:7470`.
+    pub listen: String,
+    /// The shared secret clients must prove they hold.
+    pub token: Token,
+    /// Limits and timeouts.
+    pub limits: Limits,
+}
+
+impl ManagerConfig {
+    /// A configuration with default limits.
+    pub fn new(listen: impl Into<String>, token: Token) -> Self {
+        Self {
+            listen: listen.into(),
+            token,
+            limits: Limits::default(),
+        }
+    }
+
+    /// The configuration `rsmsg manager --listen ADDR [--token T | --token-file F]` describes:
+    /// the token comes from `token`, else `token_file`, else `RSMSG_TOKEN`
+    /// ([`Token::resolve`]).
+    ///
+    /// # Errors
+    /// [`BootstrapError::Token`] when no usable token is found.
+    pub fn from_cli(
+        listen: &str,
+        token: Option<&str>,
+        token_file: Option<&std::path::Path>,
+    ) -> Result<Self, BootstrapError> {
+        Ok(Self::new(listen, Token::resolve(token, token_file)?))
+    }
+}
+
+/// The default TCP port of a standalone manager.
+pub const DEFAULT_PORT: u16 = 7470;
+
+/// Runs a manager in the calling thread until the process ends (`rsmsg manager`).
+///
+/// # Errors
+/// The address cannot be bound or a thread cannot be started.
+pub fn run(config: ManagerConfig) -> Result<(), BootstrapError> {
+    let handle = Manager::bind_with(config.listen.as_str(), config.token, config.limits)?;
+    handle.join();
+    Ok(())
+}
+
+/// Entry points of an embedded manager.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Manager;
+
+impl Manager {
+    /// Binds `addr` and serves on a background thread with default [`Limits`].
+    ///
+    /// # Errors
+    /// [`BootstrapError::Bind`] when the address cannot be bound.
+    pub fn bind(addr: impl ToSocketAddrs, token: Token) -> Result<ManagerHandle, BootstrapError> {
+        Self::bind_with(addr, token, Limits::default())
+    }
+
+    /// Binds `addr` and serves on a background thread with the given limits.
+    ///
+    /// # Errors
+    /// [`BootstrapError::Bind`] when the address cannot be bound, [`BootstrapError::Thread`]
+    /// when the thread cannot be started.
+    pub fn bind_with(
+        addr: impl ToSocketAddrs,
+        token: Token,
+        limits: Limits,
+    ) -> Result<ManagerHandle, BootstrapError> {
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|source| BootstrapError::Bind {
+                addr: "(unresolvable)".into(),
+                source,
+            })?
+            .collect();
+        let shown = addrs
+            .first()
+            .map_or_else(|| "(no address)".to_string(), ToString::to_string);
+        let bind_err = |source| BootstrapError::Bind {
+            addr: shown.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(&addrs[..]).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        let shared = Arc::new(Shared {
+            token,
+            limits,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            clients: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+        });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("rsmsg-manager".into())
+            .spawn(move || accept_loop(&s, &listener))
+            .map_err(|source| BootstrapError::Thread {
+                what: "manager accept",
+                source,
+            })?;
+        info!(addr = %local_addr, version = VERSION, "bootstrap manager listening");
+        Ok(ManagerHandle {
+            local_addr,
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A running manager. Dropping it shuts the manager down (as [`ManagerHandle::shutdown`]).
+#[derive(Debug)]
+pub struct ManagerHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ManagerHandle {
+    /// The address the manager listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The number of clients connected now.
+    pub fn client_count(&self) -> usize {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// The number of rendezvous (connection attempts) the manager holds.
+    pub fn rendezvous_count(&self) -> usize {
+        self.shared.state.lock().rendezvous.len()
+    }
+
+    /// The number of registered endpoints.
+    pub fn endpoint_count(&self) -> usize {
+        self.shared.state.lock().endpoints.len()
+    }
+
+    /// Stops accepting, closes every client connection (long polls are answered
+    /// `ShuttingDown` where the socket still allows), and waits for all threads to end.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    /// Serves until the process ends: nothing can shut the manager down once its handle is
+    /// given to `join`. [`run`] uses this for the standalone manager.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        {
+            let _g = self.shared.state.lock();
+            self.shared.changed.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+            info!(addr = %self.local_addr, "bootstrap manager stopped");
+        }
+    }
+}
+
+impl Drop for ManagerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    token: Token,
+    limits: Limits,
+    state: Mutex<State>,
+    changed: Condvar,
+    shutdown: AtomicBool,
+    /// Clones of every client socket, to unblock their threads on shutdown.
+    clients: Mutex<HashMap<u64, TcpStream>>,
+    active: AtomicUsize,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    endpoints: HashMap<EndpointName, Registration>,
+    rendezvous: HashMap<u64, Rendezvous>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Registration {
+    info: EndpointInfo,
+    owner: u64,
+    pending: VecDeque<u64>,
+}
+
+#[derive(Debug)]
+struct Rendezvous {
+    from: EndpointInfo,
+    listener: EndpointName,
+    /// Messages waiting for each side, indexed by the receiving side.
+    queues: [VecDeque<Descriptors>; 2],
+    /// Close reason of each side, indexed by the closing side.
+    closed: [Option<String>; 2],
+    /// Whether the listener has taken the request.
+    accepted: bool,
+    /// Long polls waiting on this rendezvous now; it does not expire while one waits.
+    waiters: u32,
+    last_activity: Instant,
+}
+
+fn ix(side: Side) -> usize {
+    match side {
+        Side::Initiator => 0,
+        Side::Listener => 1,
+    }
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Message {
+    let mut message = message.into();
+    if message.len() > MAX_TEXT_LEN {
+        let mut cut = MAX_TEXT_LEN;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    Message::Error { code, message }
+}
+
+/// How long a connection closed after an error keeps draining its input.
+const LINGER: Duration = Duration::from_millis(200);
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+const REAP_EVERY: Duration = Duration::from_secs(1);
+/// How often a long poll checks that its client is still connected.
+const LIVENESS_EVERY: Duration = Duration::from_millis(250);
+
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
+    let mut next_conn = 0u64;
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut last_reap = Instant::now();
+    while !shared.stopping() {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                next_conn += 1;
+                admit(shared, stream, peer, next_conn, &mut threads);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                std::thread::sleep(ACCEPT_POLL);
+            }
+        }
+        if last_reap.elapsed() >= REAP_EVERY {
+            last_reap = Instant::now();
+            reap(shared);
+            threads.retain(|t| !t.is_finished());
+        }
+    }
+    for (_, s) in shared.clients.lock().drain() {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn admit(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn: u64,
+    threads: &mut Vec<JoinHandle<()>>,
+) {
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_write_timeout(Some(shared.limits.write_timeout)));
+    if let Err(e) = setup {
+        debug!(%peer, error = %e, "cannot set up client socket");
+        return;
+    }
+    if shared.active.load(Ordering::Acquire) >= shared.limits.max_clients {
+        warn!(%peer, max = shared.limits.max_clients, "refusing client: too many clients");
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+        // Discard input already received so that closing does not reset the connection and
+        // destroy the reply (best effort, without blocking the accept loop).
+        if stream.set_nonblocking(true).is_ok() {
+            let mut buf = [0u8; 4096];
+            for _ in 0..16 {
+                if !matches!(io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            let _ = stream.set_nonblocking(false);
+        }
+        if let Ok(f) = err(
+            ErrorCode::Busy,
+            "the manager serves its maximum number of clients",
+        )
+        .encode()
+        {
+            let _ = write_frame(&mut stream, &f);
+        }
+        let _ = stream.shutdown(Shutdown::Write);
+        return;
+    }
+    let clone = match stream.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot clone client socket");
+            return;
+        }
+    };
+    shared.clients.lock().insert(conn, clone);
+    shared.active.fetch_add(1, Ordering::AcqRel);
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name(format!("rsmsg-mgr-{conn}"))
+        .spawn(move || {
+            let span = info_span!("manager_client", conn, %peer);
+            let _enter = span.enter();
+            let mut client = Client {
+                shared: &s,
+                stream,
+                conn,
+                owned: HashSet::new(),
+            };
+            client.serve();
+            client.cleanup();
+            s.clients.lock().remove(&conn);
+            s.active.fetch_sub(1, Ordering::AcqRel);
+        });
+    match spawned {
+        Ok(t) => threads.push(t),
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot start client thread");
+            if let Some(s) = shared.clients.lock().remove(&conn) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn reap(shared: &Shared) {
+    let ttl = shared.limits.rendezvous_ttl;
+    let mut st = shared.state.lock();
+    let before = st.rendezvous.len();
+    st.rendezvous.retain(|id, r| {
+        let keep = r.waiters > 0 || r.last_activity.elapsed() < ttl;
+        if !keep {
+            debug!(rendezvous = id, listener = %r.listener, "rendezvous expired");
+        }
+        keep
+    });
+    if st.rendezvous.len() != before {
+        let State {
+            endpoints,
+            rendezvous,
+            ..
+        } = &mut *st;
+        for reg in endpoints.values_mut() {
+            reg.pending.retain(|id| rendezvous.contains_key(id));
+        }
+        shared.changed.notify_all();
+    }
+}
+
+/// What to do after replying.
+enum After {
+    Continue,
+    Close,
+}
+
+struct Client<'a> {
+    shared: &'a Shared,
+    stream: TcpStream,
+    conn: u64,
+    owned: HashSet<EndpointName>,
+}
+
+impl Client<'_> {
+    fn send(&mut self, msg: &Message) -> bool {
+        match msg.encode() {
+            Ok(frame) => match write_frame(&mut self.stream, &frame) {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(error = %e, reply = msg.name(), "cannot write reply");
+                    false
+                }
+            },
+            Err(e) => {
+                // Only the manager's own values are encoded here; an encoding failure is a bug,
+                // reported to the client rather than crashing the manager.
+                warn!(error = %e, reply = msg.name(), "cannot encode reply");
+                if let Ok(frame) = err(
+                    ErrorCode::InvalidRequest,
+                    format!("reply not encodable: {e}"),
+                )
+                .encode()
+                {
+                    let _ = write_frame(&mut self.stream, &frame);
+                }
+                false
+            }
+        }
+    }
+
+    /// Sends a final error and closes so that the reply is not lost: half-close, then discard
+    /// what the client still sends for a moment (closing with unread input would reset the
+    /// connection, and a reset may destroy the reply before the client reads it).
+    fn fail(&mut self, reply: &Message) {
+        if self.send(reply) {
+            let _ = self.stream.shutdown(Shutdown::Write);
+            let deadline = Instant::now() + LINGER;
+            let mut buf = [0u8; 4096];
+            let mut drained = 0usize;
+            while drained < MAX_PAYLOAD && Instant::now() < deadline {
+                let _ = self.stream.set_read_timeout(Some(LINGER));
+                match io::Read::read(&mut self.stream, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        }
+    }
+
+    /// Replies to a read failure where a reply makes sense. Returns nothing: the connection
+    /// closes after any read failure.
+    fn read_failed(&mut self, e: ReadError, during: &'static str) {
+        match e {
+            ReadError::Closed => debug!(during, "client closed the connection"),
+            ReadError::ClosedMidFrame => debug!(during, "client closed mid-frame"),
+            ReadError::Idle => debug!(during, "dropping idle client"),
+            ReadError::Stalled => warn!(during, "dropping client: frame not completed in time"),
+            ReadError::Io(e) => debug!(during, error = %e, "client socket error"),
+            ReadError::Decode(e) => {
+                warn!(during, error = %e, "malformed frame from client");
+                let code = match e {
+                    DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+                    _ => ErrorCode::Malformed,
+                };
+                self.fail(&err(code, e.to_string()));
+            }
+        }
+    }
+
+    fn serve(&mut self) {
+        if !self.handshake() {
+            return;
+        }
+        let limits = &self.shared.limits;
+        loop {
+            if self.shared.stopping() {
+                return;
+            }
+            let msg = match read_frame(
+                &mut self.stream,
+                Instant::now() + limits.idle_timeout,
+                limits.frame_timeout,
+            ) {
+                Ok(m) => m,
+                Err(e) => return self.read_failed(e, "request"),
+            };
+            debug!(request = msg.name(), "request");
+            let (reply, after) = self.handle(msg);
+            if let Message::Error { code, message } = &reply {
+                debug!(%code, message = message.as_str(), "request failed");
+            }
+            if let After::Close = after {
+                return self.fail(&reply);
+            }
+            if !self.send(&reply) {
+                return;
+            }
+        }
+    }
+
+    fn handshake(&mut self) -> bool {
+        let limits = &self.shared.limits;
+        let deadline = Instant::now() + limits.handshake_timeout;
+        let client_nonce = match read_frame(&mut self.stream, deadline, limits.frame_timeout) {
+            Ok(Message::Hello { nonce }) => nonce,
+            Ok(other) => {
+                warn!(got = other.name(), "request before authentication");
+                self.send(&err(
+                    ErrorCode::NotAuthenticated,
+                    "authenticate first: expected hello",
+                ));
+                return false;
+            }
+            Err(e) => {
+                self.read_failed(e, "hello");
+                return false;
+            }
+        };
+        let server_nonce = match nonce() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cannot read random bytes");
+                return false;
+            }
+        };
+        if !self.send(&Message::Challenge {
+            nonce: server_nonce,
+        }) {
+            return false;
+        }
+        let proof = match read_frame(&mut self.stream, deadline, limits.frame_timeout) {
+            Ok(Message::Auth { mac }) => mac,
+            Ok(other) => {
+                warn!(got = other.name(), "expected auth");
+                self.fail(&err(ErrorCode::NotAuthenticated, "expected auth"));
+                return false;
+            }
+            Err(e) => {
+                self.read_failed(e, "auth");
+                return false;
+            }
+        };
+        if !self
+            .shared
+            .token
+            .verify_client(&client_nonce, &server_nonce, &proof)
+        {
+            warn!("client failed authentication");
+            self.fail(&err(ErrorCode::AuthFailed, "wrong token"));
+            return false;
+        }
+        let mac = self.shared.token.server_proof(&client_nonce, &server_nonce);
+        if !self.send(&Message::AuthOk { mac }) {
+            return false;
+        }
+        debug!("client authenticated");
+        true
+    }
+
+    fn handle(&mut self, msg: Message) -> (Message, After) {
+        let limits = &self.shared.limits;
+        let reply = match msg {
+            Message::Register { info } => self.register(info),
+            Message::Unregister { name } => {
+                let mut st = self.shared.state.lock();
+                match st.endpoints.get(&name) {
+                    Some(r) if r.owner == self.conn => {
+                        remove_registration(&mut st, &name);
+                        self.owned.remove(&name);
+                        self.shared.changed.notify_all();
+                        info!(name = %name, "unregistered");
+                        Message::Ok
+                    }
+                    _ => err(
+                        ErrorCode::NotRegistered,
+                        format!("{name} is not registered by this client"),
+                    ),
+                }
+            }
+            Message::Lookup { name } => match self.shared.state.lock().endpoints.get(&name) {
+                Some(r) => Message::Found {
+                    info: r.info.clone(),
+                },
+                None => unknown_name(&name),
+            },
+            Message::Connect { from, to, offer } => self.connect(from, &to, offer),
+            Message::WaitConnect { name, timeout_ms } => {
+                self.wait_connect(&name, Duration::from_millis(u64::from(timeout_ms)))
+            }
+            Message::Send { id, side, payload } => {
+                let mut st = self.shared.state.lock();
+                let Some(r) = st.rendezvous.get_mut(&id.0) else {
+                    return (unknown_rendezvous(id), After::Continue);
+                };
+                if r.closed[ix(side)].is_some() {
+                    err(
+                        ErrorCode::InvalidRequest,
+                        format!("rendezvous {id}: the {side} side is closed"),
+                    )
+                } else if let Some(reason) = &r.closed[ix(side.peer())] {
+                    closed_by(id, side.peer(), reason)
+                } else if r.queues[ix(side.peer())].len() >= limits.max_queued_per_side {
+                    err(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "rendezvous {id}: {} messages already wait for the {}",
+                            limits.max_queued_per_side,
+                            side.peer()
+                        ),
+                    )
+                } else {
+                    r.queues[ix(side.peer())].push_back(payload);
+                    r.last_activity = Instant::now();
+                    self.shared.changed.notify_all();
+                    Message::Ok
+                }
+            }
+            Message::Recv {
+                id,
+                side,
+                timeout_ms,
+            } => self.recv(id, side, Duration::from_millis(u64::from(timeout_ms))),
+            Message::Close { id, side, reason } => {
+                let mut st = self.shared.state.lock();
+                match st.rendezvous.get_mut(&id.0) {
+                    None => unknown_rendezvous(id),
+                    Some(r) => {
+                        r.closed[ix(side)] = Some(reason);
+                        r.last_activity = Instant::now();
+                        if r.closed.iter().all(Option::is_some) {
+                            st.rendezvous.remove(&id.0);
+                        }
+                        self.shared.changed.notify_all();
+                        debug!(rendezvous = id.0, %side, "rendezvous side closed");
+                        Message::Ok
+                    }
+                }
+            }
+            Message::Ping => Message::Pong,
+            other => {
+                return (
+                    err(
+                        ErrorCode::Malformed,
+                        format!("{} is not a request", other.name()),
+                    ),
+                    After::Close,
+                );
+            }
+        };
+        (reply, After::Continue)
+    }
+
+    fn register(&mut self, info: EndpointInfo) -> Message {
+        let limits = &self.shared.limits;
+        let mut st = self.shared.state.lock();
+        let total = st.endpoints.len();
+        match st.endpoints.entry(info.name.clone()) {
+            Entry::Occupied(mut e) => {
+                if e.get().owner == self.conn {
+                    e.get_mut().info = info;
+                    Message::Ok
+                } else {
+                    err(
+                        ErrorCode::NameTaken,
+                        format!("{} is registered by another client", info.name),
+                    )
+                }
+            }
+            Entry::Vacant(v) => {
+                if total >= limits.max_endpoints {
+                    return err(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "the manager holds its maximum of {} endpoints",
+                            limits.max_endpoints
+                        ),
+                    );
+                }
+                if self.owned.len() >= limits.max_names_per_client {
+                    return err(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "a client may register at most {} names",
+                            limits.max_names_per_client
+                        ),
+                    );
+                }
+                info!(name = %info.name, host = %info.host_id, transports = info.transports.bits(), "registered");
+                self.owned.insert(info.name.clone());
+                v.insert(Registration {
+                    info,
+                    owner: self.conn,
+                    pending: VecDeque::new(),
+                });
+                Message::Ok
+            }
+        }
+    }
+
+    fn connect(&mut self, from: EndpointInfo, to: &EndpointName, offer: Descriptors) -> Message {
+        let limits = &self.shared.limits;
+        let mut st = self.shared.state.lock();
+        let live = st.rendezvous.len();
+        let State {
+            endpoints,
+            rendezvous,
+            next_id,
+        } = &mut *st;
+        let Some(reg) = endpoints.get_mut(to) else {
+            return unknown_name(to);
+        };
+        if reg.pending.len() >= limits.max_pending_per_endpoint {
+            return err(
+                ErrorCode::LimitExceeded,
+                format!("{to} has {} connection requests waiting", reg.pending.len()),
+            );
+        }
+        if live >= limits.max_rendezvous {
+            return err(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the manager holds its maximum of {} rendezvous",
+                    limits.max_rendezvous
+                ),
+            );
+        }
+        *next_id += 1;
+        let id = *next_id;
+        info!(rendezvous = id, from = %from.name, to = %to, "connection requested");
+        rendezvous.insert(
+            id,
+            Rendezvous {
+                from,
+                listener: to.clone(),
+                queues: [VecDeque::new(), VecDeque::from([offer])],
+                closed: [None, None],
+                accepted: false,
+                waiters: 0,
+                last_activity: Instant::now(),
+            },
+        );
+        reg.pending.push_back(id);
+        self.shared.changed.notify_all();
+        Message::Queued {
+            id: RendezvousId(id),
+        }
+    }
+
+    fn wait_connect(&mut self, name: &EndpointName, timeout: Duration) -> Message {
+        let deadline = Instant::now() + timeout;
+        let shared = self.shared;
+        let mut st = shared.state.lock();
+        loop {
+            let State {
+                endpoints,
+                rendezvous,
+                ..
+            } = &mut *st;
+            let Some(reg) = endpoints.get_mut(name).filter(|r| r.owner == self.conn) else {
+                return err(
+                    ErrorCode::NotRegistered,
+                    format!("{name} is not registered by this client"),
+                );
+            };
+            while let Some(id) = reg.pending.pop_front() {
+                let Some(r) = rendezvous.get_mut(&id) else {
+                    continue;
+                };
+                if r.closed[ix(Side::Initiator)].is_some() {
+                    rendezvous.remove(&id);
+                    continue;
+                }
+                let offer = r.queues[ix(Side::Listener)].pop_front().unwrap_or_default();
+                r.accepted = true;
+                r.last_activity = Instant::now();
+                debug!(rendezvous = id, from = %r.from.name, "connection request delivered");
+                return Message::Incoming {
+                    id: RendezvousId(id),
+                    from: r.from.clone(),
+                    offer,
+                };
+            }
+            if let Some(reply) = self.park(&mut st, deadline) {
+                return reply;
+            }
+        }
+    }
+
+    fn recv(&mut self, id: RendezvousId, side: Side, timeout: Duration) -> Message {
+        let shared = self.shared;
+        let mut st = shared.state.lock();
+        // Someone waiting on a rendezvous keeps it alive; only abandoned ones expire.
+        match st.rendezvous.get_mut(&id.0) {
+            Some(r) => r.waiters += 1,
+            None => return unknown_rendezvous(id),
+        }
+        let reply = self.recv_locked(&mut st, id, side, timeout);
+        if let Some(r) = st.rendezvous.get_mut(&id.0) {
+            r.waiters -= 1;
+            r.last_activity = Instant::now();
+        }
+        reply
+    }
+
+    fn recv_locked(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        id: RendezvousId,
+        side: Side,
+        timeout: Duration,
+    ) -> Message {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(r) = st.rendezvous.get_mut(&id.0) else {
+                return unknown_rendezvous(id);
+            };
+            if side == Side::Listener && !r.accepted {
+                return err(
+                    ErrorCode::InvalidRequest,
+                    format!("rendezvous {id} has not been accepted yet: wait-connect first"),
+                );
+            }
+            if let Some(payload) = r.queues[ix(side)].pop_front() {
+                return Message::Delivered { payload };
+            }
+            if let Some(reason) = &r.closed[ix(side.peer())] {
+                return closed_by(id, side.peer(), reason);
+            }
+            if let Some(reply) = self.park(st, deadline) {
+                return reply;
+            }
+        }
+    }
+
+    /// Waits for a state change. `Some(reply)` ends the long poll: the deadline passed
+    /// (`TimedOut`), the manager is stopping, or the client went away.
+    fn park(&self, st: &mut MutexGuard<'_, State>, deadline: Instant) -> Option<Message> {
+        if self.shared.stopping() {
+            return Some(err(ErrorCode::ShuttingDown, "the manager is shutting down"));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Some(Message::TimedOut);
+        }
+        let slice = (deadline - now).min(LIVENESS_EVERY);
+        let timed_out = self.shared.changed.wait_for(st, slice).timed_out();
+        if timed_out && MutexGuard::unlocked(st, || self.client_gone()) {
+            debug!("client went away during a long poll");
+            return Some(err(ErrorCode::Closed, "client gone"));
+        }
+        None
+    }
+
+    /// Whether the client closed its end (checked without consuming data).
+    fn client_gone(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        let gone = match self.stream.peek(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        };
+        self.stream.set_nonblocking(false).is_err() || gone
+    }
+
+    fn cleanup(&mut self) {
+        if self.owned.is_empty() {
+            return;
+        }
+        let mut st = self.shared.state.lock();
+        for name in self.owned.drain() {
+            info!(name = %name, "registration removed: its client left");
+            remove_registration(&mut st, &name);
+        }
+        self.shared.changed.notify_all();
+    }
+}
+
+/// Removes a registration; requests still waiting for it are closed on the listener's behalf so
+/// that their initiators learn it at once.
+fn remove_registration(st: &mut State, name: &EndpointName) {
+    if let Some(reg) = st.endpoints.remove(name) {
+        for id in reg.pending {
+            if let Some(r) = st.rendezvous.get_mut(&id) {
+                r.closed[ix(Side::Listener)] = Some(format!("listener {name} is gone"));
+                r.last_activity = Instant::now();
+            }
+        }
+    }
+}
+
+fn unknown_name(name: &EndpointName) -> Message {
+    err(
+        ErrorCode::UnknownName,
+        format!("no endpoint named {name} is registered"),
+    )
+}
+
+fn unknown_rendezvous(id: RendezvousId) -> Message {
+    err(
+        ErrorCode::UnknownRendezvous,
+        format!("rendezvous {id} is unknown, finished or expired"),
+    )
+}
+
+fn closed_by(id: RendezvousId, side: Side, reason: &str) -> Message {
+    if reason.is_empty() {
+        err(
+            ErrorCode::Closed,
+            format!("rendezvous {id} closed by the {side}"),
+        )
+    } else {
+        err(
+            ErrorCode::Closed,
+            format!("rendezvous {id} closed by the {side}: {reason}"),
+        )
+    }
+}

@@ -1,0 +1,557 @@
+//! Hostile and broken clients: wrong tokens, wrong versions, malformed, oversized and random
+//! frames, slow and idle clients, too many clients, and a manager that cannot prove itself.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use rsmsg::bootstrap::wire::{self, FrameHeader, HEADER_LEN, MAX_PAYLOAD, Message};
+use rsmsg::bootstrap::{
+    BootstrapError, DecodeError, EndpointInfo, EndpointName, ErrorCode, HostId, Limits, Manager,
+    ManagerClient, ManagerHandle, Token, TransportSet,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+fn token() -> Token {
+    Token::new("hostile-test-token").unwrap()
+}
+
+fn info(n: &str) -> EndpointInfo {
+    EndpointInfo {
+        name: EndpointName::new(n).unwrap(),
+        host_id: HostId::new("h").unwrap(),
+        transports: TransportSet::VERBS,
+        shm_socket: None,
+    }
+}
+
+fn raw(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s
+}
+
+/// Reads one reply frame; `None` when the manager closed the connection.
+fn read_reply(s: &mut TcpStream) -> Option<Message> {
+    let mut head = [0u8; HEADER_LEN];
+    match s.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+            ) =>
+        {
+            return None;
+        }
+        Err(e) => panic!("no reply and no close: {e}"),
+    }
+    let h = FrameHeader::decode(&head).expect("the manager sends valid headers");
+    let mut payload = vec![0u8; h.len];
+    s.read_exact(&mut payload).expect("complete payload");
+    Some(Message::decode_payload(h.kind, &payload).expect("the manager sends valid frames"))
+}
+
+/// Whether the manager closes the connection (EOF or reset) within the read timeout, draining
+/// any replies, each of which must be a valid frame.
+fn closed_by_manager(s: &mut TcpStream) -> bool {
+    loop {
+        let mut head = [0u8; HEADER_LEN];
+        match s.read_exact(&mut head) {
+            Ok(()) => {
+                let h = FrameHeader::decode(&head).expect("valid header from the manager");
+                let mut payload = vec![0u8; h.len];
+                s.read_exact(&mut payload).expect("complete payload");
+                Message::decode_payload(h.kind, &payload).expect("valid frame from the manager");
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                ) =>
+            {
+                return true;
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(e) => panic!("unexpected read error {e}"),
+        }
+    }
+}
+
+fn send(s: &mut TcpStream, m: &Message) {
+    s.write_all(&m.encode().unwrap()).unwrap();
+}
+
+fn authenticate(s: &mut TcpStream, token: &Token) {
+    let cn = [7u8; 32];
+    send(s, &Message::Hello { nonce: cn });
+    let Some(Message::Challenge { nonce: sn }) = read_reply(s) else {
+        panic!("no challenge");
+    };
+    send(
+        s,
+        &Message::Auth {
+            mac: token.client_proof(&cn, &sn),
+        },
+    );
+    let Some(Message::AuthOk { mac }) = read_reply(s) else {
+        panic!("no auth-ok");
+    };
+    assert!(token.verify_server(&cn, &sn, &mac));
+}
+
+fn error_code(m: Option<Message>) -> ErrorCode {
+    match m {
+        Some(Message::Error { code, .. }) => code,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+fn shared_manager() -> &'static ManagerHandle {
+    static M: OnceLock<ManagerHandle> = OnceLock::new();
+    M.get_or_init(|| Manager::bind("127.0.0.1:0", token()).unwrap())
+}
+
+#[test]
+fn wrong_token_is_rejected() {
+    let m = Manager::bind("127.0.0.1:0", token()).unwrap();
+    let bad = Token::new("not-the-right-token").unwrap();
+    let e = ManagerClient::connect(m.local_addr(), &bad, T).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e:?}");
+    // Raw: a wrong proof gets an error and the connection is closed.
+    let mut s = raw(m.local_addr());
+    send(&mut s, &Message::Hello { nonce: [1; 32] });
+    assert!(matches!(
+        read_reply(&mut s),
+        Some(Message::Challenge { .. })
+    ));
+    send(&mut s, &Message::Auth { mac: [0; 32] });
+    assert_eq!(error_code(read_reply(&mut s)), ErrorCode::AuthFailed);
+    assert!(closed_by_manager(&mut s));
+    // The right token still works.
+    ManagerClient::connect(m.local_addr(), &token(), T)
+        .unwrap()
+        .ping()
+        .unwrap();
+}
+
+#[test]
+fn requests_before_authentication_are_refused() {
+    let m = Manager::bind("127.0.0.1:0", token()).unwrap();
+    let mut s = raw(m.local_addr());
+    send(
+        &mut s,
+        &Message::Lookup {
+            name: EndpointName::new("x").unwrap(),
+        },
+    );
+    assert_eq!(error_code(read_reply(&mut s)), ErrorCode::NotAuthenticated);
+    assert!(closed_by_manager(&mut s));
+    // A proof sent before any hello is refused too.
+    let mut s = raw(m.local_addr());
+    send(&mut s, &Message::Auth { mac: [0; 32] });
+    assert_eq!(error_code(read_reply(&mut s)), ErrorCode::NotAuthenticated);
+}
+
+#[test]
+fn wrong_version_is_rejected() {
+    let m = Manager::bind("127.0.0.1:0", token()).unwrap();
+    let mut s = raw(m.local_addr());
+    let mut f = Message::Hello { nonce: [1; 32] }.encode().unwrap();
+    f[4] = wire::VERSION + 1;
+    s.write_all(&f).unwrap();
+    match read_reply(&mut s) {
+        Some(Message::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::UnsupportedVersion);
+            assert!(message.contains("version"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(closed_by_manager(&mut s));
+}
+
+#[test]
+fn oversized_and_truncated_frames_close_only_their_connection() {
+    let m = Manager::bind("127.0.0.1:0", token()).unwrap();
+    let mut good = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    good.register(&info("steady")).unwrap();
+
+    // Oversized header before authentication: refused without reading the payload.
+    let mut s = raw(m.local_addr());
+    let mut f = Message::Ping.encode().unwrap();
+    f[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+    s.write_all(&f).unwrap();
+    assert_eq!(error_code(read_reply(&mut s)), ErrorCode::Malformed);
+    assert!(closed_by_manager(&mut s));
+
+    // Oversized after authentication.
+    let mut s = raw(m.local_addr());
+    authenticate(&mut s, &token());
+    let mut f = Message::Ping.encode().unwrap();
+    f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&f).unwrap();
+    assert_eq!(error_code(read_reply(&mut s)), ErrorCode::Malformed);
+    assert!(closed_by_manager(&mut s));
+
+    // Truncated: half a frame, then the client half-closes.
+    let mut s = raw(m.local_addr());
+    authenticate(&mut s, &token());
+    let f = Message::Register { info: info("half") }.encode().unwrap();
+    s.write_all(&f[..f.len() / 2]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(closed_by_manager(&mut s));
+
+    // A payload that lies about its contents (a name with a space).
+    let mut s = raw(m.local_addr());
+    authenticate(&mut s, &token());
+    let mut f = Message::Lookup {
+        name: EndpointName::new("ab").unwrap(),
+    }
+    .encode()
+    .unwrap();
+    let n = f.len();
+    f[n - 1] = b' ';
+    s.write_all(&f).unwrap();
+    assert_eq!(error_code(read_reply(&mut s)), ErrorCode::Malformed);
+    assert!(closed_by_manager(&mut s));
+
+    // A reply kind sent as a request.
+    let mut s = raw(m.local_addr());
+    authenticate(&mut s, &token());
+    send(&mut s, &Message::Pong);
+    assert_eq!(error_code(read_reply(&mut s)), ErrorCode::Malformed);
+
+    // None of this disturbed the well-behaved client or its registration.
+    let mut other = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    assert_eq!(
+        other.lookup(&EndpointName::new("steady").unwrap()).unwrap(),
+        info("steady")
+    );
+    good.ping().unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Random bytes before authentication: the manager answers with valid frames or nothing,
+    /// closes the connection, and keeps serving others.
+    #[test]
+    fn random_bytes_before_auth(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let m = shared_manager();
+        let mut s = raw(m.local_addr());
+        // The manager may close before everything is written: that is a valid outcome.
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(Shutdown::Write);
+        prop_assert!(closed_by_manager(&mut s));
+        let mut c = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+        c.ping().unwrap();
+    }
+
+    /// Random bytes after authentication, behind a valid frame header or not.
+    #[test]
+    fn random_bytes_after_auth(
+        kind in any::<u8>(),
+        with_header in any::<bool>(),
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let m = shared_manager();
+        let mut s = raw(m.local_addr());
+        authenticate(&mut s, &token());
+        if with_header {
+            let mut f = Vec::from(wire::MAGIC);
+            f.extend_from_slice(&[wire::VERSION, kind, 0, 0]);
+            f.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            let _ = s.write_all(&f);
+        }
+        // The manager may close before everything is written: that is a valid outcome.
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(Shutdown::Write);
+        prop_assert!(closed_by_manager(&mut s));
+        let mut c = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+        c.ping().unwrap();
+    }
+}
+
+fn quick_limits() -> Limits {
+    let mut l = Limits::default();
+    l.handshake_timeout = Duration::from_millis(500);
+    l.frame_timeout = Duration::from_millis(300);
+    l.idle_timeout = Duration::from_millis(800);
+    l
+}
+
+#[test]
+fn slow_loris_is_dropped_while_others_are_served() {
+    let m = Manager::bind_with("127.0.0.1:0", token(), quick_limits()).unwrap();
+    let addr = m.local_addr();
+    // The loris authenticates, then trickles a frame one byte every 100 ms: each byte arrives
+    // well within any per-read timeout, but the frame would take seconds.
+    let loris = thread::spawn(move || {
+        let mut s = raw(addr);
+        authenticate(&mut s, &token());
+        let f = Message::Register {
+            info: info("loris"),
+        }
+        .encode()
+        .unwrap();
+        s.set_nonblocking(true).unwrap();
+        for (sent, b) in f.iter().enumerate() {
+            if s.write_all(&[*b]).is_err() {
+                return Some(sent);
+            }
+            thread::sleep(Duration::from_millis(100));
+            let mut buf = [0u8; 64];
+            match s.read(&mut buf) {
+                Ok(0) => return Some(sent + 1),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Ok(_) | Err(_) => return Some(sent + 1),
+            }
+        }
+        None
+    });
+    // Meanwhile another client is served normally.
+    let mut c = ManagerClient::connect(addr, &token(), T).unwrap();
+    c.register(&info("honest")).unwrap();
+    let mut d = ManagerClient::connect(addr, &token(), T).unwrap();
+    assert_eq!(
+        d.lookup(&EndpointName::new("honest").unwrap()).unwrap(),
+        info("honest")
+    );
+    let frame_len = Message::Register {
+        info: info("loris"),
+    }
+    .encode()
+    .unwrap()
+    .len();
+    let cut_at = loris.join().unwrap();
+    assert!(
+        matches!(cut_at, Some(n) if n < frame_len),
+        "the trickling client was not dropped: {cut_at:?} of {frame_len}"
+    );
+    let e = d.lookup(&EndpointName::new("loris").unwrap()).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownName));
+}
+
+#[test]
+fn silent_and_idle_clients_are_dropped() {
+    let m = Manager::bind_with("127.0.0.1:0", token(), quick_limits()).unwrap();
+    // Connects and never says hello.
+    let mut s = raw(m.local_addr());
+    assert!(closed_by_manager(&mut s));
+    // Authenticates, then stays silent longer than the idle timeout.
+    let mut c = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    c.register(&info("sleepy")).unwrap();
+    // Wait (boundedly) until the manager has dropped both silent clients.
+    for _ in 0..400 {
+        if m.client_count() == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(m.client_count(), 0, "idle clients were not dropped");
+    let e = c.ping().unwrap_err();
+    assert!(e.is_unreachable(), "{e:?}");
+    // Its registration went with it.
+    let mut d = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let e = d.lookup(&EndpointName::new("sleepy").unwrap()).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownName));
+    // A broken client refuses further use instead of guessing.
+    assert!(matches!(c.ping(), Err(BootstrapError::Broken)));
+}
+
+#[test]
+fn client_limit_answers_busy() {
+    let mut l = Limits::default();
+    l.max_clients = 2;
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let a = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let e = ManagerClient::connect(m.local_addr(), &token(), T).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e:?}");
+    assert!(e.is_unreachable());
+    b.ping().unwrap();
+    drop(a);
+    // Once the manager notices the departure a new client is admitted.
+    let mut admitted = None;
+    for _ in 0..200 {
+        match ManagerClient::connect(m.local_addr(), &token(), T) {
+            Ok(c) => {
+                admitted = Some(c);
+                break;
+            }
+            Err(e) if e.code() == Some(ErrorCode::Busy) => thread::sleep(Duration::from_millis(25)),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    admitted.expect("a slot frees up").ping().unwrap();
+}
+
+/// A fake manager that answers the handshake without knowing the token.
+#[test]
+fn impostor_manager_is_detected() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let fake = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut buf = vec![0u8; HEADER_LEN + 32];
+        s.read_exact(&mut buf).unwrap();
+        send(&mut s, &Message::Challenge { nonce: [9; 32] });
+        s.read_exact(&mut buf).unwrap();
+        send(&mut s, &Message::AuthOk { mac: [0x55; 32] });
+        let _ = s.read(&mut buf);
+    });
+    let e = ManagerClient::connect(addr, &token(), T).unwrap_err();
+    assert!(matches!(e, BootstrapError::ManagerNotAuthentic), "{e:?}");
+    fake.join().unwrap();
+}
+
+/// A manager of another version: the client reports the mismatch.
+#[test]
+fn client_reports_version_mismatch() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let fake = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut buf = vec![0u8; HEADER_LEN + 32];
+        s.read_exact(&mut buf).unwrap();
+        let mut f = Message::Challenge { nonce: [9; 32] }.encode().unwrap();
+        f[4] = 9;
+        s.write_all(&f).unwrap();
+        let _ = s.read(&mut buf);
+    });
+    let e = ManagerClient::connect(addr, &token(), T).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BootstrapError::Protocol {
+                source: DecodeError::UnsupportedVersion { got: 9 },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    fake.join().unwrap();
+}
+
+#[test]
+fn resource_limits_give_clear_errors() {
+    use rsmsg::bootstrap::{Descriptors, Side};
+    let mut l = Limits::default();
+    l.max_endpoints = 3;
+    l.max_names_per_client = 2;
+    l.max_pending_per_endpoint = 2;
+    l.max_queued_per_side = 2;
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let mut a = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    a.register(&info("a1")).unwrap();
+    a.register(&info("a2")).unwrap();
+    let e = a.register(&info("a3")).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    b.register(&info("b1")).unwrap();
+    let e = b.register(&info("b2")).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    assert!(e.to_string().contains("endpoints"), "{e}");
+
+    // Pending requests per listener.
+    let mut c = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let to = EndpointName::new("a1").unwrap();
+    let d = Descriptors::default();
+    let id = c.connect_to(&info("c"), &to, &d).unwrap();
+    c.connect_to(&info("c"), &to, &d).unwrap();
+    let e = c.connect_to(&info("c"), &to, &d).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+
+    // The listener may not read a rendezvous it has not taken yet.
+    let e = a.recv(id, Side::Listener, Duration::ZERO).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+
+    // Messages queued unread for one side.
+    c.send(id, Side::Initiator, &d).unwrap();
+    let e = c.send(id, Side::Initiator, &d).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    // Taking the request frees room in the queue (the offer was one of the two).
+    let inc = a.wait_connect(&to, T).unwrap().unwrap();
+    assert_eq!(inc.id, id);
+    c.send(id, Side::Initiator, &d).unwrap();
+    assert_eq!(a.recv(id, Side::Listener, T).unwrap(), Some(d.clone()));
+    assert_eq!(a.recv(id, Side::Listener, T).unwrap(), Some(d));
+}
+
+#[test]
+fn idle_rendezvous_expire() {
+    use rsmsg::bootstrap::{Descriptors, Side};
+    let mut l = Limits::default();
+    l.rendezvous_ttl = Duration::from_millis(100);
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    b.register(&info("b")).unwrap();
+    let mut a = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let id = a
+        .connect_to(
+            &info("a"),
+            &EndpointName::new("b").unwrap(),
+            &Descriptors::default(),
+        )
+        .unwrap();
+    assert_eq!(m.rendezvous_count(), 1);
+    // Nobody takes the request and nobody waits on it: the manager discards it.
+    for _ in 0..200 {
+        if m.rendezvous_count() == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(m.rendezvous_count(), 0);
+    let e = a.recv(id, Side::Initiator, Duration::ZERO).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownRendezvous), "{e}");
+    // The expired request is not delivered to the listener.
+    assert_eq!(
+        b.wait_connect(&EndpointName::new("b").unwrap(), Duration::ZERO)
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn a_waiting_initiator_keeps_its_rendezvous_alive() {
+    use rsmsg::bootstrap::{Descriptors, Side};
+    let mut l = Limits::default();
+    l.rendezvous_ttl = Duration::from_millis(100);
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let name = EndpointName::new("b").unwrap();
+    b.register(&info("b")).unwrap();
+    let addr = m.local_addr();
+    let initiator = thread::spawn(move || {
+        let mut a = ManagerClient::connect(addr, &token(), T).unwrap();
+        // Waits far longer than the time to live; its waiting keeps the request alive.
+        a.dial(
+            &info("a"),
+            &EndpointName::new("b").unwrap(),
+            &Descriptors::default(),
+            T,
+        )
+        .map(|(_, d)| d.opaque)
+    });
+    // Let several reaper passes run while the initiator waits.
+    thread::sleep(Duration::from_millis(2500));
+    let inc = b
+        .wait_connect(&name, T)
+        .unwrap()
+        .expect("the request survived");
+    let answer = Descriptors {
+        opaque: vec![42],
+        ..Descriptors::default()
+    };
+    b.send(inc.id, Side::Listener, &answer).unwrap();
+    assert_eq!(initiator.join().unwrap().unwrap(), vec![42]);
+}

@@ -1,0 +1,469 @@
+//! `rsmsg perf`: latency, bandwidth and message-rate runs, perftest style.
+//!
+//! Modes: local (default: spawns a server process on this host and runs as its client),
+//! `--server` (listens under `--name`), `--client` (connects to `--name`).
+//! The client drives the run: before each test it sends a plan message (test, size,
+//! iterations) and the server follows it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use rsmsg::core::Layout;
+use rsmsg::transport::shm::{self, ShmConnection, ShmListener};
+use rsmsg::transport::{Connection, Link, PollMode, TargetMemory};
+use serde::Serialize;
+
+/// Arguments of `rsmsg perf`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Tests to run: lat (ping-pong), bw (one-way stream), rate (small-message stream), or all.
+    #[arg(short, long, default_value = "all", value_parser = ["lat", "bw", "rate", "all"])]
+    test: String,
+    /// Message sizes: a list (`8,64,4k`) or a sweep `MIN..MAX` in powers of 4 (`8..1m`).
+    /// Default: 64 B for lat and rate, 64 KiB for bw.
+    #[arg(short, long)]
+    size: Option<String>,
+    /// Iterations per size (messages for bw and rate, round trips for lat).
+    #[arg(short = 'n', long)]
+    iters: Option<u64>,
+    /// Run each size for this many seconds instead of a fixed iteration count.
+    #[arg(short = 'D', long)]
+    duration: Option<f64>,
+    /// Transport: shm (processes of this host). Verbs runs join with the verbs driver.
+    #[arg(long, default_value = "shm", env = "RSMSG_TRANSPORT")]
+    transport: String,
+    /// Poll mode: busy, event, adaptive[:SPINS].
+    #[arg(long, default_value = "busy", env = "RSMSG_POLL")]
+    poll: PollMode,
+    /// Segment groups, e.g. `256:256:4,4k:64:4,64k:16:4` (SIZE:COUNT:SPAN[:SEGMENTS]).
+    #[arg(long, env = "RSMSG_GROUPS")]
+    groups: Option<String>,
+    /// Run as the server, listening under --name.
+    #[arg(long, conflicts_with = "client")]
+    server: bool,
+    /// Run as the client of the server listening under --name.
+    #[arg(long)]
+    client: bool,
+    /// Endpoint name (server and client modes).
+    #[arg(long, default_value = "rsmsg-perf")]
+    name: String,
+    /// Print results as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Serve one client, then exit (server mode).
+    #[arg(long, hide = true)]
+    once: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Test {
+    Lat,
+    Bw,
+    Rate,
+}
+
+impl Test {
+    fn name(self) -> &'static str {
+        match self {
+            Test::Lat => "lat",
+            Test::Bw => "bw",
+            Test::Rate => "rate",
+        }
+    }
+    fn from_name(s: &str) -> Option<Test> {
+        match s {
+            "lat" => Some(Test::Lat),
+            "bw" => Some(Test::Bw),
+            "rate" => Some(Test::Rate),
+            _ => None,
+        }
+    }
+}
+
+/// One measured row.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    test: &'static str,
+    transport: String,
+    size: usize,
+    iterations: u64,
+    /// One-way latency (round trip / 2), microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lat_us: Option<LatStats>,
+    /// Payload bandwidth, MB/s (10^6 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bw_mbps: Option<f64>,
+    /// Messages per second, millions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_mmps: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct LatStats {
+    min: f64,
+    p50: f64,
+    avg: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+/// Parses `64`, `4k`, `1m`.
+fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.as_bytes().last() {
+        Some(b'k') => (&t[..t.len() - 1], 1usize << 10),
+        Some(b'm') => (&t[..t.len() - 1], 1 << 20),
+        _ => (&t[..], 1),
+    };
+    let n: usize = num
+        .parse()
+        .with_context(|| format!("bad size {s:?} (examples: 64, 4k, 1m)"))?;
+    n.checked_mul(mult).context("size overflows")
+}
+
+fn parse_sizes(spec: &str) -> Result<Vec<usize>> {
+    if let Some((lo, hi)) = spec.split_once("..") {
+        let (lo, hi) = (parse_size(lo)?, parse_size(hi)?);
+        if lo == 0 || lo > hi {
+            bail!("bad sweep {spec:?}: need 0 < MIN <= MAX");
+        }
+        let mut v = Vec::new();
+        let mut s = lo;
+        while s <= hi {
+            v.push(s);
+            s = match s.checked_mul(4) {
+                Some(n) => n,
+                None => break,
+            };
+        }
+        Ok(v)
+    } else {
+        spec.split(',').map(parse_size).collect()
+    }
+}
+
+fn layout(args: &Args) -> Result<Layout> {
+    match &args.groups {
+        Some(g) => g
+            .parse::<Layout>()
+            .map_err(|e| anyhow::anyhow!("--groups {g:?}: {e}")),
+        None => Ok(Layout::default()),
+    }
+}
+
+/// Runs `rsmsg perf`.
+pub fn run(args: &Args) -> Result<std::process::ExitCode> {
+    if args.transport != "shm" {
+        bail!(
+            "transport {:?} is not available to perf yet (available: shm)",
+            args.transport
+        );
+    }
+    let layout = layout(args)?;
+    if args.server {
+        return serve(args, layout).map(|()| std::process::ExitCode::SUCCESS);
+    }
+    let mut child = None;
+    let conn = if args.client {
+        shm::connect(&args.name, layout, args.poll)
+            .with_context(|| format!("connecting to endpoint {:?}", args.name))?
+    } else {
+        let name = format!("rsmsg-perf-{}", std::process::id());
+        let c = spawn_server(args, &name)?;
+        child = Some(c);
+        shm::connect(&name, layout, args.poll).context("connecting to the local server")?
+    };
+    let result = client(args, &conn);
+    // Tell the server we are done, whatever happened.
+    let _ = conn.send(b"quit");
+    if let Some(mut c) = child {
+        let status = c.wait().context("waiting for the server process")?;
+        if result.is_ok() && !status.success() {
+            bail!("the server process failed: {status}");
+        }
+    }
+    let rows = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Starts `rsmsg perf --server --once` on this host and waits until it listens.
+fn spawn_server(args: &Args, name: &str) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating the rsmsg executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["perf", "--server", "--once", "--name", name])
+        .arg("--poll")
+        .arg(poll_name(args.poll))
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null());
+    if let Some(g) = &args.groups {
+        cmd.args(["--groups", g]);
+    }
+    let mut child = cmd.spawn().context("starting the server process")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("waiting for the server to listen")?;
+    if line.trim() != "listening" {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the server process did not start (said {:?})", line.trim());
+    }
+    Ok(child)
+}
+
+fn poll_name(p: PollMode) -> String {
+    match p {
+        PollMode::Busy => "busy".into(),
+        PollMode::Event => "event".into(),
+        PollMode::Adaptive { spins } => format!("adaptive:{spins}"),
+    }
+}
+
+fn serve(args: &Args, layout: Layout) -> Result<()> {
+    let listener = ShmListener::bind(&args.name, layout, args.poll)
+        .with_context(|| format!("listening under {:?}", args.name))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    loop {
+        let conn = listener.accept().context("accepting a client")?;
+        if let Err(e) = serve_one(&conn) {
+            if args.once {
+                return Err(e);
+            }
+            eprintln!("rsmsg perf: client failed: {e:#}");
+        }
+        if args.once {
+            return Ok(());
+        }
+    }
+}
+
+/// Follows the client's plans until it says `quit`.
+fn serve_one<L: Link, T: TargetMemory>(conn: &Connection<L, T>) -> Result<()> {
+    loop {
+        let plan = {
+            let m = conn.recv().context("waiting for a plan")?;
+            String::from_utf8(m.to_vec()).context("plan is not text")?
+        };
+        let words: Vec<&str> = plan.split_whitespace().collect();
+        match words.as_slice() {
+            ["quit"] => return Ok(()),
+            [test, size, iters] => {
+                let test = Test::from_name(test).context("unknown test in plan")?;
+                let size: usize = size.parse().context("bad size in plan")?;
+                let iters: u64 = iters.parse().context("bad iterations in plan")?;
+                let buf = vec![0x5a; size];
+                match test {
+                    Test::Lat => {
+                        for _ in 0..iters {
+                            let m = conn.recv()?;
+                            drop(m);
+                            conn.send(&buf)?;
+                        }
+                    }
+                    Test::Bw | Test::Rate => {
+                        for _ in 0..iters {
+                            conn.recv()?;
+                        }
+                        conn.send(b"ack")?;
+                    }
+                }
+            }
+            _ => bail!("bad plan {plan:?}"),
+        }
+    }
+}
+
+fn client<L: Link, T: TargetMemory>(args: &Args, conn: &Connection<L, T>) -> Result<Vec<Row>> {
+    let tests: Vec<Test> = match args.test.as_str() {
+        "all" => vec![Test::Lat, Test::Bw, Test::Rate],
+        t => vec![Test::from_name(t).context("unknown test")?],
+    };
+    let max = conn.max_message();
+    let mut rows = Vec::new();
+    if !args.json {
+        println!(
+            "# rsmsg perf: transport {}, poll {}, largest eager message {} B",
+            args.transport,
+            poll_name(args.poll),
+            max
+        );
+    }
+    for test in tests {
+        let sizes = match &args.size {
+            Some(s) => parse_sizes(s)?,
+            None => vec![if test == Test::Bw { 65536 } else { 64 }],
+        };
+        if !args.json {
+            print_header(test);
+        }
+        for &size in &sizes {
+            if size > max {
+                bail!("size {size} exceeds the largest eager message ({max} B) of this layout");
+            }
+            let row = measure(args, conn, test, size)?;
+            if !args.json {
+                print_row(&row);
+            }
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+fn default_iters(test: Test, size: usize) -> u64 {
+    match test {
+        Test::Lat => 100_000,
+        Test::Bw => (4_000_000_000 / size.max(64) as u64).clamp(1_000, 1_000_000),
+        Test::Rate => 2_000_000,
+    }
+}
+
+/// Runs one test at one size: a warm-up plan, then the measured plan(s).
+fn measure<L: Link, T: TargetMemory>(
+    args: &Args,
+    conn: &Connection<L, T>,
+    test: Test,
+    size: usize,
+) -> Result<Row> {
+    let iters = args.iters.unwrap_or_else(|| default_iters(test, size));
+    let warm = (iters / 10).clamp(10, 10_000);
+    run_plan(conn, test, size, warm, &mut None)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut done = 0u64;
+    let mut elapsed = Duration::ZERO;
+    let deadline = args.duration.map(Duration::from_secs_f64);
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    loop {
+        let chunk = match deadline {
+            Some(_) => iters.min(10_000),
+            None => iters - done,
+        };
+        let mut h = Some(&mut hist);
+        elapsed += run_plan(conn, test, size, chunk, &mut h)?;
+        done += chunk;
+        let more = match deadline {
+            Some(d) => elapsed < d,
+            None => done < iters,
+        };
+        if progress && deadline.is_some() {
+            eprint!("\r  {} {} B: {done} iterations, {:.1} s", test.name(), size, elapsed.as_secs_f64());
+        }
+        if !more {
+            break;
+        }
+    }
+    if progress && deadline.is_some() {
+        eprint!("\r\x1b[K");
+    }
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let us = |ns: u64| ns as f64 / 2000.0;
+    Ok(Row {
+        test: test.name(),
+        transport: args.transport.clone(),
+        size,
+        iterations: done,
+        lat_us: (test == Test::Lat).then(|| LatStats {
+            min: us(hist.min()),
+            p50: us(hist.value_at_quantile(0.5)),
+            avg: hist.mean() / 2000.0,
+            p99: us(hist.value_at_quantile(0.99)),
+            p999: us(hist.value_at_quantile(0.999)),
+            max: us(hist.max()),
+        }),
+        bw_mbps: (test != Test::Lat).then(|| (done as f64 * size as f64) / secs / 1e6),
+        rate_mmps: (test != Test::Lat).then(|| done as f64 / secs / 1e6),
+    })
+}
+
+/// Sends a plan and runs it; returns the time of the measured part. Round trips go into `hist`
+/// (nanoseconds) for latency tests.
+fn run_plan<L: Link, T: TargetMemory>(
+    conn: &Connection<L, T>,
+    test: Test,
+    size: usize,
+    iters: u64,
+    hist: &mut Option<&mut Histogram<u64>>,
+) -> Result<Duration> {
+    conn.send(format!("{} {size} {iters}", test.name()).as_bytes())?;
+    let buf = vec![0xa5u8; size];
+    let start = Instant::now();
+    match test {
+        Test::Lat => {
+            for _ in 0..iters {
+                let t0 = Instant::now();
+                conn.send(&buf)?;
+                let m = conn.recv()?;
+                if m.len() != size {
+                    bail!("echo of {} bytes for a {size}-byte message", m.len());
+                }
+                drop(m);
+                if let Some(h) = hist.as_deref_mut() {
+                    h.saturating_record(t0.elapsed().as_nanos() as u64);
+                }
+            }
+        }
+        Test::Bw | Test::Rate => {
+            for _ in 0..iters {
+                conn.send(&buf)?;
+            }
+            let ack = conn.recv()?;
+            if &*ack != b"ack" {
+                bail!("server did not acknowledge the stream");
+            }
+        }
+    }
+    Ok(start.elapsed())
+}
+
+fn print_header(test: Test) {
+    match test {
+        Test::Lat => println!(
+            "{:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (one-way latency, us)",
+            "#bytes", "#iters", "t_min", "t_median", "t_avg", "t_99%", "t_99.9%", "t_max"
+        ),
+        Test::Bw | Test::Rate => println!(
+            "{:>10} {:>10} {:>14} {:>14}",
+            "#bytes", "#iters", "BW avg[MB/s]", "MsgRate[Mpps]"
+        ),
+    }
+}
+
+fn print_row(r: &Row) {
+    if let Some(l) = &r.lat_us {
+        println!(
+            "{:>10} {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            r.size, r.iterations, l.min, l.p50, l.avg, l.p99, l.p999, l.max
+        );
+    } else {
+        println!(
+            "{:>10} {:>10} {:>14.1} {:>14.3}",
+            r.size,
+            r.iterations,
+            r.bw_mbps.unwrap_or(0.0),
+            r.rate_mmps.unwrap_or(0.0)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_sizes("8,64,4k").unwrap(), vec![8, 64, 4096]);
+        assert_eq!(parse_sizes("8..1k").unwrap(), vec![8, 32, 128, 512]);
+        assert!(parse_sizes("0..8").is_err());
+        assert!(parse_sizes("x").is_err());
+        assert!(parse_sizes("9..8").is_err());
+    }
+}

@@ -20,26 +20,28 @@ pub const ENV_REQUIRE: &str = "RSMSG_REQUIRE_RDMA";
 pub fn test_context(test: &str) -> Option<Context> {
     let required = std::env::var(ENV_REQUIRE).is_ok_and(|v| v == "1");
     let name = std::env::var(ENV_DEVICE).ok().filter(|s| !s.is_empty());
+    let chain = |e: &VerbsError| match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    };
     match find_device(name.as_deref()) {
         Ok(dev) => match dev.open() {
             Ok(ctx) => Some(ctx),
             Err(e) => panic!(
-                "{test}: RDMA device present but cannot be opened: {e} ({:?})",
-                e
+                "{test}: RDMA device present but cannot be opened: {}",
+                chain(&e)
             ),
         },
         Err(e @ (VerbsError::GetDeviceList(_) | VerbsError::NoDevice)) => {
+            let why = chain(&e);
             if required {
-                panic!(
-                    "{test}: {ENV_REQUIRE}=1 but no RDMA device: {e} ({:?})",
-                    std::error::Error::source(&e)
-                );
+                panic!("{test}: {ENV_REQUIRE}=1 but no RDMA device: {why}");
             }
             eprintln!(
-                "{test}: skipped: no RDMA device ({e}); set {ENV_REQUIRE}=1 to make this a failure"
+                "{test}: skipped: no RDMA device ({why}); set {ENV_REQUIRE}=1 to fail instead"
             );
             None
         }
-        Err(e) => panic!("{test}: {ENV_DEVICE}: {e}"),
+        Err(e) => panic!("{test}: {ENV_DEVICE}: {}", chain(&e)),
     }
 }

@@ -5,6 +5,10 @@ use clap::{Parser, Subcommand};
 // Crate-root modules resolve relative to src/bin/, so each subcommand names its file.
 #[path = "rsmsg/info.rs"]
 mod info;
+#[path = "rsmsg/manager.rs"]
+mod manager;
+#[path = "rsmsg/perf.rs"]
+mod perf;
 
 /// rsmsg: messaging over RDMA verbs and shared memory.
 #[derive(Debug, Parser)]
@@ -18,6 +22,11 @@ struct Cli {
 enum Command {
     /// List RDMA devices, ports and GID tables.
     Info(info::Args),
+    /// Measure latency, bandwidth and message rate (default: two processes of this host over
+    /// shared memory).
+    Perf(perf::Args),
+    /// Run the standalone bootstrap manager.
+    Manager(manager::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +37,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Perf(args) => perf::run(&args),
+        Command::Manager(args) => manager::run(&args),
     };
     match result {
         Ok(code) => code,

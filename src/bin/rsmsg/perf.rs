@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use rsmsg::core::Layout;
-use rsmsg::transport::shm::{self, ShmConnection, ShmListener};
+use rsmsg::transport::shm::{self, ShmListener};
 use rsmsg::transport::{Connection, Link, PollMode, TargetMemory};
 use serde::Serialize;
 
@@ -355,7 +355,12 @@ fn measure<L: Link, T: TargetMemory>(
             None => done < iters,
         };
         if progress && deadline.is_some() {
-            eprint!("\r  {} {} B: {done} iterations, {:.1} s", test.name(), size, elapsed.as_secs_f64());
+            eprint!(
+                "\r  {} {} B: {done} iterations, {:.1} s",
+                test.name(),
+                size,
+                elapsed.as_secs_f64()
+            );
         }
         if !more {
             break;

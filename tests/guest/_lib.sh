@@ -1,5 +1,5 @@
 # Helpers for the guest shell tests (sourced, not a test). The tests run inside a Soft-RoCE guest started by
-# rdma-setup/vm-run; see tests/guest/README.md.
+# rdma-setup/vm-run; see docs/soft-roce.md.
 
 # fail MSG...: print the reason and end the test with a failure.
 fail() {

@@ -33,6 +33,8 @@
 //! copied in and out ([`MemoryRegion::write`], [`MemoryRegion::read`]) or viewed through
 //! `unsafe` borrows whose caller guarantees no transfer targets the range meanwhile.
 
+#![deny(missing_docs)]
+
 mod cq;
 mod device;
 mod error;

@@ -62,6 +62,10 @@ pub struct CqEvent {
     cq: NonNull<ibv_cq>,
 }
 
+// SAFETY: the event only holds the CQ pointer for `ibv_ack_cq_events`, which locks the CQ's
+// mutex inside libibverbs and may run on any thread.
+unsafe impl Send for CqEvent {}
+
 impl CqEvent {
     /// The CQ that has a completion.
     pub fn cq_id(&self) -> CqId {

@@ -5,7 +5,8 @@
 //! `RSMSG_REQUIRE_RDMA=1`, which makes a missing device a failure (see `verbs::test_context`).
 //! `RSMSG_DEVICE` picks the device (default: the first).
 
-use std::os::fd::AsRawFd;
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use rsmsg::verbs::{
@@ -324,16 +325,9 @@ fn completion_channel_wakes_on_write_with_imm() {
         .unwrap();
         a.qp.post_send(&mut wr).unwrap();
 
-        // Wait for the fd to become readable (poll(2)), as an event loop would.
-        let mut pfd = libc::pollfd {
-            fd: ch.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, HANG_GUARD.as_millis() as i32) };
-        assert_eq!(
-            n, 1,
+        // Wait for the fd to become readable, as an event loop would.
+        assert!(
+            ch.wait_readable(Some(HANG_GUARD)).unwrap(),
             "completion channel fd not readable within {HANG_GUARD:?}"
         );
         let ev = ch.get_event().unwrap().expect("an event after POLLIN");

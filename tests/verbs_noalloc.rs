@@ -1,57 +1,27 @@
 //! The hot path (patch a pre-built WRITE_WITH_IMM, post it, post a receive, poll both CQs)
 //! performs no heap allocation. Needs an RDMA device (see `verbs::test_context`).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use rsmsg::verbs::{
-    AccessFlags, CompletionQueue, ConnectParams, GidSelector, MemoryRegion, ProtectionDomain, Psn,
-    QpConfig, QpEndpoint, QueuePair, RecvWr, SendWr, WcOpcode, WorkCompletion, WrId, test_context,
+    AccessFlags, CompletionQueue, ConnectParams, CountingAllocator, GidSelector, MemoryRegion,
+    ProtectionDomain, Psn, QpConfig, QpEndpoint, QueuePair, RecvWr, SendWr, WcOpcode,
+    WorkCompletion, WrId, count_allocations, test_context,
 };
 
-/// Counts allocations made by threads that turned tracking on.
-struct Counting;
-
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-thread_local! {
-    static TRACK: Cell<bool> = const { Cell::new(false) };
-}
-
-fn note() {
-    if TRACK.with(Cell::get) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 const HANG_GUARD: Duration = Duration::from_secs(120);
+
+#[test]
+fn counting_allocator_counts() {
+    let (v, n) = count_allocations(|| vec![1u8; 100]);
+    assert_eq!(v.len(), 100);
+    assert!(n >= 1, "a Vec allocation was not counted");
+}
 
 #[test]
 fn hot_path_does_not_allocate() {
@@ -94,44 +64,39 @@ fn hot_path_does_not_allocate() {
     let mut imms = [0u32; ROUNDS as usize];
     let mut lens = [0u32; ROUNDS as usize];
 
-    ALLOCS.store(0, Ordering::Relaxed);
-    TRACK.with(|t| t.set(true));
-    let start = Instant::now();
-    for round in 0..ROUNDS {
-        let off = (round as usize * 97) % 4096;
-        let len = 1 + (round as usize * 211) % 3000; // some inline, some not
-        rwr.set_wr_id(WrId(round.into()));
-        b.post_recv(&mut rwr).unwrap();
-        wr.set_sge(0, off, len).unwrap();
-        wr.set_remote(dst.addr() + off as u64, dst.rkey()).unwrap();
-        wr.set_imm(0xC0DE_0000 | round).unwrap();
-        wr.set_wr_id(WrId(round.into()));
-        wr.set_signaled(round % 4 == 3 || round == ROUNDS - 1);
-        a.post_send(&mut wr).unwrap();
-        loop {
-            let n = rcq.poll(&mut wcs).unwrap();
-            if n == 1 {
+    let ((), allocations) = count_allocations(|| {
+        let start = Instant::now();
+        for round in 0..ROUNDS {
+            let off = (round as usize * 97) % 4096;
+            let len = 1 + (round as usize * 211) % 3000; // some inline, some not
+            rwr.set_wr_id(WrId(round.into()));
+            b.post_recv(&mut rwr).unwrap();
+            wr.set_sge(0, off, len).unwrap();
+            wr.set_remote(dst.addr() + off as u64, dst.rkey()).unwrap();
+            wr.set_imm(0xC0DE_0000 | round).unwrap();
+            wr.set_wr_id(WrId(round.into()));
+            wr.set_signaled(round % 4 == 3 || round == ROUNDS - 1);
+            a.post_send(&mut wr).unwrap();
+            loop {
+                let n = rcq.poll(&mut wcs).unwrap();
+                if n == 1 {
+                    assert!(wcs[0].is_success());
+                    assert_eq!(wcs[0].opcode(), WcOpcode::RecvRdmaWithImm);
+                    imms[round as usize] = wcs[0].imm().unwrap_or(0);
+                    lens[round as usize] = wcs[0].byte_len();
+                    break;
+                }
+                assert!(start.elapsed() < HANG_GUARD, "no receive completion");
+            }
+            if round % 4 == 3 || round == ROUNDS - 1 {
+                while scq.poll(&mut wcs).unwrap() == 0 {
+                    assert!(start.elapsed() < HANG_GUARD, "no send completion");
+                }
                 assert!(wcs[0].is_success());
-                assert_eq!(wcs[0].opcode(), WcOpcode::RecvRdmaWithImm);
-                imms[round as usize] = wcs[0].imm().unwrap_or(0);
-                lens[round as usize] = wcs[0].byte_len();
-                break;
             }
-            assert!(start.elapsed() < HANG_GUARD, "no receive completion");
         }
-        if round % 4 == 3 || round == ROUNDS - 1 {
-            while scq.poll(&mut wcs).unwrap() == 0 {
-                assert!(start.elapsed() < HANG_GUARD, "no send completion");
-            }
-            assert!(wcs[0].is_success());
-        }
-    }
-    TRACK.with(|t| t.set(false));
-    assert_eq!(
-        ALLOCS.load(Ordering::Relaxed),
-        0,
-        "allocations on the hot path"
-    );
+    });
+    assert_eq!(allocations, 0, "allocations on the hot path");
     for round in 0..ROUNDS {
         assert_eq!(imms[round as usize], 0xC0DE_0000 | round);
         assert_eq!(

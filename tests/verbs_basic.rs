@@ -5,7 +5,8 @@
 //! `RSMSG_REQUIRE_RDMA=1`, which makes a missing device a failure (see `verbs::test_context`).
 //! `RSMSG_DEVICE` picks the device (default: the first).
 
-use std::os::fd::AsRawFd;
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use rsmsg::verbs::{
@@ -324,16 +325,9 @@ fn completion_channel_wakes_on_write_with_imm() {
         .unwrap();
         a.qp.post_send(&mut wr).unwrap();
 
-        // Wait for the fd to become readable (poll(2)), as an event loop would.
-        let mut pfd = libc::pollfd {
-            fd: ch.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, HANG_GUARD.as_millis() as i32) };
-        assert_eq!(
-            n, 1,
+        // Wait for the fd to become readable, as an event loop would.
+        assert!(
+            ch.wait_readable(Some(HANG_GUARD)).unwrap(),
             "completion channel fd not readable within {HANG_GUARD:?}"
         );
         let ev = ch.get_event().unwrap().expect("an event after POLLIN");
@@ -388,8 +382,8 @@ fn bad_rkey_and_error_state_report_undelivered_work() {
 }
 
 #[test]
-fn dead_peer_gives_retry_error_and_send_queue_backpressure() {
-    let Some(ctx) = test_context("dead_peer_gives_retry_error_and_send_queue_backpressure") else {
+fn silent_peer_send_queue_backpressure_then_flush() {
+    let Some(ctx) = test_context("silent_peer_send_queue_backpressure_then_flush") else {
         return;
     };
     let pd = ProtectionDomain::new(&ctx).unwrap();
@@ -407,37 +401,87 @@ fn dead_peer_gives_retry_error_and_send_queue_backpressure() {
         .qp
         .local_endpoint(PORT, GidSelector::Auto, Psn::random())
         .unwrap();
+    // Long enough (4.096 us * 2^16 = 268 ms per try, 8 tries) that no retry gives up while
+    // the queue is being filled.
     let params = ConnectParams {
-        timeout: 8,
-        retry_cnt: 1,
+        timeout: 16,
+        retry_cnt: 7,
         ..ConnectParams::default()
     };
     a.qp.connect(&ea, &es, &params).unwrap();
     let src = MemoryRegion::alloc(&pd, 4096, AccessFlags::local_only()).unwrap();
-    let slots = a.qp.caps().max_send_wr as usize;
-    let mut wrs: Vec<SendWr> = (0..slots + 1)
-        .map(|i| {
-            let mut w = SendWr::new(SendOp::RdmaWrite, WrId(i as u64));
-            w.push_sge(&src, 0, 8).unwrap();
-            w.set_remote(0x1000, Rkey(1)).unwrap();
-            w
-        })
-        .collect();
-    let (fits, extra) = wrs.split_at_mut(slots);
-    a.qp.post_send_batch(fits).unwrap();
-    // No ACK can free a slot, so one more WR than the queue holds is back-pressure.
-    match a.qp.post_send(&mut extra[0]) {
-        Err(VerbsError::SendQueueFull { index: 0 }) => {}
-        other => panic!("expected SendQueueFull, got {other:?}"),
-    }
-    // Then the transport gives up: the first WR fails with a retry error, the rest are flushed.
-    let c = poll_n(&a.send_cq, slots);
-    assert_eq!(c[0].1, WcStatus::RETRY_EXC_ERR, "{c:?}");
+    let granted = a.qp.caps().max_send_wr as usize;
+    let mut wr = SendWr::new(SendOp::RdmaWrite, WrId(0));
+    wr.push_sge(&src, 0, 8).unwrap();
+    wr.set_remote(0x1000, Rkey(1)).unwrap();
+    // No ACK can free a slot, so posting past the queue depth is back-pressure.
+    let mut posted = 0usize;
+    let full = loop {
+        wr.set_wr_id(WrId(posted as u64));
+        match a.qp.post_send(&mut wr) {
+            Ok(()) => posted += 1,
+            Err(VerbsError::SendQueueFull { index: 0 }) => break true,
+            Err(e) => panic!("post {posted}: {e:?}"),
+        }
+        if posted > 4 * granted + 64 {
+            break false;
+        }
+    };
     assert!(
-        c[1..].iter().all(|x| x.1 == WcStatus::WR_FLUSH_ERR),
+        full,
+        "no back-pressure after {posted} posts (granted max_send_wr {granted})"
+    );
+    assert!(
+        posted >= granted,
+        "queue full after {posted} < granted {granted}"
+    );
+    // The owner tears the connection down: every outstanding WR comes back flushed (or, for
+    // the one in flight, possibly with the retry error), each with its id, in order.
+    a.qp.set_error().unwrap();
+    let c = poll_n(&a.send_cq, posted);
+    assert!(
+        c.iter()
+            .all(|x| x.1 == WcStatus::WR_FLUSH_ERR || x.1 == WcStatus::RETRY_EXC_ERR),
         "{c:?}"
     );
     let ids: Vec<u64> = c.iter().map(|x| x.0.0).collect();
-    assert_eq!(ids, (0..slots as u64).collect::<Vec<_>>());
+    assert_eq!(ids, (0..posted as u64).collect::<Vec<_>>());
+    drop(silent);
+}
+
+#[test]
+fn silent_peer_gives_retry_exceeded() {
+    let Some(ctx) = test_context("silent_peer_gives_retry_exceeded") else {
+        return;
+    };
+    let pd = ProtectionDomain::new(&ctx).unwrap();
+    let cfg = QpConfig::default();
+    let mut a = side(&ctx, &pd, None, &cfg);
+    // The peer QP never leaves RESET, so it drops every packet, like a dead process.
+    let silent = side(&ctx, &pd, None, &cfg);
+    let ea =
+        a.qp.local_endpoint(PORT, GidSelector::Auto, Psn::random())
+            .unwrap();
+    let es = silent
+        .qp
+        .local_endpoint(PORT, GidSelector::Auto, Psn::random())
+        .unwrap();
+    let params = ConnectParams {
+        timeout: 10,
+        retry_cnt: 2,
+        ..ConnectParams::default()
+    };
+    a.qp.connect(&ea, &es, &params).unwrap();
+    let src = MemoryRegion::alloc(&pd, 4096, AccessFlags::local_only()).unwrap();
+    let mut wr = SendWr::new(SendOp::RdmaWrite, WrId(1));
+    wr.push_sge(&src, 0, 8).unwrap();
+    wr.set_remote(0x1000, Rkey(1)).unwrap();
+    a.qp.post_send(&mut wr).unwrap();
+    let c = poll_n(&a.send_cq, 1);
+    assert_eq!(
+        (c[0].0, c[0].1),
+        (WrId(1), WcStatus::RETRY_EXC_ERR),
+        "{c:?}"
+    );
     drop(silent);
 }

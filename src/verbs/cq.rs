@@ -62,6 +62,10 @@ pub struct CqEvent {
     cq: NonNull<ibv_cq>,
 }
 
+// SAFETY: the event only holds the CQ pointer for `ibv_ack_cq_events`, which locks the CQ's
+// mutex inside libibverbs and may run on any thread.
+unsafe impl Send for CqEvent {}
+
 impl CqEvent {
     /// The CQ that has a completion.
     pub fn cq_id(&self) -> CqId {
@@ -121,6 +125,35 @@ impl CompletionChannel {
             return Err(VerbsError::ChannelFcntl(io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// Wait until the channel fd is readable (an event is pending) or `timeout` passes
+    /// (`poll(2)`); `None` waits without limit. Returns whether an event is pending. Interrupted
+    /// waits (`EINTR`) return `Ok(false)`.
+    ///
+    /// # Errors
+    /// [`VerbsError::ChannelPoll`].
+    pub fn wait_readable(&self, timeout: Option<std::time::Duration>) -> Result<bool> {
+        let ms = match timeout {
+            None => -1,
+            Some(t) => libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX),
+        };
+        let mut pfd = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid, writable pollfd for the duration of the call; the fd is open while
+        // `self` lives.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(VerbsError::ChannelPoll(e));
+        }
+        Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
     }
 
     /// Read the next completion event (`ibv_get_cq_event(3)`). Blocks unless the channel is

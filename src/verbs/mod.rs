@@ -33,6 +33,8 @@
 //! copied in and out ([`MemoryRegion::write`], [`MemoryRegion::read`]) or viewed through
 //! `unsafe` borrows whose caller guarantees no transfer targets the range meanwhile.
 
+#![deny(missing_docs)]
+
 mod cq;
 mod device;
 mod error;
@@ -53,7 +55,9 @@ pub use qp::{
     ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, RecvWr, SendOp,
     SendWr,
 };
-pub use test_support::{ENV_DEVICE, ENV_REQUIRE, test_context};
+pub use test_support::{
+    CountingAllocator, ENV_DEVICE, ENV_REQUIRE, count_allocations, test_context,
+};
 pub use types::{
     AccessFlags, Gid, GidIndex, GidType, LinkLayer, Lkey, Mtu, PortState, Psn, QpNum, Rkey, WrId,
 };

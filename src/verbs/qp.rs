@@ -548,39 +548,49 @@ impl QueuePair {
             return Ok(());
         }
         let max_inline = self.caps.max_inline_data;
+        for wr in wrs.iter_mut() {
+            wr.prepare(max_inline);
+        }
         let n = wrs.len();
+        // From here on the WRs are reached only through `base`, so the pointers stored into
+        // them (SGE lists, chain links) stay valid until the call returns.
         let base = wrs.as_mut_ptr();
         for i in 0..n {
-            // SAFETY: `i < n`, so both pointers are in bounds of `wrs`, which is borrowed
-            // mutably for this whole call; the chain links only elements of it.
-            let next = if i + 1 < n {
-                unsafe { &raw mut (*base.add(i + 1)).raw }
-            } else {
-                std::ptr::null_mut()
-            };
-            // SAFETY: as above.
-            let wr = unsafe { &mut *base.add(i) };
-            wr.prepare(max_inline);
-            wr.raw.next = next;
+            // SAFETY: `i < n` (and `i + 1 < n` when linking), so every pointer is in bounds of
+            // `wrs`, which is borrowed mutably for this whole call; no reference to an element
+            // exists meanwhile.
+            unsafe {
+                let wr = base.add(i);
+                (*wr).raw.sg_list = (&raw mut (*wr).sges).cast::<ibv_sge>();
+                (*wr).raw.next = if i + 1 < n {
+                    &raw mut (*base.add(i + 1)).raw
+                } else {
+                    std::ptr::null_mut()
+                };
+            }
         }
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: valid QP. Each WR's `sg_list` points into its own `sges` array, which lives
-        // (borrowed) across the call; each SGE lies inside a registered region kept alive by
-        // the WR's `mrs` (checked when set), so an inline copy reads only live memory and a
-        // DMA is checked by the device against the lkey. The provider copies everything it
-        // needs before returning.
+        // SAFETY: valid QP. The chain links only elements of `wrs`, each `sg_list` points into
+        // its own WR's `sges`, and all live across the call. Each SGE lies inside a registered
+        // region kept alive by the WR's `mrs` (bounds checked when set), so an inline copy
+        // reads only live memory and a DMA is checked by the device against the lkey. The
+        // provider copies what it needs before returning.
         let rc =
             unsafe { rdma_sys::ibv_post_send(self.qp.as_ptr(), &raw mut (*base).raw, &mut bad) };
-        for wr in wrs.iter_mut() {
-            wr.raw.next = std::ptr::null_mut();
+        let mut index = 0;
+        for i in 0..n {
+            // SAFETY: in bounds of `wrs`, reached through `base` as above.
+            unsafe {
+                let raw = &raw mut (*base.add(i)).raw;
+                if raw == bad {
+                    index = i;
+                }
+                (*raw).next = std::ptr::null_mut();
+            }
         }
         if rc == 0 {
             return Ok(());
         }
-        let index = (0..n)
-            // SAFETY: in-bounds pointer arithmetic over `wrs`, compared only.
-            .position(|i| unsafe { &raw mut (*base.add(i)).raw } == bad)
-            .unwrap_or(0);
         let err = VerbsError::rc(rc);
         if err.raw_os_error() == Some(libc::ENOMEM) {
             Err(VerbsError::SendQueueFull { index })
@@ -608,35 +618,41 @@ impl QueuePair {
             return Ok(());
         }
         let n = wrs.len();
+        // The WRs are reached only through `base` until the call returns (see post_send_batch).
         let base = wrs.as_mut_ptr();
         for i in 0..n {
-            // SAFETY: in bounds of `wrs`, borrowed mutably for the whole call.
-            let next = if i + 1 < n {
-                unsafe { &raw mut (*base.add(i + 1)).raw }
-            } else {
-                std::ptr::null_mut()
-            };
-            // SAFETY: as above.
-            let wr = unsafe { &mut *base.add(i) };
-            wr.raw.sg_list = wr.sges.as_mut_ptr();
-            wr.raw.num_sge = wr.num_sge as libc::c_int;
-            wr.raw.next = next;
+            // SAFETY: in bounds of `wrs`, borrowed mutably for the whole call; no reference to an
+            // element exists meanwhile.
+            unsafe {
+                let wr = base.add(i);
+                (*wr).raw.sg_list = (&raw mut (*wr).sges).cast::<ibv_sge>();
+                (*wr).raw.num_sge = (*wr).num_sge as libc::c_int;
+                (*wr).raw.next = if i + 1 < n {
+                    &raw mut (*base.add(i + 1)).raw
+                } else {
+                    std::ptr::null_mut()
+                };
+            }
         }
         let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: valid QP; the chain and its SGE arrays live across the call; every SGE lies in
         // a registered region with LOCAL_WRITE kept alive by its WR (checked when set).
         let rc =
             unsafe { rdma_sys::ibv_post_recv(self.qp.as_ptr(), &raw mut (*base).raw, &mut bad) };
-        for wr in wrs.iter_mut() {
-            wr.raw.next = std::ptr::null_mut();
+        let mut index = 0;
+        for i in 0..n {
+            // SAFETY: in bounds of `wrs`, reached through `base` as above.
+            unsafe {
+                let raw = &raw mut (*base.add(i)).raw;
+                if raw == bad {
+                    index = i;
+                }
+                (*raw).next = std::ptr::null_mut();
+            }
         }
         if rc == 0 {
             return Ok(());
         }
-        let index = (0..n)
-            // SAFETY: in-bounds pointer arithmetic over `wrs`, compared only.
-            .position(|i| unsafe { &raw mut (*base.add(i)).raw } == bad)
-            .unwrap_or(0);
         let err = VerbsError::rc(rc);
         if err.raw_os_error() == Some(libc::ENOMEM) {
             Err(VerbsError::RecvQueueFull { index })
@@ -944,7 +960,6 @@ impl SendWr {
             flags |= ibv_send_flags::IBV_SEND_INLINE.0;
         }
         self.raw.send_flags = flags;
-        self.raw.sg_list = self.sges.as_mut_ptr();
         self.raw.num_sge = self.num_sge as libc::c_int;
     }
 

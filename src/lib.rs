@@ -11,9 +11,11 @@
 //! - [`shm`]: shared-memory segments, doorbells and wake-ups.
 //! - [`bootstrap`]: the manager where receivers register segment descriptors and senders obtain them.
 //! - [`transport`]: drivers that join the core to verbs or shared memory.
+//! - [`endpoint`]: listen and connect by name, with the transport chosen per peer.
 
 pub mod bootstrap;
 pub mod core;
+pub mod endpoint;
 pub mod shm;
 pub mod transport;
 pub mod verbs;

@@ -50,7 +50,10 @@ fn receiver_killed_mid_stream_sender_gets_peer_closed_and_leaks_nothing() {
         let pid = child.id();
         let killer = thread::spawn(move || {
             thread::sleep(Duration::from_millis(200));
-            Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+            Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
         });
         let mut sent = 0u64;
         let err = loop {
@@ -82,7 +85,18 @@ fn sender_killed_mid_stream_receiver_keeps_what_arrived_and_gets_peer_closed() {
     let before = open_fds();
     // The client side of `rsmsg perf` sends a plan then streams: kill it mid-stream.
     let mut client = Command::new(env!("CARGO_BIN_EXE_rsmsg"))
-        .args(["perf", "--client", "--name", &name, "-t", "bw", "-s", "100", "-n", "100000000"])
+        .args([
+            "perf",
+            "--client",
+            "--name",
+            &name,
+            "-t",
+            "bw",
+            "-s",
+            "100",
+            "-n",
+            "100000000",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -128,8 +142,13 @@ fn a_second_listener_under_a_live_name_is_refused_and_a_stale_one_replaced() {
     // A socket file left behind by a dead process (nobody accepts on it) is replaced.
     let path = first.path().to_path_buf();
     drop(first);
-    std::os::unix::net::UnixListener::bind(&path).map(drop).unwrap();
-    assert!(path.exists(), "a dropped std listener leaves its socket file");
+    std::os::unix::net::UnixListener::bind(&path)
+        .map(drop)
+        .unwrap();
+    assert!(
+        path.exists(),
+        "a dropped std listener leaves its socket file"
+    );
     let second = ShmListener::bind(&name, Layout::default(), PollMode::Busy).unwrap();
     assert_eq!(second.path(), path);
 }

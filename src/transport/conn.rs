@@ -96,6 +96,27 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
     }
 
+    /// Re-types the connection with a wider link and target type (e.g. the enum over every
+    /// transport); nothing about its state changes.
+    pub fn convert<L2, T2>(self) -> Connection<L2, T2>
+    where
+        L2: Link + From<L>,
+        T2: TargetMemory + From<T>,
+    {
+        let inner = self.inner.into_inner();
+        Connection {
+            target: T2::from(self.target),
+            inner: RefCell::new(Inner {
+                link: L2::from(inner.link),
+                tx: inner.tx,
+                rx: inner.rx,
+                mode: inner.mode,
+                stash: inner.stash,
+                failed: inner.failed,
+            }),
+        }
+    }
+
     /// The largest payload one message can carry.
     pub fn max_message(&self) -> usize {
         self.inner.borrow().tx.max_eager_payload()

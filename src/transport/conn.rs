@@ -362,10 +362,10 @@ impl<L: Link> Inner<L> {
     }
 
     fn note<R>(&mut self, r: Result<R, SendError>) -> Result<R, SendError> {
-        if let Err(SendError::Transport(e)) = &r {
-            if self.failed.is_none() {
-                self.failed = Some(e.to_string());
-            }
+        if let Err(SendError::Transport(e)) = &r
+            && self.failed.is_none()
+        {
+            self.failed = Some(e.to_string());
         }
         r
     }

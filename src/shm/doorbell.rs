@@ -30,8 +30,11 @@
 //!   re-reads the slot before sleeping; the producer stores the slot, issues a `SeqCst` fence and
 //!   reads `sleeping`. By the fences' total order at least one of them sees the other's store:
 //!   either the consumer finds the entry and does not sleep, or the producer sees the flag and
-//!   wakes it. `FUTEX_WAIT` itself re-checks `sleeping == 1` atomically with respect to
-//!   `FUTEX_WAKE`, closing the window between the re-check and the sleep.
+//!   wakes it. The producer clears the flag before `FUTEX_WAKE`, and `FUTEX_WAIT` sleeps only
+//!   while the word is still 1 (checked atomically with respect to wakers), which closes the
+//!   window between the consumer's re-check and its sleep: a wake that lands in it has
+//!   already changed the word, so the wait returns at once. (Without the clear, that wake is
+//!   lost and the consumer sleeps until its timeout; the loom model finds this.)
 //!
 //! # Why a futex and not an eventfd
 //! The wake-up word lives in the ring's own shared page: no extra fd to create, pass and keep
@@ -64,7 +67,9 @@ use super::ShmRegion;
 use super::sync::ModelFutex;
 use super::sync::{AtomicU32, AtomicU64, Ordering, fence, spin_hint};
 
+#[cfg(not(loom))]
 const TAIL_OFFSET: usize = 0;
+#[cfg(not(loom))]
 const SLEEP_OFFSET: usize = 128;
 const SLOTS_OFFSET: usize = 256;
 
@@ -313,15 +318,21 @@ impl DoorbellProducer {
         Ok(PushOutcome::Pushed)
     }
 
-    /// Wakes the consumer if it sleeps (or is about to): a `SeqCst` fence, a load of the
-    /// `sleeping` flag and, only if it is set, `FUTEX_WAKE`. Returns whether a wake was issued.
+    /// Wakes the consumer if it sleeps (or is about to): a `SeqCst` fence and a load of the
+    /// `sleeping` flag; only if it is set, the flag is cleared and `FUTEX_WAKE` issued. Returns
+    /// whether a wake was issued.
+    ///
+    /// Clearing the flag before waking is what makes a wake-up that arrives between the
+    /// consumer's last check and its `FUTEX_WAIT` count: the wait then finds the word changed
+    /// and returns at once instead of sleeping through the (already spent) wake.
     ///
     /// # Errors
     /// [`ShmError::Futex`] if `futex(2)` fails.
     #[inline]
     pub fn notify(&self) -> Result<bool, ShmError> {
         fence(Ordering::SeqCst);
-        if self.ptrs.sleeping().load(Ordering::Relaxed) == 0 {
+        let sleeping = self.ptrs.sleeping();
+        if sleeping.load(Ordering::Relaxed) == 0 || sleeping.swap(0, Ordering::Relaxed) == 0 {
             return Ok(false);
         }
         self.wake()?;
@@ -482,7 +493,11 @@ impl DoorbellConsumer {
 
     fn sleep_until(&mut self, deadline: Option<Instant>) -> Result<Option<u32>, ShmError> {
         loop {
-            self.ptrs.sleeping().store(1, Ordering::Relaxed);
+            // A swap rather than a store: the announcement is then ordered after any clear the
+            // producer made (an RMW reads the latest value), which `notify` relies on when it
+            // finds the flag set. loom, whose modification order is only partial, needs the
+            // RMW to see this; a plain store is also correct under the C++ fence rules.
+            self.ptrs.sleeping().swap(1, Ordering::Relaxed);
             fence(Ordering::SeqCst);
             let popped = self.try_pop();
             if !matches!(popped, Ok(None)) {

@@ -87,7 +87,7 @@ fn run_child_role() -> Result<bool> {
                 break;
             }
             polls += 1;
-            if polls % 4096 == 0 && socket_peer_status(&sock)? == PeerStatus::Gone {
+            if polls.is_multiple_of(4096) && socket_peer_status(&sock)? == PeerStatus::Gone {
                 bail!("receiver went away at entry {i}");
             }
             std::hint::spin_loop();

@@ -10,7 +10,7 @@
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use rsmsg::shm::{CreditMailbox, PushOutcome, RingLayout, WaitMode, model_pair};
+use rsmsg::shm::{CreditMailbox, PushOutcome, RingLayout, WaitMode, heap_pair};
 
 /// Message bytes written before an immediate is published, read after it is consumed: loom
 /// flags a data race if the ring's ordering did not make the write visible.
@@ -23,7 +23,7 @@ unsafe impl Send for Partitions {}
 #[test]
 fn ring_publish_consume_in_order_with_wraparound() {
     loom::model(|| {
-        let (mut producer, mut consumer) = model_pair(RingLayout::new(2).unwrap());
+        let (mut producer, mut consumer) = heap_pair(RingLayout::new(2).unwrap());
         const N: u32 = 3; // more entries than slots: the producer must see the consumer's tail
         let data = Arc::new(Partitions((0..N).map(|_| UnsafeCell::new(0)).collect()));
         let d = data.clone();
@@ -53,7 +53,7 @@ fn ring_publish_consume_in_order_with_wraparound() {
 #[test]
 fn event_mode_never_loses_a_wakeup() {
     loom::model(|| {
-        let (mut producer, mut consumer) = model_pair(RingLayout::new(4).unwrap());
+        let (mut producer, mut consumer) = heap_pair(RingLayout::new(4).unwrap());
         let t = thread::spawn(move || {
             for i in 0..2 {
                 assert_eq!(producer.try_push_notify(i).unwrap(), PushOutcome::Pushed);
@@ -71,7 +71,7 @@ fn event_mode_never_loses_a_wakeup() {
 #[test]
 fn adaptive_mode_never_loses_a_wakeup() {
     loom::model(|| {
-        let (mut producer, mut consumer) = model_pair(RingLayout::new(1).unwrap());
+        let (mut producer, mut consumer) = heap_pair(RingLayout::new(1).unwrap());
         let t = thread::spawn(move || {
             assert_eq!(producer.try_push_notify(7).unwrap(), PushOutcome::Pushed);
         });
@@ -88,7 +88,7 @@ fn adaptive_mode_never_loses_a_wakeup() {
 #[test]
 fn credit_counter_is_monotonic_and_orders_partition_reuse() {
     loom::model(|| {
-        let mailbox = CreditMailbox::model(2);
+        let mailbox = CreditMailbox::heap(2);
         // Two partitions the receiver reads before crediting them back.
         let parts = Arc::new(Partitions(vec![UnsafeCell::new(1), UnsafeCell::new(2)]));
         let (rx_box, rx_parts) = (mailbox.clone(), parts.clone());

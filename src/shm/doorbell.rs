@@ -144,18 +144,27 @@ pub enum WaitMode {
 }
 
 /// Who keeps the ring memory alive.
-#[cfg(not(loom))]
-type Owner = Arc<ShmRegion>;
-#[cfg(loom)]
-type Owner = Arc<ModelRing>;
+#[derive(Debug, Clone)]
+enum Owner {
+    /// A shared mapping (the cross-process case).
+    #[cfg(not(loom))]
+    Region(#[allow(dead_code)] Arc<ShmRegion>),
+    /// Heap memory (threads of one process, and loom models).
+    Heap(#[cfg_attr(not(loom), allow(dead_code))] Arc<HeapRing>),
+}
 
-/// Heap storage standing in for the shared mapping in loom models.
-#[cfg(loom)]
+/// A value alone on its two cache lines.
 #[derive(Debug)]
-pub struct ModelRing {
-    tail: AtomicU64,
-    sleeping: AtomicU32,
+#[repr(align(128))]
+struct Line<T>(T);
+
+/// Ring storage on the heap, with the same line separation as the shared layout.
+#[derive(Debug)]
+struct HeapRing {
+    tail: Line<AtomicU64>,
+    sleeping: Line<AtomicU32>,
     slots: Box<[AtomicU64]>,
+    #[cfg(loom)]
     futex: ModelFutex,
 }
 
@@ -211,32 +220,35 @@ impl RingPtrs {
     }
 }
 
-/// Creates a connected producer/consumer pair over heap storage, for loom models.
-#[cfg(loom)]
-pub fn model_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
-    let ring = Arc::new(ModelRing {
-        tail: AtomicU64::new(0),
-        sleeping: AtomicU32::new(0),
+/// Creates a connected producer/consumer pair over a ring in this process's heap, for threads
+/// of one process. Under `--cfg loom` this is the storage the loom models check (loom's
+/// atomics cannot live in a real mapping); the ring code is the same as over a [`ShmRegion`].
+pub fn heap_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
+    let ring = Arc::new(HeapRing {
+        tail: Line(AtomicU64::new(0)),
+        sleeping: Line(AtomicU32::new(0)),
         slots: (0..layout.capacity).map(|_| AtomicU64::new(0)).collect(),
+        #[cfg(loom)]
         futex: ModelFutex::default(),
     });
     let ptrs = RingPtrs {
-        tail: &ring.tail,
-        sleeping: &ring.sleeping,
+        tail: &ring.tail.0,
+        sleeping: &ring.sleeping.0,
         slots: ring.slots.as_ptr(),
         mask: u64::from(layout.capacity) - 1,
     };
     let cap = u64::from(layout.capacity);
+    let owner = Owner::Heap(ring);
     (
         DoorbellProducer {
-            owner: ring.clone(),
+            owner: owner.clone(),
             ptrs,
             head: 0,
             tail_cache: 0,
             cap,
         },
         DoorbellConsumer {
-            owner: ring,
+            owner,
             ptrs,
             tail: 0,
             cap,
@@ -248,6 +260,8 @@ pub fn model_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
 /// The producer (sender) end of a doorbell ring.
 #[derive(Debug)]
 pub struct DoorbellProducer {
+    /// Keeps the ring memory alive (and, under loom, holds the modelled futex).
+    #[cfg_attr(not(loom), allow(dead_code))]
     owner: Owner,
     ptrs: RingPtrs,
     /// Entries published so far (the next position to write).
@@ -279,7 +293,7 @@ impl DoorbellProducer {
     ) -> Result<Self, ShmError> {
         let ptrs = RingPtrs::in_region(&region, offset, layout)?;
         Ok(Self {
-            owner: region,
+            owner: Owner::Region(region),
             ptrs,
             head: 0,
             tail_cache: 0,
@@ -364,13 +378,13 @@ impl DoorbellProducer {
 
     #[cfg(not(loom))]
     fn wake(&self) -> Result<(), ShmError> {
-        let _ = &self.owner; // keeps the mapping alive; the futex word is inside it
         futex::wake(self.ptrs.sleeping())
     }
 
     #[cfg(loom)]
     fn wake(&self) -> Result<(), ShmError> {
-        self.owner.futex.wake();
+        let Owner::Heap(ring) = &self.owner;
+        ring.futex.wake();
         Ok(())
     }
 }
@@ -378,6 +392,8 @@ impl DoorbellProducer {
 /// The consumer (receiver) end of a doorbell ring.
 #[derive(Debug)]
 pub struct DoorbellConsumer {
+    /// Keeps the ring memory alive (and, under loom, holds the modelled futex).
+    #[cfg_attr(not(loom), allow(dead_code))]
     owner: Owner,
     ptrs: RingPtrs,
     /// Entries consumed so far (the next position to read).
@@ -409,7 +425,7 @@ impl DoorbellConsumer {
     ) -> Result<Self, ShmError> {
         let ptrs = RingPtrs::in_region(&region, offset, layout)?;
         Ok(Self {
-            owner: region,
+            owner: Owner::Region(region),
             ptrs,
             tail: 0,
             cap: u64::from(layout.capacity),
@@ -526,13 +542,13 @@ impl DoorbellConsumer {
 
     #[cfg(not(loom))]
     fn futex_wait(&self, timeout: Option<Duration>) -> Result<(), ShmError> {
-        let _ = &self.owner; // keeps the mapping alive; the futex word is inside it
         futex::wait(self.ptrs.sleeping(), 1, timeout)
     }
 
     #[cfg(loom)]
     fn futex_wait(&self, _timeout: Option<Duration>) -> Result<(), ShmError> {
-        self.owner.futex.wait(self.ptrs.sleeping(), 1);
+        let Owner::Heap(ring) = &self.owner;
+        ring.futex.wait(self.ptrs.sleeping(), 1);
         Ok(())
     }
 
@@ -840,5 +856,77 @@ mod tests {
         let woken = t.join().unwrap();
         assert!(consumer.sleeps() > 0, "the consumer never slept");
         assert!(woken > 0, "the producer never had to wake the consumer");
+    }
+}
+
+/// Tests over heap storage: no memfd or mmap, so they also run under miri
+/// (`cargo +nightly miri test --lib heap_tests`).
+#[cfg(all(test, not(loom)))]
+mod heap_tests {
+    use super::*;
+    use crate::shm::CreditMailbox;
+    use std::thread;
+
+    const N: u32 = if cfg!(miri) { 200 } else { 100_000 };
+
+    #[test]
+    fn heap_ring_busy_across_threads() {
+        let (mut producer, mut consumer) = heap_pair(RingLayout::new(8).unwrap());
+        let t = thread::spawn(move || {
+            for i in 0..N {
+                while producer.try_push(i.wrapping_mul(0x9e37_79b1)).unwrap() == PushOutcome::Full {
+                    thread::yield_now();
+                }
+            }
+        });
+        for i in 0..N {
+            let v = consumer.wait(WaitMode::Busy, None).unwrap();
+            assert_eq!(v, Some(i.wrapping_mul(0x9e37_79b1)));
+        }
+        t.join().unwrap();
+        assert_eq!(consumer.try_pop().unwrap(), None);
+    }
+
+    #[test]
+    fn heap_ring_event_mode_across_threads() {
+        let (mut producer, mut consumer) = heap_pair(RingLayout::new(4).unwrap());
+        let n = N / 10;
+        let t = thread::spawn(move || {
+            for i in 0..n {
+                if i % 16 == 0 {
+                    thread::yield_now();
+                }
+                while producer.try_push_notify(i).unwrap() == PushOutcome::Full {
+                    thread::yield_now();
+                }
+            }
+        });
+        for i in 0..n {
+            assert_eq!(consumer.wait(WaitMode::Event, None).unwrap(), Some(i));
+        }
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn heap_mailbox_across_threads() {
+        let mailbox = CreditMailbox::heap(3);
+        let writer = mailbox.clone();
+        let t = thread::spawn(move || {
+            for v in 1..=u64::from(N) {
+                writer.store(2, v << 20).unwrap();
+            }
+        });
+        let mut last = 0;
+        while last != u64::from(N) << 20 {
+            let v = mailbox.load(2).unwrap();
+            assert!(
+                v >= last && v.trailing_zeros() >= 20,
+                "{v:#x} after {last:#x}"
+            );
+            last = v;
+            thread::yield_now();
+        }
+        t.join().unwrap();
+        assert!(mailbox.load(3).is_err());
     }
 }

@@ -464,8 +464,10 @@ impl DoorbellConsumer {
         }
     }
 
-    /// Waits for the next entry in `mode`, for at most `timeout` (`None`: no limit). Returns
-    /// `Ok(None)` when the timeout passes with the ring still empty.
+    /// Waits for the next entry in `mode`, for at most `timeout`. Returns `Ok(None)` when the
+    /// timeout passes with the ring still empty. With `timeout = None` the call waits as long as
+    /// the producer stays silent, dead or alive: a transport passes a timeout and checks
+    /// [peer liveness](super::socket_peer_status) between waits.
     ///
     /// In `Event` and `Adaptive` modes the producer must call
     /// [`notify`](DoorbellProducer::notify) after pushing; a spurious or missed futex return is

@@ -5,7 +5,7 @@
 //! | offset | size | written by | content |
 //! |---|---|---|---|
 //! | 0 | 8 (line of 128) | consumer | `tail`: absolute count of entries consumed (u64) |
-//! | 128 | 4 (line of 128) | consumer | `sleeping`: 1 while the consumer sleeps or is about to (futex word) |
+//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps or is about to (futex word) |
 //! | 256 | 8 × capacity | producer | slots: `tag << 32 \| value`, `tag = (position + 1) mod 2^32` |
 //!
 //! The memory starts zeroed (a fresh [`ShmRegion`](super::ShmRegion) is): tail 0, nobody
@@ -26,7 +26,7 @@
 //! - Release of a slot: the consumer stores `tail` with `Release` after reading the slot; the
 //!   producer loads `tail` with `Acquire` before overwriting it, so the consumer's read of the
 //!   old value happens before the overwrite.
-//! - Sleep/wake (Dekker): the consumer stores `sleeping = 1`, issues a `SeqCst` fence and
+//! - Sleep/wake (Dekker): the consumer sets `sleeping = 1` (a swap), issues a `SeqCst` fence and
 //!   re-reads the slot before sleeping; the producer stores the slot, issues a `SeqCst` fence and
 //!   reads `sleeping`. By the fences' total order at least one of them sees the other's store:
 //!   either the consumer finds the entry and does not sleep, or the producer sees the flag and

@@ -1,6 +1,7 @@
 //! Two processes sharing a memfd: the test process is the receiver (creates the region, owns the
 //! consumer end), and it re-runs its own binary as the sender, selected by an environment
-//! variable, which maps the region from the fd it receives over a Unix socket.
+//! variable, which maps the regions from the fds it receives over a Unix socket, copies each
+//! message into the receiver's segment and rings the doorbell.
 
 use std::io::ErrorKind;
 use std::os::linux::net::SocketAddrExt;
@@ -55,6 +56,25 @@ fn region_len(layout: RingLayout) -> usize {
     layout.bytes() + CreditMailbox::bytes(1)
 }
 
+/// The message bytes live in a second region, the target segment, cut into 64-byte
+/// partitions, twice as many as ring slots. The sender writes entry `i`'s partition after
+/// pushing entry `i - 1`, which needed room in the ring, i.e. the receiver had taken entry
+/// `i - 1 - capacity` and so had finished reading every partition up to `i - 2 - capacity`,
+/// including `i - 2 * capacity`, the previous user of this partition (capacity >= 2).
+const PARTITION: usize = 64;
+fn segment_len(layout: RingLayout) -> usize {
+    2 * layout.capacity() as usize * PARTITION
+}
+fn partition_offset(layout: RingLayout, i: u64) -> usize {
+    (i % (2 * u64::from(layout.capacity()))) as usize * PARTITION
+}
+/// The message of entry `i`: its index, then a fill byte derived from it.
+fn message(i: u64) -> [u8; PARTITION] {
+    let mut m = [(i as u8) ^ 0x5a; PARTITION];
+    m[..8].copy_from_slice(&i.to_le_bytes());
+    m
+}
+
 /// Runs the sender side if this process is the re-invoked child. Returns `true` if it was.
 fn run_child_role() -> Result<bool> {
     let Ok(role) = std::env::var(ROLE_VAR) else {
@@ -65,10 +85,16 @@ fn run_child_role() -> Result<bool> {
     let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
     let sock = UnixStream::connect_addr(&addr).context("connect to receiver")?;
     let mut buf = [0u8; 64];
-    let (n, mut fds) = recv_fds(&sock, &mut buf, 1).context("receive memfd")?;
+    let (n, fds) = recv_fds(&sock, &mut buf, 2).context("receive memfds")?;
     let setup = Setup::decode(&buf[..n])?;
     let layout = RingLayout::new(setup.capacity)?;
-    let region = Arc::new(ShmRegion::from_fd(fds.remove(0), region_len(layout))?);
+    ensure!(
+        layout.capacity() >= 2,
+        "the partition reuse argument needs capacity >= 2"
+    );
+    let [ring_fd, segment_fd]: [_; 2] = fds.try_into().map_err(|_| anyhow::anyhow!("2 fds"))?;
+    let region = Arc::new(ShmRegion::from_fd(ring_fd, region_len(layout))?);
+    let mut segment = ShmRegion::from_fd(segment_fd, segment_len(layout))?;
     let mut producer = DoorbellProducer::new(region.clone(), 0, layout)?;
     let mailbox = CreditMailbox::new(region, layout.bytes(), 1)?;
 
@@ -77,6 +103,7 @@ fn run_child_role() -> Result<bool> {
             // Pause now and then so that the receiver goes to sleep and must be woken.
             std::thread::sleep(Duration::from_micros(300));
         }
+        segment.copy_in(partition_offset(layout, i), &message(i))?;
         let mut polls = 0u64;
         loop {
             let outcome = producer.try_push(value(i))?;
@@ -87,10 +114,16 @@ fn run_child_role() -> Result<bool> {
                 break;
             }
             polls += 1;
-            if polls % 4096 == 0 && socket_peer_status(&sock)? == PeerStatus::Gone {
+            if polls.is_multiple_of(4096) && socket_peer_status(&sock)? == PeerStatus::Gone {
                 bail!("receiver went away at entry {i}");
             }
-            std::hint::spin_loop();
+            if setup.notify {
+                // An event-mode sender gives its core away while the ring is full: the
+                // receiver it just woke may need that core (this host may have only two).
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
     // The receiver acknowledges everything through the credit mailbox.
@@ -152,13 +185,19 @@ fn run_receiver(test_name: &str, setup: Setup, mode: WaitMode) -> Result<u64> {
         "rsmsg-test-doorbell",
         region_len(layout),
     )?);
-    send_fds(&sock, &setup.encode(), &[region.fd()])?;
+    let segment = ShmRegion::create("rsmsg-test-segment", segment_len(layout))?;
+    send_fds(&sock, &setup.encode(), &[region.fd(), segment.fd()])?;
     let mut consumer = DoorbellConsumer::new(region.clone(), 0, layout)?;
     let mailbox = CreditMailbox::new(region, layout.bytes(), 1)?;
 
     for i in 0..setup.count {
         match consumer.wait(mode, Some(STALL))? {
-            Some(v) => ensure!(v == value(i), "entry {i}: got {v:#x}, want {:#x}", value(i)),
+            Some(v) => {
+                ensure!(v == value(i), "entry {i}: got {v:#x}, want {:#x}", value(i));
+                let mut got = [0u8; PARTITION];
+                segment.copy_out(partition_offset(layout, i), &mut got)?;
+                ensure!(got == message(i), "entry {i}: message bytes {got:?}");
+            }
             None => bail!(
                 "no entry {i} within {STALL:?} (sender exit: {:?})",
                 child.try_wait()?

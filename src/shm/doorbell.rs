@@ -5,7 +5,7 @@
 //! | offset | size | written by | content |
 //! |---|---|---|---|
 //! | 0 | 8 (line of 128) | consumer | `tail`: absolute count of entries consumed (u64) |
-//! | 128 | 4 (line of 128) | consumer | `sleeping`: 1 while the consumer sleeps or is about to (futex word) |
+//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps or is about to (futex word) |
 //! | 256 | 8 × capacity | producer | slots: `tag << 32 \| value`, `tag = (position + 1) mod 2^32` |
 //!
 //! The memory starts zeroed (a fresh [`ShmRegion`](super::ShmRegion) is): tail 0, nobody
@@ -26,12 +26,15 @@
 //! - Release of a slot: the consumer stores `tail` with `Release` after reading the slot; the
 //!   producer loads `tail` with `Acquire` before overwriting it, so the consumer's read of the
 //!   old value happens before the overwrite.
-//! - Sleep/wake (Dekker): the consumer stores `sleeping = 1`, issues a `SeqCst` fence and
+//! - Sleep/wake (Dekker): the consumer sets `sleeping = 1` (a swap), issues a `SeqCst` fence and
 //!   re-reads the slot before sleeping; the producer stores the slot, issues a `SeqCst` fence and
 //!   reads `sleeping`. By the fences' total order at least one of them sees the other's store:
 //!   either the consumer finds the entry and does not sleep, or the producer sees the flag and
-//!   wakes it. `FUTEX_WAIT` itself re-checks `sleeping == 1` atomically with respect to
-//!   `FUTEX_WAKE`, closing the window between the re-check and the sleep.
+//!   wakes it. The producer clears the flag before `FUTEX_WAKE`, and `FUTEX_WAIT` sleeps only
+//!   while the word is still 1 (checked atomically with respect to wakers), which closes the
+//!   window between the consumer's re-check and its sleep: a wake that lands in it has
+//!   already changed the word, so the wait returns at once. (Without the clear, that wake is
+//!   lost and the consumer sleeps until its timeout; the loom model finds this.)
 //!
 //! # Why a futex and not an eventfd
 //! The wake-up word lives in the ring's own shared page: no extra fd to create, pass and keep
@@ -64,7 +67,9 @@ use super::ShmRegion;
 use super::sync::ModelFutex;
 use super::sync::{AtomicU32, AtomicU64, Ordering, fence, spin_hint};
 
+#[cfg(not(loom))]
 const TAIL_OFFSET: usize = 0;
+#[cfg(not(loom))]
 const SLEEP_OFFSET: usize = 128;
 const SLOTS_OFFSET: usize = 256;
 
@@ -139,18 +144,27 @@ pub enum WaitMode {
 }
 
 /// Who keeps the ring memory alive.
-#[cfg(not(loom))]
-type Owner = Arc<ShmRegion>;
-#[cfg(loom)]
-type Owner = Arc<ModelRing>;
+#[derive(Debug, Clone)]
+enum Owner {
+    /// A shared mapping (the cross-process case).
+    #[cfg(not(loom))]
+    Region(#[allow(dead_code)] Arc<ShmRegion>),
+    /// Heap memory (threads of one process, and loom models).
+    Heap(#[cfg_attr(not(loom), allow(dead_code))] Arc<HeapRing>),
+}
 
-/// Heap storage standing in for the shared mapping in loom models.
-#[cfg(loom)]
+/// A value alone on its two cache lines.
 #[derive(Debug)]
-pub struct ModelRing {
-    tail: AtomicU64,
-    sleeping: AtomicU32,
+#[repr(align(128))]
+struct Line<T>(T);
+
+/// Ring storage on the heap, with the same line separation as the shared layout.
+#[derive(Debug)]
+struct HeapRing {
+    tail: Line<AtomicU64>,
+    sleeping: Line<AtomicU32>,
     slots: Box<[AtomicU64]>,
+    #[cfg(loom)]
     futex: ModelFutex,
 }
 
@@ -206,32 +220,35 @@ impl RingPtrs {
     }
 }
 
-/// Creates a connected producer/consumer pair over heap storage, for loom models.
-#[cfg(loom)]
-pub fn model_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
-    let ring = Arc::new(ModelRing {
-        tail: AtomicU64::new(0),
-        sleeping: AtomicU32::new(0),
+/// Creates a connected producer/consumer pair over a ring in this process's heap, for threads
+/// of one process. Under `--cfg loom` this is the storage the loom models check (loom's
+/// atomics cannot live in a real mapping); the ring code is the same as over a [`ShmRegion`].
+pub fn heap_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
+    let ring = Arc::new(HeapRing {
+        tail: Line(AtomicU64::new(0)),
+        sleeping: Line(AtomicU32::new(0)),
         slots: (0..layout.capacity).map(|_| AtomicU64::new(0)).collect(),
+        #[cfg(loom)]
         futex: ModelFutex::default(),
     });
     let ptrs = RingPtrs {
-        tail: &ring.tail,
-        sleeping: &ring.sleeping,
+        tail: &ring.tail.0,
+        sleeping: &ring.sleeping.0,
         slots: ring.slots.as_ptr(),
         mask: u64::from(layout.capacity) - 1,
     };
     let cap = u64::from(layout.capacity);
+    let owner = Owner::Heap(ring);
     (
         DoorbellProducer {
-            owner: ring.clone(),
+            owner: owner.clone(),
             ptrs,
             head: 0,
             tail_cache: 0,
             cap,
         },
         DoorbellConsumer {
-            owner: ring,
+            owner,
             ptrs,
             tail: 0,
             cap,
@@ -243,6 +260,8 @@ pub fn model_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
 /// The producer (sender) end of a doorbell ring.
 #[derive(Debug)]
 pub struct DoorbellProducer {
+    /// Keeps the ring memory alive (and, under loom, holds the modelled futex).
+    #[cfg_attr(not(loom), allow(dead_code))]
     owner: Owner,
     ptrs: RingPtrs,
     /// Entries published so far (the next position to write).
@@ -274,7 +293,7 @@ impl DoorbellProducer {
     ) -> Result<Self, ShmError> {
         let ptrs = RingPtrs::in_region(&region, offset, layout)?;
         Ok(Self {
-            owner: region,
+            owner: Owner::Region(region),
             ptrs,
             head: 0,
             tail_cache: 0,
@@ -313,15 +332,21 @@ impl DoorbellProducer {
         Ok(PushOutcome::Pushed)
     }
 
-    /// Wakes the consumer if it sleeps (or is about to): a `SeqCst` fence, a load of the
-    /// `sleeping` flag and, only if it is set, `FUTEX_WAKE`. Returns whether a wake was issued.
+    /// Wakes the consumer if it sleeps (or is about to): a `SeqCst` fence and a load of the
+    /// `sleeping` flag; only if it is set, the flag is cleared and `FUTEX_WAKE` issued. Returns
+    /// whether a wake was issued.
+    ///
+    /// Clearing the flag before waking is what makes a wake-up that arrives between the
+    /// consumer's last check and its `FUTEX_WAIT` count: the wait then finds the word changed
+    /// and returns at once instead of sleeping through the (already spent) wake.
     ///
     /// # Errors
     /// [`ShmError::Futex`] if `futex(2)` fails.
     #[inline]
     pub fn notify(&self) -> Result<bool, ShmError> {
         fence(Ordering::SeqCst);
-        if self.ptrs.sleeping().load(Ordering::Relaxed) == 0 {
+        let sleeping = self.ptrs.sleeping();
+        if sleeping.load(Ordering::Relaxed) == 0 || sleeping.swap(0, Ordering::Relaxed) == 0 {
             return Ok(false);
         }
         self.wake()?;
@@ -353,13 +378,13 @@ impl DoorbellProducer {
 
     #[cfg(not(loom))]
     fn wake(&self) -> Result<(), ShmError> {
-        let _ = &self.owner; // keeps the mapping alive; the futex word is inside it
         futex::wake(self.ptrs.sleeping())
     }
 
     #[cfg(loom)]
     fn wake(&self) -> Result<(), ShmError> {
-        self.owner.futex.wake();
+        let Owner::Heap(ring) = &self.owner;
+        ring.futex.wake();
         Ok(())
     }
 }
@@ -367,6 +392,8 @@ impl DoorbellProducer {
 /// The consumer (receiver) end of a doorbell ring.
 #[derive(Debug)]
 pub struct DoorbellConsumer {
+    /// Keeps the ring memory alive (and, under loom, holds the modelled futex).
+    #[cfg_attr(not(loom), allow(dead_code))]
     owner: Owner,
     ptrs: RingPtrs,
     /// Entries consumed so far (the next position to read).
@@ -398,7 +425,7 @@ impl DoorbellConsumer {
     ) -> Result<Self, ShmError> {
         let ptrs = RingPtrs::in_region(&region, offset, layout)?;
         Ok(Self {
-            owner: region,
+            owner: Owner::Region(region),
             ptrs,
             tail: 0,
             cap: u64::from(layout.capacity),
@@ -437,8 +464,10 @@ impl DoorbellConsumer {
         }
     }
 
-    /// Waits for the next entry in `mode`, for at most `timeout` (`None`: no limit). Returns
-    /// `Ok(None)` when the timeout passes with the ring still empty.
+    /// Waits for the next entry in `mode`, for at most `timeout`. Returns `Ok(None)` when the
+    /// timeout passes with the ring still empty. With `timeout = None` the call waits as long as
+    /// the producer stays silent, dead or alive: a transport passes a timeout and checks
+    /// [peer liveness](super::socket_peer_status) between waits.
     ///
     /// In `Event` and `Adaptive` modes the producer must call
     /// [`notify`](DoorbellProducer::notify) after pushing; a spurious or missed futex return is
@@ -482,7 +511,11 @@ impl DoorbellConsumer {
 
     fn sleep_until(&mut self, deadline: Option<Instant>) -> Result<Option<u32>, ShmError> {
         loop {
-            self.ptrs.sleeping().store(1, Ordering::Relaxed);
+            // A swap rather than a store: the announcement is then ordered after any clear the
+            // producer made (an RMW reads the latest value), which `notify` relies on when it
+            // finds the flag set. loom, whose modification order is only partial, needs the
+            // RMW to see this; a plain store is also correct under the C++ fence rules.
+            self.ptrs.sleeping().swap(1, Ordering::Relaxed);
             fence(Ordering::SeqCst);
             let popped = self.try_pop();
             if !matches!(popped, Ok(None)) {
@@ -511,13 +544,13 @@ impl DoorbellConsumer {
 
     #[cfg(not(loom))]
     fn futex_wait(&self, timeout: Option<Duration>) -> Result<(), ShmError> {
-        let _ = &self.owner; // keeps the mapping alive; the futex word is inside it
         futex::wait(self.ptrs.sleeping(), 1, timeout)
     }
 
     #[cfg(loom)]
     fn futex_wait(&self, _timeout: Option<Duration>) -> Result<(), ShmError> {
-        self.owner.futex.wait(self.ptrs.sleeping(), 1);
+        let Owner::Heap(ring) = &self.owner;
+        ring.futex.wait(self.ptrs.sleeping(), 1);
         Ok(())
     }
 
@@ -825,5 +858,77 @@ mod tests {
         let woken = t.join().unwrap();
         assert!(consumer.sleeps() > 0, "the consumer never slept");
         assert!(woken > 0, "the producer never had to wake the consumer");
+    }
+}
+
+/// Tests over heap storage: no memfd or mmap, so they also run under miri
+/// (`cargo +nightly miri test --lib heap_tests`).
+#[cfg(all(test, not(loom)))]
+mod heap_tests {
+    use super::*;
+    use crate::shm::CreditMailbox;
+    use std::thread;
+
+    const N: u32 = if cfg!(miri) { 200 } else { 100_000 };
+
+    #[test]
+    fn heap_ring_busy_across_threads() {
+        let (mut producer, mut consumer) = heap_pair(RingLayout::new(8).unwrap());
+        let t = thread::spawn(move || {
+            for i in 0..N {
+                while producer.try_push(i.wrapping_mul(0x9e37_79b1)).unwrap() == PushOutcome::Full {
+                    thread::yield_now();
+                }
+            }
+        });
+        for i in 0..N {
+            let v = consumer.wait(WaitMode::Busy, None).unwrap();
+            assert_eq!(v, Some(i.wrapping_mul(0x9e37_79b1)));
+        }
+        t.join().unwrap();
+        assert_eq!(consumer.try_pop().unwrap(), None);
+    }
+
+    #[test]
+    fn heap_ring_event_mode_across_threads() {
+        let (mut producer, mut consumer) = heap_pair(RingLayout::new(4).unwrap());
+        let n = N / 10;
+        let t = thread::spawn(move || {
+            for i in 0..n {
+                if i % 16 == 0 {
+                    thread::yield_now();
+                }
+                while producer.try_push_notify(i).unwrap() == PushOutcome::Full {
+                    thread::yield_now();
+                }
+            }
+        });
+        for i in 0..n {
+            assert_eq!(consumer.wait(WaitMode::Event, None).unwrap(), Some(i));
+        }
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn heap_mailbox_across_threads() {
+        let mailbox = CreditMailbox::heap(3);
+        let writer = mailbox.clone();
+        let t = thread::spawn(move || {
+            for v in 1..=u64::from(N) {
+                writer.store(2, v << 20).unwrap();
+            }
+        });
+        let mut last = 0;
+        while last != u64::from(N) << 20 {
+            let v = mailbox.load(2).unwrap();
+            assert!(
+                v >= last && v.trailing_zeros() >= 20,
+                "{v:#x} after {last:#x}"
+            );
+            last = v;
+            thread::yield_now();
+        }
+        t.join().unwrap();
+        assert!(mailbox.load(3).is_err());
     }
 }

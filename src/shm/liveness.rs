@@ -93,7 +93,7 @@ pub struct PidWatch {
 }
 
 impl PidWatch {
-    /// Opens a pidfd for `pid` (with `PIDFD_NONBLOCK` semantics irrelevant: it is only polled).
+    /// Opens a pidfd for `pid` (close-on-exec, as every pidfd).
     ///
     /// # Errors
     /// [`ShmError::PidfdOpen`] (`ESRCH` if the process is already gone).

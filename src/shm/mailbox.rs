@@ -18,10 +18,14 @@ use super::ShmError;
 use super::ShmRegion;
 use super::sync::{AtomicU64, Ordering};
 
-#[cfg(not(loom))]
-type Owner = Arc<ShmRegion>;
-#[cfg(loom)]
-type Owner = Arc<Vec<AtomicU64>>;
+/// Who keeps the counters alive (held only for that).
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+enum Owner {
+    #[cfg(not(loom))]
+    Region(Arc<ShmRegion>),
+    Heap(Arc<Vec<AtomicU64>>),
+}
 
 /// An array of `u64` credit counters in shared memory. Cloning shares the same counters.
 #[derive(Debug, Clone)]
@@ -62,17 +66,19 @@ impl CreditMailbox {
             .ptr_at(offset, bytes, Self::ALIGN)?
             .cast::<AtomicU64>();
         Ok(Self {
-            owner: region,
+            owner: Owner::Region(region),
             counters,
             len: count,
         })
     }
 
-    /// A mailbox over heap storage, for loom models.
-    #[cfg(loom)]
-    pub fn model(count: usize) -> Self {
-        let owner: Owner = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
-        let counters = owner.as_ptr();
+    /// A mailbox of `count` counters in this process's heap (threads of one process, and the
+    /// storage loom models check).
+    pub fn heap(count: usize) -> Self {
+        let counters: Arc<Vec<AtomicU64>> =
+            Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
+        let ptr = counters.as_ptr();
+        let (owner, counters) = (Owner::Heap(counters), ptr);
         Self {
             owner,
             counters,

@@ -41,9 +41,9 @@ mod mailbox;
 mod region;
 pub(crate) mod sync;
 
-#[cfg(loom)]
-pub use doorbell::model_pair;
-pub use doorbell::{DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, WaitMode};
+pub use doorbell::{
+    DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, WaitMode, heap_pair,
+};
 pub use error::ShmError;
 pub use fdpass::{MAX_FDS, recv_fds, send_fds};
 pub use liveness::{PeerStatus, PidWatch, socket_peer_pid, socket_peer_status};

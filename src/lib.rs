@@ -15,6 +15,7 @@
 
 pub mod bootstrap;
 pub mod core;
+#[cfg(not(loom))]
 pub mod endpoint;
 pub mod shm;
 pub mod transport;

@@ -10,7 +10,7 @@
 //!
 //! All `unsafe` code of the shared-memory path lives in this module, behind these safe types.
 //! The atomics come from a small `sync` shim, which switches to loom's under `--cfg loom` so that the ring
-//! and the mailbox are model-checked as written (`tests/shm_loom.rs`).
+//! and the mailbox are model-checked as written (`src/shm/loom_models.rs`).
 //!
 //! # A peer is another process
 //! Whatever lives in shared memory may be written by the peer at any time, correctly or not.
@@ -35,6 +35,8 @@
 mod doorbell;
 mod error;
 mod fdpass;
+#[cfg(all(test, loom))]
+mod loom_models;
 mod inplace;
 mod liveness;
 mod mailbox;

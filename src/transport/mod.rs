@@ -11,6 +11,7 @@
 //!   into the sender (claim 3), immediates go through a doorbell ring in shared memory.
 
 mod conn;
+#[cfg(not(loom))]
 pub mod shm;
 
 pub use conn::{Connection, ConnectionStats, Message, SendError};

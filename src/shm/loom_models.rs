@@ -2,15 +2,15 @@
 //! sleep/wake handshake (a lost wake-up would be a deadlock, which loom reports), and the credit
 //! mailbox (monotonic absolute counters whose Release/Acquire pairing orders partition reuse).
 //!
-//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test shm_loom`. The models run the
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib shm::loom_models`. The models run the
 //! same ring and mailbox code as normal builds; only the storage is on the heap, since loom's
 //! atomics cannot live in a real mapping.
-#![cfg(loom)]
+
 
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use rsmsg::shm::{CreditMailbox, PushOutcome, RingLayout, WaitMode, heap_pair};
+use crate::shm::{CreditMailbox, PushOutcome, RingLayout, WaitMode, heap_pair};
 
 /// Message bytes written before an immediate is published, read after it is consumed: loom
 /// flags a data race if the ring's ordering did not make the write visible.

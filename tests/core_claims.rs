@@ -418,9 +418,11 @@ fn padding_at_ring_end_is_freed_by_the_receiver() {
     let (_, d1) = p.send(150, 1);
     let (_, d2) = p.send(150, 2);
     p.rx.release(d1.token).unwrap();
-    p.rx.release(d2.token)
-        .unwrap()
-        .map(|c| p.tx.handle_credit(c.segment, c.freed).unwrap());
+    let c =
+        p.rx.release(d2.token)
+            .unwrap()
+            .expect("segment idle: credit");
+    p.tx.handle_credit(c.segment, c.freed).unwrap();
     assert_eq!(p.tx.credit(SegmentId(0)), Some(6));
     let (r3, d3) = p.send(150, 3);
     assert_eq!(

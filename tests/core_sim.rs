@@ -133,7 +133,6 @@ struct Sim {
     /// The simulator's own view: partition held by the application (not released yet).
     owned: Vec<Vec<bool>>,
     partitions: Vec<u32>,
-    psize: Vec<usize>,
     data_q: VecDeque<InFlight>,
     credit_q: Vec<(u64, CreditUpdate)>,
     held: Vec<Held>,
@@ -162,7 +161,6 @@ impl Sim {
                 .map(|s| vec![false; s.partitions as usize])
                 .collect(),
             partitions: segs.iter().map(|s| s.partitions).collect(),
-            psize: segs.iter().map(|s| s.partition_size as usize).collect(),
             tx,
             rx,
             data_q: VecDeque::new(),
@@ -347,18 +345,29 @@ impl Sim {
     }
 
     fn deliver_credit(&mut self) -> bool {
-        let ready: Vec<usize> = (0..self.credit_q.len())
-            .filter(|&i| self.credit_q[i].0 <= self.now)
-            .collect();
-        if ready.is_empty() {
-            return false;
+        // Reservoir-pick a random ready credit (reorder) or the earliest due one (FIFO).
+        let mut pick = None;
+        let mut seen = 0u64;
+        for i in 0..self.credit_q.len() {
+            let at = self.credit_q[i].0;
+            if at > self.now {
+                continue;
+            }
+            seen += 1;
+            pick = match pick {
+                None => Some(i),
+                Some(p) if self.k.credit_reorder => {
+                    if self.rng.below(seen) == 0 {
+                        Some(i)
+                    } else {
+                        Some(p)
+                    }
+                }
+                Some(p) if at < self.credit_q[p].0 => Some(i),
+                keep => keep,
+            };
         }
-        let pick = if self.k.credit_reorder {
-            ready[self.rng.below(ready.len() as u64) as usize]
-        } else {
-            // FIFO by due time, ties by queue order.
-            *ready.iter().min_by_key(|&&i| self.credit_q[i].0).unwrap()
-        };
+        let Some(pick) = pick else { return false };
         let (_, c) = self.credit_q.swap_remove(pick);
         let superseded = self
             .credit_q

@@ -257,6 +257,17 @@ impl Receiver {
         self.segments.get(segment.index()).map(|s| s.held)
     }
 
+    /// Partitions of a group's segments not yet freed.
+    pub fn group_partitions_in_use(&self, group: GroupId) -> Option<u64> {
+        let g = self.tables.group(group)?;
+        Some(
+            g.segments
+                .iter()
+                .map(|s| self.segments[s.index()].head - self.segments[s.index()].freed)
+                .sum(),
+        )
+    }
+
     /// Partitions of all segments not yet freed (held, released out of order, padding).
     pub fn total_partitions_in_use(&self) -> u64 {
         self.segments.iter().map(|s| s.head - s.freed).sum()

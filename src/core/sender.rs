@@ -184,6 +184,17 @@ impl Sender {
         self.segments.get(segment.index()).map(|s| s.head - s.freed)
     }
 
+    /// Partitions of a group's segments not yet freed.
+    pub fn group_partitions_in_use(&self, group: GroupId) -> Option<u64> {
+        let g = self.tables.group(group)?;
+        Some(
+            g.segments
+                .iter()
+                .map(|s| self.segments[s.index()].head - self.segments[s.index()].freed)
+                .sum(),
+        )
+    }
+
     /// Partitions of all segments not yet given back.
     pub fn total_partitions_in_use(&self) -> u64 {
         self.segments.iter().map(|s| s.head - s.freed).sum()

@@ -199,3 +199,22 @@ impl Directory {
             .count() as u32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_partition_message_has_no_next() {
+        let mut d = Directory::new(4);
+        d.mark_message(3, 1, 9, Generation(2), EntryState::InUse);
+        let e = d.entry(3).unwrap();
+        assert!(e.first && e.extent == 1 && e.next == NO_NEXT && e.len == 9);
+        assert_eq!(d.first_busy(0, 4), Some(3));
+        assert_eq!(d.first_busy(0, 3), None);
+        assert_eq!(d.first_busy(3, 5), Some(3));
+        d.free_run(3, 1);
+        assert_eq!(d.busy_count(), 0);
+        assert_eq!(d.first_busy(2, 3), Some(4), "past the end counts as busy");
+    }
+}

@@ -448,12 +448,18 @@ impl Receiver {
         // All checks passed: commit.
         if arrival.padding > 0 {
             let n = u64::from(s.partitions);
-            s.directory
-                .mark_padding(pad_start, arrival.padding, Generation::from_lap(s.head / n));
+            let marked = s.directory.mark_padding(
+                pad_start,
+                arrival.padding,
+                Generation::from_lap(s.head / n),
+            );
+            debug_assert!(marked, "run checked free and in range");
             s.head += u64::from(arrival.padding);
         }
-        s.directory
+        let marked = s
+            .directory
             .mark_message(first, count, h.len, h.generation, EntryState::InUse);
+        debug_assert!(marked, "run checked free and in range");
         s.head += u64::from(count);
         s.held += 1;
         self.expected_seq = self.expected_seq.wrapping_add(1);

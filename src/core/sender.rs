@@ -312,16 +312,20 @@ impl Sender {
         let n = u64::from(s.partitions);
         if sel.padding > 0 {
             let pos = (s.head % n) as u32;
-            s.directory
-                .mark_padding(pos, sel.padding, Generation::from_lap(s.head / n));
+            let marked =
+                s.directory
+                    .mark_padding(pos, sel.padding, Generation::from_lap(s.head / n));
+            debug_assert!(marked, "run checked free and in range");
             s.head += u64::from(sel.padding);
         }
         let generation = Generation::from_lap(s.head / n);
         let first = sel.first.get();
         // `len` fits u32: it is at most the largest eager payload, and P * S <= 2^32.
         let len32 = len as u32;
-        s.directory
-            .mark_message(first, sel.count, len32, generation, EntryState::InUse);
+        let marked =
+            s.directory
+                .mark_message(first, sel.count, len32, generation, EntryState::InUse);
+        debug_assert!(marked, "run checked free and in range");
         s.head += u64::from(sel.count);
         let seq = self.next_seq;
         self.next_seq = seq.wrapping_add(1);

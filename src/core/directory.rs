@@ -133,7 +133,8 @@ impl Directory {
     /// Records a message of `count` partitions from `start` (claim 6): the first entry gets the
     /// first flag, extent, length and generation; each entry names the next one.
     ///
-    /// The caller has checked the run with [`Directory::is_free_run`].
+    /// The caller has checked the run with [`Directory::is_free_run`]. Returns `false` and
+    /// changes nothing when `count` is 0 or the run does not fit in the segment.
     #[inline]
     pub fn mark_message(
         &mut self,
@@ -142,10 +143,14 @@ impl Directory {
         len: u32,
         generation: Generation,
         state: EntryState,
-    ) {
+    ) -> bool {
         let s = start as usize;
-        let run = &mut self.entries[s..s + count as usize];
-        let last = count as usize - 1;
+        let Some(run) = self.entries.get_mut(s..s + count as usize) else {
+            return false;
+        };
+        let Some(last) = (count as usize).checked_sub(1) else {
+            return false;
+        };
         for (i, d) in run.iter_mut().enumerate() {
             *d = DirEntry {
                 state,
@@ -160,12 +165,14 @@ impl Directory {
                 generation,
             };
         }
+        true
     }
 
     /// Records a padding run of `count` partitions from `start` (to the end of the segment).
+    /// Returns `false` and changes nothing when the run is empty or does not fit.
     #[inline]
-    pub fn mark_padding(&mut self, start: u32, count: u32, generation: Generation) {
-        self.mark_message(start, count, 0, generation, EntryState::Padding);
+    pub fn mark_padding(&mut self, start: u32, count: u32, generation: Generation) -> bool {
+        self.mark_message(start, count, 0, generation, EntryState::Padding)
     }
 
     /// Sets the state of the first entry of a message (release marks only the first entry; the
@@ -197,5 +204,33 @@ impl Directory {
             .iter()
             .filter(|d| d.state != EntryState::Free)
             .count() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_partition_message_has_no_next() {
+        let mut d = Directory::new(4);
+        d.mark_message(3, 1, 9, Generation(2), EntryState::InUse);
+        let e = d.entry(3).unwrap();
+        assert!(e.first && e.extent == 1 && e.next == NO_NEXT && e.len == 9);
+        assert_eq!(d.first_busy(0, 4), Some(3));
+        assert_eq!(d.first_busy(0, 3), None);
+        assert_eq!(d.first_busy(3, 5), Some(3));
+        d.free_run(3, 1);
+        assert_eq!(d.busy_count(), 0);
+        assert_eq!(d.first_busy(2, 3), Some(4), "past the end counts as busy");
+        assert!(
+            !d.mark_message(3, 2, 0, Generation(0), EntryState::InUse),
+            "runs past the end"
+        );
+        assert!(
+            !d.mark_message(0, 0, 0, Generation(0), EntryState::InUse),
+            "empty run"
+        );
+        assert_eq!(d.busy_count(), 0);
     }
 }

@@ -1,4 +1,5 @@
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 //! The sans-I/O protocol core: segment groups, directories, selection, allocation and release,
 //! credits and wire codecs. It never calls verbs, never reads a clock and never allocates on the
 //! hot path (`reserve`, `on_immediate`, `accept`, `release`); transports drive it.

@@ -257,6 +257,17 @@ impl Receiver {
         self.segments.get(segment.index()).map(|s| s.held)
     }
 
+    /// Partitions of a group's segments not yet freed.
+    pub fn group_partitions_in_use(&self, group: GroupId) -> Option<u64> {
+        let g = self.tables.group(group)?;
+        Some(
+            g.segments
+                .iter()
+                .map(|s| self.segments[s.index()].head - self.segments[s.index()].freed)
+                .sum(),
+        )
+    }
+
     /// Partitions of all segments not yet freed (held, released out of order, padding).
     pub fn total_partitions_in_use(&self) -> u64 {
         self.segments.iter().map(|s| s.head - s.freed).sum()
@@ -437,12 +448,18 @@ impl Receiver {
         // All checks passed: commit.
         if arrival.padding > 0 {
             let n = u64::from(s.partitions);
-            s.directory
-                .mark_padding(pad_start, arrival.padding, Generation::from_lap(s.head / n));
+            let marked = s.directory.mark_padding(
+                pad_start,
+                arrival.padding,
+                Generation::from_lap(s.head / n),
+            );
+            debug_assert!(marked, "run checked free and in range");
             s.head += u64::from(arrival.padding);
         }
-        s.directory
+        let marked = s
+            .directory
             .mark_message(first, count, h.len, h.generation, EntryState::InUse);
+        debug_assert!(marked, "run checked free and in range");
         s.head += u64::from(count);
         s.held += 1;
         self.expected_seq = self.expected_seq.wrapping_add(1);

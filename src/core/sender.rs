@@ -184,6 +184,17 @@ impl Sender {
         self.segments.get(segment.index()).map(|s| s.head - s.freed)
     }
 
+    /// Partitions of a group's segments not yet freed.
+    pub fn group_partitions_in_use(&self, group: GroupId) -> Option<u64> {
+        let g = self.tables.group(group)?;
+        Some(
+            g.segments
+                .iter()
+                .map(|s| self.segments[s.index()].head - self.segments[s.index()].freed)
+                .sum(),
+        )
+    }
+
     /// Partitions of all segments not yet given back.
     pub fn total_partitions_in_use(&self) -> u64 {
         self.segments.iter().map(|s| s.head - s.freed).sum()
@@ -301,16 +312,20 @@ impl Sender {
         let n = u64::from(s.partitions);
         if sel.padding > 0 {
             let pos = (s.head % n) as u32;
-            s.directory
-                .mark_padding(pos, sel.padding, Generation::from_lap(s.head / n));
+            let marked =
+                s.directory
+                    .mark_padding(pos, sel.padding, Generation::from_lap(s.head / n));
+            debug_assert!(marked, "run checked free and in range");
             s.head += u64::from(sel.padding);
         }
         let generation = Generation::from_lap(s.head / n);
         let first = sel.first.get();
         // `len` fits u32: it is at most the largest eager payload, and P * S <= 2^32.
         let len32 = len as u32;
-        s.directory
-            .mark_message(first, sel.count, len32, generation, EntryState::InUse);
+        let marked =
+            s.directory
+                .mark_message(first, sel.count, len32, generation, EntryState::InUse);
+        debug_assert!(marked, "run checked free and in range");
         s.head += u64::from(sel.count);
         let seq = self.next_seq;
         self.next_seq = seq.wrapping_add(1);

@@ -39,7 +39,7 @@ impl GroupEntry {
     /// Partitions a message of `wire` bytes (header included) needs: `ceil(wire / P)`.
     #[inline]
     pub fn partitions_for(&self, wire: u64) -> u64 {
-        (wire + u64::from(self.partition_size) - 1) >> self.shift
+        (wire >> self.shift) + u64::from(wire & (u64::from(self.partition_size) - 1) != 0)
     }
 
     /// Claim 9: whether partition size and span factor are large enough for `wire` bytes.

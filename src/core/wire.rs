@@ -191,3 +191,45 @@ pub fn reconstruct_freed(low: u32, head: u64) -> Option<u64> {
     let back = (head.wrapping_sub(low)) & (modulus - 1);
     head.checked_sub(back)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn immediate_fields_use_their_bit_ranges() {
+        let imm = Immediate::message(
+            SegmentId(0xff),
+            PartitionIndex::from_u16(0xffff),
+            Generation(0x3f),
+        );
+        assert_eq!(imm.get(), 0x3fff_ffff);
+        let imm = Immediate::message(SegmentId(1), PartitionIndex::from_u16(1), Generation(1));
+        assert_eq!(imm.get(), (1 << 22) | (1 << 6) | 1);
+        assert_eq!(
+            Immediate::credit(SegmentId(2), u64::MAX).get(),
+            (1 << 30) | (2 << 22) | 0x3f_ffff
+        );
+    }
+
+    #[test]
+    fn header_layout_is_little_endian() {
+        let h = Header {
+            kind: MessageKind::Control,
+            len: 0x0102_0304,
+            seq: 5,
+            generation: Generation(6),
+        };
+        assert_eq!(
+            h.encode(),
+            [0x53, 0x52, 2, 0, 4, 3, 2, 1, 5, 0, 0, 0, 6, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn reconstruct_at_small_heads() {
+        assert_eq!(reconstruct_freed(0, 0), Some(0));
+        assert_eq!(reconstruct_freed(3, 3), Some(3));
+        assert_eq!(reconstruct_freed(4, 3), None);
+    }
+}

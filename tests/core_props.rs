@@ -1,0 +1,218 @@
+//! Property tests: the directory against a model, selection against its specification, codecs
+//! round-trip, decoders never panic on arbitrary input.
+
+use proptest::prelude::*;
+use rsmsg::core::{
+    ControlMessage, Directory, EntryState, Generation, GroupConfig, Header, Immediate,
+    ImmediateKind, Layout, MessageKind, PartitionIndex, Receiver, ReserveError, SegmentId, Sender,
+};
+
+#[derive(Debug, Clone)]
+enum DirOp {
+    /// Place a message of this many partitions at the first free run, if any.
+    Place(u32),
+    /// Free the n-th (modulo) placed message.
+    Free(usize),
+}
+
+fn dir_ops() -> impl Strategy<Value = Vec<DirOp>> {
+    prop::collection::vec(
+        prop_oneof![
+            (1u32..6).prop_map(DirOp::Place),
+            any::<usize>().prop_map(DirOp::Free)
+        ],
+        0..200,
+    )
+}
+
+fn naive_find(model: &[bool], count: u32) -> Option<u32> {
+    let c = count as usize;
+    (0..model.len())
+        .find(|&s| s + c <= model.len() && model[s..s + c].iter().all(|b| !b))
+        .map(|s| s as u32)
+}
+
+proptest! {
+    #[test]
+    fn directory_matches_model(n in 1u32..40, ops in dir_ops()) {
+        let mut dir = Directory::new(n);
+        let mut model = vec![false; n as usize];
+        let mut placed: Vec<(u32, u32)> = Vec::new();
+        for op in ops {
+            match op {
+                DirOp::Place(k) => {
+                    let found = dir.find_free_run(k);
+                    prop_assert_eq!(found, naive_find(&model, k));
+                    if let Some(s) = found {
+                        prop_assert!(dir.is_free_run(s, k));
+                        dir.mark_message(s, k, k * 10, Generation(s), EntryState::InUse);
+                        for b in &mut model[s as usize..(s + k) as usize] { *b = true; }
+                        placed.push((s, k));
+                    }
+                }
+                DirOp::Free(i) => {
+                    if !placed.is_empty() {
+                        let (s, k) = placed.swap_remove(i % placed.len());
+                        dir.free_run(s, k);
+                        for b in &mut model[s as usize..(s + k) as usize] { *b = false; }
+                    }
+                }
+            }
+            // Structure of every placed message (claim 6): first flag, extent, next chain, length.
+            for &(s, k) in &placed {
+                let e = dir.entry(s).unwrap();
+                prop_assert!(e.first && e.extent == k && e.len == k * 10);
+                let mut p = s;
+                for _ in 1..k {
+                    let next = dir.entry(p).unwrap().next;
+                    prop_assert_eq!(next, p + 1);
+                    prop_assert!(!dir.entry(next).unwrap().first);
+                    p = next;
+                }
+                prop_assert_eq!(dir.entry(p).unwrap().next, rsmsg::core::NO_NEXT);
+            }
+            prop_assert_eq!(dir.busy_count() as usize, model.iter().filter(|b| **b).count());
+            for s in 0..n {
+                for k in 1..4 {
+                    let want = (s + k) as usize <= model.len()
+                        && model[s as usize..(s + k) as usize].iter().all(|b| !b);
+                    prop_assert_eq!(dir.is_free_run(s, k), want);
+                }
+            }
+        }
+    }
+}
+
+/// Valid layouts: 2..5 groups, increasing power-of-two sizes, small counts.
+fn layouts() -> impl Strategy<Value = Layout> {
+    prop::collection::vec((0u32..3, 1u32..20, 1u32..8, 1u32..3), 2..5).prop_map(|gs| {
+        let mut shift = 6;
+        let groups = gs
+            .into_iter()
+            .map(|(step, partitions, span, segments)| {
+                let g = GroupConfig {
+                    partition_size: 1 << shift,
+                    partitions,
+                    span: span.min(partitions),
+                    segments,
+                };
+                shift += 1 + step;
+                g
+            })
+            .collect();
+        Layout::new(groups).unwrap()
+    })
+}
+
+/// Whether `count` partitions fit in a ring of `n` with `head`, `freed` (the protocol's rule).
+fn ring_room(n: u64, head: u64, freed: u64, count: u64) -> bool {
+    let free = n - (head - freed);
+    let pos = head % n;
+    if pos + count <= n {
+        free >= count
+    } else {
+        free >= (n - pos) + count
+    }
+}
+
+proptest! {
+    #[test]
+    fn selection_follows_its_specification(
+        layout in layouts(),
+        fill in prop::collection::vec(0usize..3000, 0..40),
+        credits in prop::collection::vec(any::<bool>(), 0..40),
+        len in 0usize..20_000,
+    ) {
+        let mut tx = Sender::new(layout.clone());
+        // Put the sender in a random state: some messages in use, some credited back.
+        for (i, l) in fill.iter().enumerate() {
+            if let Ok(r) = tx.reserve(*l)
+                && credits.get(i).copied().unwrap_or(false)
+            {
+                // Credit back everything sent on that segment so far.
+                let head = tx.head(r.segment).unwrap();
+                tx.handle_credit(r.segment, head).unwrap();
+            }
+        }
+        let wire = len as u64 + 16;
+        let groups = tx.tables().groups().to_vec();
+        let room = |g: &rsmsg::core::GroupEntry| {
+            let k = wire.div_ceil(u64::from(g.partition_size));
+            g.segments.iter().any(|&s| {
+                ring_room(u64::from(g.partitions), tx.head(s).unwrap(), tx.credit(s).unwrap(), k)
+            })
+        };
+        match tx.select(len) {
+            Ok(sel) => {
+                let g = &groups[sel.group.index()];
+                prop_assert!(g.can_hold(wire), "claim 9: size and span hold the message");
+                prop_assert_eq!(u64::from(sel.count), wire.div_ceil(u64::from(g.partition_size)));
+                prop_assert!(sel.count <= g.span);
+                prop_assert!(sel.first.get() + sel.count <= g.partitions);
+                prop_assert!(g.segments.contains(&sel.segment));
+                // Claim 2: every smaller group that could hold the message has no room now.
+                for smaller in &groups[..sel.group.index()] {
+                    prop_assert!(!(smaller.can_hold(wire) && room(smaller)));
+                }
+                // Claim 7: the directory agrees the run is free.
+                prop_assert!(tx.directory(sel.segment).unwrap().is_free_run(sel.first.get(), sel.count));
+            }
+            Err(ReserveError::WouldBlock { group, .. }) => {
+                prop_assert!(groups.iter().any(|g| g.can_hold(wire)));
+                prop_assert_eq!(group, groups.iter().find(|g| g.can_hold(wire)).unwrap().id);
+                for g in &groups {
+                    prop_assert!(!(g.can_hold(wire) && room(g)), "back-pressure only when no group has room");
+                }
+            }
+            Err(ReserveError::NeedsRendezvous { max, .. }) => {
+                prop_assert!(groups.iter().all(|g| !g.can_hold(wire)));
+                prop_assert_eq!(max, layout.max_eager_payload());
+                prop_assert!(len > max);
+            }
+            Err(e) => prop_assert!(false, "unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn layout_string_round_trips(layout in layouts()) {
+        let text = layout.to_string();
+        prop_assert_eq!(text.parse::<Layout>().unwrap(), layout);
+    }
+
+    #[test]
+    fn immediate_round_trips(seg in any::<u8>(), first in any::<u16>(), lap in any::<u64>(), freed in any::<u64>()) {
+        let g = Generation::from_lap(lap);
+        let imm = Immediate::message(SegmentId(seg), PartitionIndex::from_u16(first), g);
+        let back = Immediate::from_be_bytes(imm.to_be_bytes()).decode().unwrap();
+        prop_assert_eq!(back, ImmediateKind::Message {
+            segment: SegmentId(seg), first: PartitionIndex::from_u16(first), generation_bits: (lap & 63) as u8
+        });
+        let c = Immediate::credit(SegmentId(seg), freed).decode().unwrap();
+        prop_assert_eq!(c, ImmediateKind::Credit { segment: SegmentId(seg), freed_low: (freed & 0x3f_ffff) as u32 });
+    }
+
+    #[test]
+    fn header_round_trips(ctl in any::<bool>(), len in any::<u32>(), seq in any::<u32>(), g in any::<u32>()) {
+        let kind = if ctl { MessageKind::Control } else { MessageKind::Data };
+        let h = Header { kind, len, seq, generation: Generation(g) };
+        prop_assert_eq!(Header::decode(&h.encode()), Ok(h));
+    }
+
+    #[test]
+    fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..64), imm in any::<u32>()) {
+        let _ = Header::decode(&bytes);
+        let _ = ControlMessage::decode(&bytes);
+        let mut rx = Receiver::new(Layout::default());
+        if let Ok(a) = rx.on_immediate(imm) {
+            let _ = rx.accept(a, &bytes);
+        }
+        let mut tx = Sender::new(Layout::default());
+        let _ = tx.handle_credit_notice(imm);
+        let _ = tx.handle_credit(SegmentId((imm >> 24) as u8), u64::from(imm));
+    }
+
+    #[test]
+    fn layout_parser_never_panics(s in "[0-9kmgKMG:, x]{0,40}") {
+        let _ = s.parse::<Layout>();
+    }
+}

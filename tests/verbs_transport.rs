@@ -68,7 +68,12 @@ fn pair_with(
     (t.join().expect("listener thread"), c)
 }
 
-fn pair(ctx: &Context, addr: SocketAddr, l: &str, mode: PollMode) -> (VerbsConnection, VerbsConnection) {
+fn pair(
+    ctx: &Context,
+    addr: SocketAddr,
+    l: &str,
+    mode: PollMode,
+) -> (VerbsConnection, VerbsConnection) {
     pair_with(ctx, addr, layout(l), mode, layout(l), mode)
 }
 
@@ -152,7 +157,11 @@ fn one_way_stream_of_random_sizes_across_every_group_checks_every_byte() {
     let max = tx.max_message();
     assert_eq!(max, 2 * 65536 - 16);
     // Sizes from every group's range, boundaries included.
-    let bounds = [(0usize, 1024 - 16), (1024 - 15, 16384 - 16), (16384 - 15, max)];
+    let bounds = [
+        (0usize, 1024 - 16),
+        (1024 - 15, 16384 - 16),
+        (16384 - 15, max),
+    ];
     let mut rng = Rng(0x5eed);
     let sizes: Vec<usize> = (0..300)
         .map(|i| {
@@ -178,11 +187,18 @@ fn one_way_stream_of_random_sizes_across_every_group_checks_every_byte() {
     let per_group = &rx.stats().receiver.per_group;
     assert_eq!(per_group.len(), 3);
     for (g, s) in per_group.iter().enumerate() {
-        assert!(s.messages >= 30, "group {g} carried only {} messages", s.messages);
+        assert!(
+            s.messages >= 30,
+            "group {g} carried only {} messages",
+            s.messages
+        );
     }
     assert_eq!(tx.stats().sender.messages, 300);
     assert!(
-        matches!(tx.try_send(&vec![0; max + 1]), Err(SendError::TooLarge { .. })),
+        matches!(
+            tx.try_send(&vec![0; max + 1]),
+            Err(SendError::TooLarge { .. })
+        ),
         "a message above the largest group is refused"
     );
 }
@@ -198,7 +214,10 @@ fn bidirectional_streams() {
         let (mut sent, mut got) = (0u64, 0u64);
         let deadline = std::time::Instant::now() + HANG_GUARD;
         while sent < N || got < N {
-            assert!(std::time::Instant::now() < deadline, "stalled at sent {sent} got {got}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stalled at sent {sent} got {got}"
+            );
             if sent < N {
                 let len = ((sent * 131 + salt) % 5000) as usize;
                 match c.try_send(&payload(sent + salt * 1_000_000, len)) {
@@ -210,7 +229,10 @@ fn bidirectional_streams() {
             if let Some(m) = c.try_recv().expect("recv") {
                 let other = 1 - salt;
                 let len = ((got * 131 + other) % 5000) as usize;
-                assert!(*m == *payload(got + other * 1_000_000, len), "message {got}");
+                assert!(
+                    *m == *payload(got + other * 1_000_000, len),
+                    "message {got}"
+                );
                 got += 1;
             }
         }
@@ -241,13 +263,17 @@ fn one_process_with_eight_peers() {
     const PEERS: usize = 8;
     const ROUNDS: u64 = 40;
     let hub = thread::spawn(move || {
-        let conns: Vec<VerbsConnection> =
-            (0..PEERS).map(|_| listener.accept().expect("accept")).collect();
+        let conns: Vec<VerbsConnection> = (0..PEERS)
+            .map(|_| listener.accept().expect("accept"))
+            .collect();
         // Echo every message back on the connection it came from, until each peer sent ROUNDS.
         let mut counts = vec![0u64; PEERS];
         let deadline = std::time::Instant::now() + HANG_GUARD;
         while counts.iter().any(|&n| n < ROUNDS) {
-            assert!(std::time::Instant::now() < deadline, "hub stalled: {counts:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hub stalled: {counts:?}"
+            );
             for (i, c) in conns.iter().enumerate() {
                 if let Some(msg) = c.try_recv().expect("hub recv") {
                     let echo = msg.to_vec();
@@ -264,8 +290,15 @@ fn one_process_with_eight_peers() {
             let ctx = ctx.clone();
             let name = name.clone();
             thread::spawn(move || {
-                let c = verbs::connect(addr, &token(), &name, layout(SMALL), PollMode::Busy, &opts(&ctx))
-                    .expect("connect");
+                let c = verbs::connect(
+                    addr,
+                    &token(),
+                    &name,
+                    layout(SMALL),
+                    PollMode::Busy,
+                    &opts(&ctx),
+                )
+                .expect("connect");
                 for i in 0..ROUNDS {
                     let seq = p * 1000 + i;
                     let len = 8 + ((seq * 7) % 2000) as usize;
@@ -320,7 +353,10 @@ fn out_of_order_release_frees_everything() {
         let mut lens = Vec::new();
         while let Ok(()) = tx.try_send(&payload(seq + lens.len() as u64, 40)) {
             lens.push(40);
-            assert!(lens.len() <= 12, "more messages than partitions were accepted");
+            assert!(
+                lens.len() <= 12,
+                "more messages than partitions were accepted"
+            );
         }
         assert!(!lens.is_empty(), "round {round}: nothing could be sent");
         let mut held = Vec::new();
@@ -339,7 +375,10 @@ fn out_of_order_release_frees_everything() {
         seq += lens.len() as u64;
     }
     let r = rx.stats().receiver;
-    assert!(r.out_of_order_releases > 0, "some releases were out of order");
+    assert!(
+        r.out_of_order_releases > 0,
+        "some releases were out of order"
+    );
     assert_eq!(r.releases, seq);
     // Everything freed: a full round fits again.
     tx.send(b"after").expect("send after");
@@ -376,7 +415,8 @@ fn back_pressure_without_loss() {
     const N: u64 = 300;
     let t = thread::spawn(move || {
         for i in 0..N {
-            tx.send(&payload(1000 + i, 30 + (i % 150) as usize)).expect("send");
+            tx.send(&payload(1000 + i, 30 + (i % 150) as usize))
+                .expect("send");
         }
         tx
     });
@@ -387,7 +427,10 @@ fn back_pressure_without_loss() {
         recv_checked(&rx, 1000 + i, 30 + (i % 150) as usize);
     }
     let tx = t.join().expect("sender");
-    assert!(tx.stats().sender.credit_stalls > 1, "the sender had to wait");
+    assert!(
+        tx.stats().sender.credit_stalls > 1,
+        "the sender had to wait"
+    );
 }
 
 #[test]
@@ -396,20 +439,40 @@ fn manager_restart_between_connections() {
     let m = manager();
     let addr = m.local_addr();
     let name = unique("restart");
-    let mut listener =
-        VerbsListener::bind(addr, token(), &name, layout(SMALL), PollMode::Busy, opts(&ctx))
-            .expect("bind");
+    let mut listener = VerbsListener::bind(
+        addr,
+        token(),
+        &name,
+        layout(SMALL),
+        PollMode::Busy,
+        opts(&ctx),
+    )
+    .expect("bind");
     let t = thread::spawn(move || {
         let first = listener.accept().expect("first accept");
         let second = listener.accept().expect("second accept after the restart");
         (first, second)
     });
-    let c1 = verbs::connect(addr, &token(), &name, layout(SMALL), PollMode::Busy, &opts(&ctx))
-        .expect("first connect");
+    let c1 = verbs::connect(
+        addr,
+        &token(),
+        &name,
+        layout(SMALL),
+        PollMode::Busy,
+        &opts(&ctx),
+    )
+    .expect("first connect");
     m.shutdown();
     let m2 = Manager::bind(addr, token()).expect("a new manager on the same address");
-    let c2 = verbs::connect(addr, &token(), &name, layout(SMALL), PollMode::Busy, &opts(&ctx))
-        .expect("connect through the restarted manager");
+    let c2 = verbs::connect(
+        addr,
+        &token(),
+        &name,
+        layout(SMALL),
+        PollMode::Busy,
+        &opts(&ctx),
+    )
+    .expect("connect through the restarted manager");
     let (s1, s2) = t.join().expect("listener thread");
     // Both connections work; the first never depended on the manager.
     for (i, (c, s)) in [(&c1, &s1), (&c2, &s2)].into_iter().enumerate() {
@@ -456,7 +519,8 @@ fn event_and_adaptive_modes_wake_sleepers() {
     // the partitions, and every credit comes with a notice that wakes it.
     let t = thread::spawn(move || {
         for i in 0..300u64 {
-            a.send(&payload(500 + i, 40)).expect("event-mode blocking send");
+            a.send(&payload(500 + i, 40))
+                .expect("event-mode blocking send");
         }
         a
     });
@@ -467,7 +531,10 @@ fn event_and_adaptive_modes_wake_sleepers() {
         recv_checked(&b, 500 + i, 40);
     }
     let a = t.join().expect("event sender");
-    assert!(a.stats().sender.credit_stalls > 0, "the event-mode sender waited for credits");
+    assert!(
+        a.stats().sender.credit_stalls > 0,
+        "the event-mode sender waited for credits"
+    );
 }
 
 #[test]
@@ -487,7 +554,10 @@ fn close_and_departure_are_reported() {
         Err(TransportError::PeerClosed) => {}
         other => panic!("expected PeerClosed after the peer vanished, got {other:?}"),
     }
-    assert!(d.send(b"late").is_err(), "a failed connection refuses sends");
+    assert!(
+        d.send(b"late").is_err(),
+        "a failed connection refuses sends"
+    );
 }
 
 #[test]

@@ -45,8 +45,8 @@
 //!
 //! # Liveness
 //! While a side waits (nothing to receive, or no credit), [`Link::check_peer`] posts a signaled
-//! zero-length RDMA WRITE probe at most once per second. A peer that died never acknowledges it:
-//! the QP's retry limits (`timeout`, `retry_cnt` in [`VerbsOptions::params`]) turn that into an
+//! 8-byte RDMA WRITE probe (into the peer's spare mailbox word) at most once per second. A peer
+//! that died never acknowledges it: the QP's retry limits (`timeout`, `retry_cnt` in [`VerbsOptions::params`]) turn that into an
 //! error completion in bounded time, and the connection fails with
 //! [`TransportError::PeerClosed`]. Any error completion fails the connection with its status.
 
@@ -117,10 +117,11 @@ impl Default for VerbsOptions {
             port: 1,
             gid: GidSelector::Auto,
             params: ConnectParams {
-                // 4.096 us * 2^14 = 67 ms per try, 7 retries: a dead peer shows within about a
-                // second of the probe; RNR retries forever (the normal path never meets RNR).
+                // 4.096 us * 2^14 = 67 ms per try, 6 retries: a dead peer shows within about a
+                // second of the probe (7 would mean "retry forever" to Soft-RoCE); RNR retries
+                // forever (the normal path never meets RNR).
                 timeout: 14,
-                retry_cnt: 7,
+                retry_cnt: 6,
                 rnr_retry: 7,
                 min_rnr_timer: 12,
                 ..ConnectParams::default()
@@ -497,7 +498,10 @@ fn dead_from(wc: &WorkCompletion, what: &str) -> Dead {
     let st = wc.status();
     Dead {
         peer_gone: st == WcStatus::RETRY_EXC_ERR || st == WcStatus::RNR_RETRY_EXC_ERR,
-        reason: format!("{what} completion failed: {st} (vendor error {:#x})", wc.vendor_err()),
+        reason: format!(
+            "{what} completion failed: {st} (vendor error {:#x})",
+            wc.vendor_err()
+        ),
     }
 }
 
@@ -618,11 +622,7 @@ struct RecvSide {
 impl RecvSide {
     /// Polls the receive CQ once, re-posts one WQE per completion and queues the immediates
     /// (dropping credit notices unless `keep_notices`). Returns how many completions came.
-    fn poll(
-        &mut self,
-        tx: &mut SendSide,
-        keep_notices: bool,
-    ) -> Result<usize, TransportError> {
+    fn poll(&mut self, tx: &mut SendSide, keep_notices: bool) -> Result<usize, TransportError> {
         let n = self.cq.poll(&mut self.wcs)?;
         for i in 0..n {
             let wc = &self.wcs[i];
@@ -850,6 +850,7 @@ impl Link for VerbsLink {
         if now.duration_since(self.last_probe.get()) >= PROBE_INTERVAL {
             self.last_probe.set(now);
             if tx.probe_pending.is_none() && tx.outstanding() < tx.depth {
+                tracing::trace!(posted = tx.posted, "probing the peer");
                 tx.post(Wr::Probe)?;
             }
         }
@@ -894,9 +895,7 @@ fn finish(
     mode: PollMode,
     opts: &VerbsOptions,
 ) -> Result<VerbsConnection, TransportError> {
-    queues
-        .qp
-        .connect(&queues.local, remote_ep, &opts.params)?;
+    queues.qp.connect(&queues.local, remote_ep, &opts.params)?;
     let mut recv_wr = RecvWr::new(WrId(0));
     for _ in 0..queues.rq_depth {
         queues.qp.post_recv(&mut recv_wr)?;
@@ -907,7 +906,12 @@ fn finish(
     let mut remote = Vec::with_capacity(send_tables.segments().len());
     for (e, d) in send_tables.segments().iter().zip(&peer.segments) {
         let img = SourceImage::new(pd, e.bytes() as usize)?;
-        let mut wr = img.send_wr(SendOp::RdmaWriteWithImm, WrId(0), 0, e.partition_size as usize)?;
+        let mut wr = img.send_wr(
+            SendOp::RdmaWriteWithImm,
+            WrId(0),
+            0,
+            e.partition_size as usize,
+        )?;
         wr.set_remote(d.addr, Rkey(d.rkey))?;
         msg_wrs.push(wr);
         sources.push(img);
@@ -918,8 +922,11 @@ fn finish(
     credit_wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
     let mut notice_wr = SendWr::new(SendOp::RdmaWriteWithImm, WrId(0));
     notice_wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
-    let mut probe_wr = SendWr::new(SendOp::RdmaWrite, WrId(0));
-    probe_wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
+    // The probe writes 8 bytes (inline) into the peer's spare mailbox word, which nobody reads:
+    // a transfer with payload always needs the peer's acknowledgement.
+    let spare = (MAILBOX_SLOTS - 1) * 8;
+    let mut probe_wr = credit_stage.send_wr(SendOp::RdmaWrite, WrId(0), spare, 8)?;
+    probe_wr.set_remote(peer.mailbox.addr + spare as u64, Rkey(peer.mailbox.rkey))?;
     let depth = u64::from(queues.qp.caps().max_send_wr.max(8));
     let tx = SendSide {
         qp: queues.qp,
@@ -1107,7 +1114,10 @@ impl VerbsListener {
         let peer_name = incoming.from.name.to_string();
         let peer = check_descriptors(&incoming.offer, &peer_name)?;
         if incoming.offer.qp.is_some() {
-            return Err(setup_err(&peer_name, "queue pair offered in the first round"));
+            return Err(setup_err(
+                &peer_name,
+                "queue pair offered in the first round",
+            ));
         }
         let receiving = Receiving::create(&self.pd, &self.layout)?;
         let queues = Queues::create(
@@ -1150,7 +1160,8 @@ impl VerbsListener {
             opaque: READY.to_vec(),
             ..Descriptors::default()
         };
-        self.reg.with_client(|c| c.send(id, Side::Listener, &ready))?;
+        self.reg
+            .with_client(|c| c.send(id, Side::Listener, &ready))?;
         Ok(conn)
     }
 }
@@ -1294,13 +1305,62 @@ mod tests {
         assert_eq!(Hello::decode(&b, "p").unwrap(), h);
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b[..10].to_vec(), "too short"),
-            ({ let mut x = b.clone(); x[0] = b'X'; x }, "bad magic"),
-            ({ let mut x = b.clone(); x[4] = 9; x }, "version"),
-            ({ let mut x = b.clone(); x[6] = 3; x }, "poll mode"),
-            ({ let mut x = b.clone(); x[6] = 0; x }, "poll mode"),
-            ({ let mut x = b.clone(); x[7] = 7; x }, "link layer"),
-            ({ let mut x = b.clone(); x.push(b'1'); x }, "does not match"),
-            ({ let mut x = b.clone(); x[HELLO_FIXED] = b'x'; x }, "layout"),
+            (
+                {
+                    let mut x = b.clone();
+                    x[0] = b'X';
+                    x
+                },
+                "bad magic",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[4] = 9;
+                    x
+                },
+                "version",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[6] = 3;
+                    x
+                },
+                "poll mode",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[6] = 0;
+                    x
+                },
+                "poll mode",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[7] = 7;
+                    x
+                },
+                "link layer",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x.push(b'1');
+                    x
+                },
+                "does not match",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[HELLO_FIXED] = b'x';
+                    x
+                },
+                "layout",
+            ),
         ];
         for (bytes, what) in cases {
             match Hello::decode(&bytes, "p") {
@@ -1383,7 +1443,10 @@ mod tests {
             port: 1,
             link_layer: LinkLayer::Ethernet,
         };
-        assert_eq!(qp_endpoint(&qp_info(&ep), LinkLayer::Ethernet, "p").unwrap(), ep);
+        assert_eq!(
+            qp_endpoint(&qp_info(&ep), LinkLayer::Ethernet, "p").unwrap(),
+            ep
+        );
         let mut bad = qp_info(&ep);
         bad.mtu = 1000;
         assert!(qp_endpoint(&bad, LinkLayer::Ethernet, "p").is_err());

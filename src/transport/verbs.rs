@@ -117,10 +117,11 @@ impl Default for VerbsOptions {
             port: 1,
             gid: GidSelector::Auto,
             params: ConnectParams {
-                // 4.096 us * 2^14 = 67 ms per try, 6 retries: a dead peer shows within about a
-                // second of the probe (7 would mean "retry forever" to Soft-RoCE); RNR retries
-                // forever (the normal path never meets RNR).
-                timeout: 14,
+                // 4.096 us * 2^17 = 0.54 s per try, 6 retries: a dead peer shows within about four
+                // seconds of the probe (7 would mean "retry forever" to Soft-RoCE), while delays
+                // of emulated or congested networks do not pass for a death; RNR retries forever
+                // (the normal path never meets RNR).
+                timeout: 17,
                 retry_cnt: 6,
                 rnr_retry: 7,
                 min_rnr_timer: 12,
@@ -140,11 +141,14 @@ impl VerbsOptions {
     pub const ENV_GID_INDEX: &'static str = "RSMSG_GID_INDEX";
     /// Environment variable naming the port.
     pub const ENV_PORT: &'static str = "RSMSG_PORT";
+    /// Environment variable setting the QP's ACK timeout exponent (4.096 us * 2^N, 1..=31).
+    pub const ENV_QP_TIMEOUT: &'static str = "RSMSG_QP_TIMEOUT";
 
-    /// The defaults, with device, port and GID index taken from the environment when set.
+    /// The defaults, with device, port, GID index and QP timeout taken from the environment when
+    /// set.
     ///
     /// # Errors
-    /// A port or GID index that is not a number in range.
+    /// A port, GID index or timeout that is not a number in range.
     pub fn from_env() -> Result<Self, TransportError> {
         let mut o = VerbsOptions::default();
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
@@ -156,6 +160,14 @@ impl VerbsOptions {
                 .ok()
                 .filter(|&p| p >= 1)
                 .ok_or_else(|| setup_err(Self::ENV_PORT, format!("bad port {p:?}")))?;
+        }
+        if let Some(t) = var(Self::ENV_QP_TIMEOUT) {
+            o.params.timeout = t
+                .trim()
+                .parse()
+                .ok()
+                .filter(|t| (1..=31).contains(t))
+                .ok_or_else(|| setup_err(Self::ENV_QP_TIMEOUT, format!("bad timeout {t:?}")))?;
         }
         if let Some(g) = var(Self::ENV_GID_INDEX) {
             let i: u8 = g

@@ -573,3 +573,72 @@ fn zero_copy_send_and_recv_into() {
     assert_eq!(&out[..n], &payload(7, 3000)[..]);
     assert!(a.try_recv().expect("try_recv").is_none());
 }
+
+#[test]
+fn bad_offer_is_rejected_and_the_listener_stays_usable() {
+    use rsmsg::bootstrap::{
+        Descriptors, EndpointInfo, EndpointName, HostId, ManagerClient, TransportSet,
+    };
+    let ctx = device_or_skip!("bad_offer_is_rejected_and_the_listener_stays_usable");
+    let m = manager();
+    let addr = m.local_addr();
+    let name = unique("strict");
+    let mut listener = VerbsListener::bind(
+        addr,
+        token(),
+        &name,
+        layout(SMALL),
+        PollMode::Busy,
+        opts(&ctx),
+    )
+    .expect("bind");
+    let t = thread::spawn(move || {
+        let first = listener.accept();
+        let second = listener
+            .accept()
+            .expect("a good connection after a bad one");
+        (first.err().map(|e| e.to_string()), second)
+    });
+    // An offer whose hello is not an rsmsg verbs hello.
+    let mut client =
+        ManagerClient::connect(addr, &token(), Duration::from_secs(30)).expect("manager client");
+    let from = EndpointInfo {
+        name: EndpointName::new("hostile-initiator").unwrap(),
+        host_id: HostId::local().unwrap(),
+        transports: TransportSet::VERBS,
+        shm_socket: None,
+    };
+    let offer = Descriptors {
+        opaque: b"not a hello at all".to_vec(),
+        ..Descriptors::default()
+    };
+    let to = EndpointName::new(name.as_str()).unwrap();
+    let refused = client.dial(&from, &to, &offer, HANG_GUARD);
+    let why = refused
+        .expect_err("the listener must refuse a malformed offer")
+        .to_string();
+    assert!(
+        why.contains("magic") || why.contains("short"),
+        "reason: {why}"
+    );
+    let good = verbs::connect(
+        addr,
+        &token(),
+        &name,
+        layout(SMALL),
+        PollMode::Busy,
+        &opts(&ctx),
+    )
+    .expect("connect");
+    let (first, server) = t.join().expect("listener thread");
+    let first = first.expect("the first accept reports the bad offer");
+    assert!(
+        first.contains("magic") || first.contains("short"),
+        "{first}"
+    );
+    good.send(b"still works").expect("send");
+    assert_eq!(
+        &*server.recv_timeout(HANG_GUARD).expect("recv"),
+        b"still works"
+    );
+}

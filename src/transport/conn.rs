@@ -457,25 +457,27 @@ impl<L: Link> Inner<L> {
 
     /// Waits until a credit may have arrived: busy, it re-reads the mailbox; otherwise it waits
     /// for the link's credit notice, keeping message immediates that arrive meanwhile.
+    ///
+    /// "Arrived" means a mailbox slot above what the sender knows, not a change since this call
+    /// began: a credit that landed between the failed reservation and this call counts.
     fn wait_credit(&mut self) -> Result<(), TransportError> {
-        let before: u64 = self.credit_sum();
         loop {
             self.link.check_peer()?;
-            if self.credit_sum() != before {
+            if self.credit_news() {
                 return Ok(());
             }
             match self.mode {
                 PollMode::Busy => {
                     for _ in 0..1024 {
                         std::hint::spin_loop();
-                        if self.credit_sum() != before {
+                        if self.credit_news() {
                             return Ok(());
                         }
                     }
                 }
                 PollMode::Event | PollMode::Adaptive { .. } => {
                     self.link.want_credit_notice();
-                    if self.credit_sum() != before {
+                    if self.credit_news() {
                         return Ok(());
                     }
                     if let Some(imm) = self.link.next_immediate(self.mode, Some(LIVENESS_SLICE))? {
@@ -492,13 +494,13 @@ impl<L: Link> Inner<L> {
         }
     }
 
-    fn credit_sum(&self) -> u64 {
-        self.tx
-            .tables()
-            .segments()
-            .iter()
-            .map(|s| self.link.credit(s.id))
-            .fold(0u64, u64::wrapping_add)
+    /// Whether a mailbox slot holds more than the sender knows.
+    fn credit_news(&self) -> bool {
+        self.tx.tables().segments().iter().any(|s| {
+            self.tx
+                .credit(s.id)
+                .is_some_and(|known| self.link.credit(s.id) > known)
+        })
     }
 }
 

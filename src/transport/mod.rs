@@ -9,10 +9,13 @@
 //!
 //! - [`shm`]: peers on one host; the source segment *is* the receiver's target segment mapped
 //!   into the sender (claim 3), immediates go through a doorbell ring in shared memory.
+//! - [`verbs`]: peers anywhere on an RDMA fabric (InfiniBand, RoCE, Soft-RoCE); one RDMA
+//!   WRITE_WITH_IMM per message from a registered source image, credits by RDMA WRITE.
 
 mod conn;
 #[cfg(not(loom))]
 pub mod shm;
+pub mod verbs;
 
 pub use conn::{Connection, ConnectionStats, Message, SendError};
 
@@ -67,6 +70,12 @@ pub enum TransportError {
     /// A shared-memory primitive failed.
     #[error("shared memory: {0}")]
     Shm(#[from] crate::shm::ShmError),
+    /// A verb failed.
+    #[error("verbs: {0}")]
+    Verbs(#[from] crate::verbs::VerbsError),
+    /// The bootstrap manager refused or could not be reached.
+    #[error("bootstrap: {0}")]
+    Bootstrap(#[from] crate::bootstrap::BootstrapError),
     /// The connection setup failed.
     #[error("handshake with {peer}: {reason}")]
     Handshake {

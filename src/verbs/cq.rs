@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdma_sys::{ibv_comp_channel, ibv_cq, ibv_wc, ibv_wc_opcode, ibv_wc_status};
 
@@ -128,32 +129,37 @@ impl CompletionChannel {
     }
 
     /// Wait until the channel fd is readable (an event is pending) or `timeout` passes
-    /// (`poll(2)`); `None` waits without limit. Returns whether an event is pending. Interrupted
-    /// waits (`EINTR`) return `Ok(false)`.
+    /// (`poll(2)`; `None` waits without limit). Returns whether it is readable. An interrupted
+    /// wait (`EINTR`) returns `Ok(false)` early; callers loop on their own deadline.
     ///
     /// # Errors
     /// [`VerbsError::ChannelPoll`].
-    pub fn wait_readable(&self, timeout: Option<std::time::Duration>) -> Result<bool> {
-        let ms = match timeout {
+    pub fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool> {
+        let ms: libc::c_int = match timeout {
             None => -1,
-            Some(t) => libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX),
+            // Round up so that a short non-zero wait does not become a busy poll.
+            Some(t) => t
+                .as_micros()
+                .div_ceil(1000)
+                .try_into()
+                .unwrap_or(libc::c_int::MAX),
         };
         let mut pfd = libc::pollfd {
             fd: self.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid, writable pollfd for the duration of the call; the fd is open while
-        // `self` lives.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
+        // SAFETY: `pfd` is one valid, initialised `pollfd` on the stack for the whole call and the
+        // count is 1; the fd is the channel's, open while `self` lives.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 return Ok(false);
             }
             return Err(VerbsError::ChannelPoll(e));
         }
-        Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
+        Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
     }
 
     /// Read the next completion event (`ibv_get_cq_event(3)`). Blocks unless the channel is

@@ -106,8 +106,8 @@ pub enum VerbsError {
     /// Setting `O_NONBLOCK` on the completion channel fd failed (`fcntl(2)`).
     #[error("fcntl on the completion channel fd failed")]
     ChannelFcntl(#[source] io::Error),
-    /// Waiting on the completion channel fd (`poll(2)`) failed.
-    #[error("poll on the completion channel fd failed")]
+    /// `poll(2)` on the completion channel fd failed.
+    #[error("poll(2) on the completion channel fd failed")]
     ChannelPoll(#[source] io::Error),
     /// `ibv_create_cq(3)` failed.
     #[error("ibv_create_cq({cqe} entries) failed")]

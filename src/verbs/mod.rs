@@ -38,6 +38,7 @@
 mod cq;
 mod device;
 mod error;
+mod image;
 mod mr;
 mod qp;
 mod test_support;
@@ -50,6 +51,7 @@ pub use device::{
     Context, Device, DeviceAttr, GidEntry, GidSelector, PortAttr, devices, find_device,
 };
 pub use error::{Result, VerbsError};
+pub use image::{CreditWords, SourceImage, TargetImage};
 pub use mr::{MemoryRegion, ProtectionDomain};
 pub use qp::{
     ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, RecvWr, SendOp,

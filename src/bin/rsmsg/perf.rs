@@ -1,7 +1,9 @@
 //! `rsmsg perf`: latency, bandwidth and message-rate runs, perftest style.
 //!
-//! Modes: local (default: spawns a server process on this host and runs as its client),
-//! `--server` (listens under `--name`), `--client` (connects to `--name`).
+//! Modes: local (default: spawns a server process on this host and runs as its client; over
+//! verbs it also embeds a bootstrap manager for the two), `--server` (listens under `--name`),
+//! `--client` (connects to `--name`). Over verbs, `--server` and `--client` meet through the
+//! manager at `--manager` (or `$RSMSG_MANAGER`), authenticating with `$RSMSG_TOKEN`.
 //! The client drives the run: before each test it sends a plan message (test, size,
 //! iterations) and the server follows it.
 
@@ -11,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
+use rsmsg::bootstrap::{DEFAULT_PORT, Manager, Token};
 use rsmsg::core::Layout;
 use rsmsg::transport::shm::{self, ShmListener};
+use rsmsg::transport::verbs::{self as vt, VerbsListener, VerbsOptions};
 use rsmsg::transport::{Connection, Link, PollMode, TargetMemory};
 use serde::Serialize;
 
@@ -32,9 +36,13 @@ pub struct Args {
     /// Run each size for this many seconds instead of a fixed iteration count.
     #[arg(short = 'D', long)]
     duration: Option<f64>,
-    /// Transport: shm (processes of this host). Verbs runs join with the verbs driver.
-    #[arg(long, default_value = "shm", env = "RSMSG_TRANSPORT")]
+    /// Transport: shm (processes of this host) or verbs (RDMA; device from $RSMSG_DEVICE, GID
+    /// index from $RSMSG_GID_INDEX, else automatic).
+    #[arg(long, default_value = "shm", env = "RSMSG_TRANSPORT", value_parser = ["shm", "verbs"])]
     transport: String,
+    /// Bootstrap manager address for verbs --server/--client (token from $RSMSG_TOKEN).
+    #[arg(long, env = "RSMSG_MANAGER")]
+    manager: Option<String>,
     /// Poll mode: busy, event, adaptive[:SPINS].
     #[arg(long, default_value = "busy", env = "RSMSG_POLL")]
     poll: PollMode,
@@ -157,13 +165,10 @@ fn layout(args: &Args) -> Result<Layout> {
 
 /// Runs `rsmsg perf`.
 pub fn run(args: &Args) -> Result<std::process::ExitCode> {
-    if args.transport != "shm" {
-        bail!(
-            "transport {:?} is not available to perf yet (available: shm)",
-            args.transport
-        );
-    }
     let layout = layout(args)?;
+    if args.transport == "verbs" {
+        return run_verbs(args, layout);
+    }
     if args.server {
         return serve(args, layout).map(|()| std::process::ExitCode::SUCCESS);
     }
@@ -173,11 +178,20 @@ pub fn run(args: &Args) -> Result<std::process::ExitCode> {
             .with_context(|| format!("connecting to endpoint {:?}", args.name))?
     } else {
         let name = format!("rsmsg-perf-{}", std::process::id());
-        let c = spawn_server(args, &name)?;
+        let c = spawn_server(args, &name, &[])?;
         child = Some(c);
         shm::connect(&name, layout, args.poll).context("connecting to the local server")?
     };
-    let result = client(args, &conn);
+    finish_client(args, &conn, child)
+}
+
+/// Runs the client side over `conn`, tells the server to quit, waits for a local server.
+fn finish_client<L: Link, T: TargetMemory>(
+    args: &Args,
+    conn: &Connection<L, T>,
+    child: Option<Child>,
+) -> Result<std::process::ExitCode> {
+    let result = client(args, conn);
     // Tell the server we are done, whatever happened.
     let _ = conn.send(b"quit");
     if let Some(mut c) = child {
@@ -193,11 +207,84 @@ pub fn run(args: &Args) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+fn manager_addr(args: &Args) -> String {
+    match &args.manager {
+        Some(m) if m.contains(':') => m.clone(),
+        Some(m) => format!("{m}:{DEFAULT_PORT}"),
+        None => format!("127.0.0.1:{DEFAULT_PORT}"),
+    }
+}
+
+/// `--transport verbs`: server, client, or local (embedded manager + server process).
+fn run_verbs(args: &Args, layout: Layout) -> Result<std::process::ExitCode> {
+    let opts = VerbsOptions::from_env().context("verbs options")?;
+    if args.server {
+        let addr = manager_addr(args);
+        let token = Token::from_env().context("the manager token ($RSMSG_TOKEN)")?;
+        let mut listener =
+            VerbsListener::bind(addr.as_str(), token, &args.name, layout, args.poll, opts)
+                .with_context(|| {
+                    format!("registering {:?} with the manager at {addr}", args.name)
+                })?;
+        println!("listening");
+        std::io::stdout().flush()?;
+        loop {
+            let conn = listener.accept().context("accepting a client")?;
+            if let Err(e) = serve_one(&conn) {
+                if args.once {
+                    return Err(e);
+                }
+                eprintln!("rsmsg perf: client failed: {e:#}");
+            }
+            if args.once {
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+        }
+    }
+    if args.client {
+        let addr = manager_addr(args);
+        let token = Token::from_env().context("the manager token ($RSMSG_TOKEN)")?;
+        let conn = vt::connect(addr.as_str(), &token, &args.name, layout, args.poll, &opts)
+            .with_context(|| {
+                format!(
+                    "connecting to {:?} through the manager at {addr}",
+                    args.name
+                )
+            })?;
+        return finish_client(args, &conn, None);
+    }
+    // Local: a private manager with a fresh token, and a server process that registers with it.
+    let secret = format!(
+        "rsmsg-perf-{:x}",
+        u128::from_le_bytes(rsmsg::bootstrap::auth::nonce()?[..16].try_into()?)
+    );
+    let token = Token::new(secret.clone())?;
+    let manager = Manager::bind("127.0.0.1:0", token.clone()).context("embedded manager")?;
+    let addr = manager.local_addr().to_string();
+    let name = format!("rsmsg-perf-{}", std::process::id());
+    let child = spawn_server(
+        args,
+        &name,
+        &[
+            ("RSMSG_TOKEN", secret.as_str()),
+            ("RSMSG_MANAGER", addr.as_str()),
+        ],
+    )?;
+    let conn = vt::connect(addr.as_str(), &token, &name, layout, args.poll, &opts)
+        .context("connecting to the local server")?;
+    let r = finish_client(args, &conn, Some(child));
+    drop(conn);
+    drop(manager);
+    r
+}
+
 /// Starts `rsmsg perf --server --once` on this host and waits until it listens.
-fn spawn_server(args: &Args, name: &str) -> Result<Child> {
+fn spawn_server(args: &Args, name: &str, env: &[(&str, &str)]) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the rsmsg executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(["perf", "--server", "--once", "--name", name])
+        .args(["--transport", &args.transport])
+        .envs(env.iter().copied())
         .arg("--poll")
         .arg(poll_name(args.poll))
         .stdout(Stdio::piped())

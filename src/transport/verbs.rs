@@ -1,0 +1,1469 @@
+//! The verbs transport: peers anywhere on an RDMA fabric (InfiniBand, RoCE, Soft-RoCE).
+//!
+//! Per connection, each side owns
+//! - one **target image** per segment of its receive layout (remote write): the peer's messages
+//!   land there and are read in place;
+//! - a **credit mailbox** of 257 `u64` words (remote write): the peer writes the absolute
+//!   `freed` counter of each segment we send into, with a plain RDMA WRITE;
+//! - one **source image** per segment of the peer's receive layout (local only): messages are
+//!   copied (or filled in place) there and sent with one RDMA WRITE_WITH_IMM to the same offset
+//!   of the peer's target image;
+//! - one RC queue pair, a send CQ, a receive CQ attached to a completion channel (event mode).
+//!
+//! # Setup through the bootstrap manager (four rounds)
+//! 1. initiator → listener: offer = target segments, mailbox, and in `opaque` a hello (magic,
+//!    version, poll mode, link layer, receive layout). No QP yet: the receive queue depth
+//!    depends on both layouts.
+//! 2. listener → initiator: answer = the same for the listener, plus its QP (created in RESET).
+//! 3. initiator → listener: the initiator's QP, already connected (RTS) with its receive queue
+//!    stocked.
+//! 4. listener → initiator: `ready` once the listener's QP is connected and stocked. Nobody
+//!    writes before its peer's QP can take it.
+//!
+//! Every descriptor received is checked against the layout the peer announced (which must parse
+//! and validate): segment ids, groups, partition sizes, counts, span factors, lengths, the
+//! mailbox size, the QP attributes.
+//!
+//! # Hot path
+//! Work requests are built once per segment and patched (SGE, remote address, immediate) before
+//! each post: nothing allocates. Messages up to the QP's inline limit go inline. One send in
+//! `k` (a quarter of the send queue) is signaled; the driver counts posted and completed work
+//! requests and reaps the send CQ when the queue fills, so a full send queue is back-pressure,
+//! never an error. Receive WQEs (no SGE) are posted up to
+//! [`Layout::recv_wqe_bound_for`] and one is re-posted per receive completion, so the normal
+//! path never meets RNR.
+//!
+//! # Credit notices
+//! A side in event or adaptive mode announces it in its hello. Its peer then follows every
+//! credit WRITE with a zero-length WRITE_WITH_IMM carrying a credit notice, so a sender sleeping
+//! on the completion channel for credits always wakes up (no flag to race with: RC ordering
+//! places the mailbox write before the notice's completion). Notices consume receive WQEs, so
+//! such a side also drains its receive CQ each time it posts a message (dropping notices: the
+//! mailbox already holds their value, keeping messages in arrival order), which bounds the
+//! notices pending at any time by the partitions of its sending direction, as the receive
+//! queue depth assumes. A busy-mode side reads its mailbox and gets no notices.
+//!
+//! # Liveness
+//! While a side waits (nothing to receive, or no credit), [`Link::check_peer`] posts a signaled
+//! 8-byte RDMA WRITE probe (into the peer's spare mailbox word) at most once per second. A peer
+//! that died never acknowledges it: the QP's retry limits (`timeout`, `retry_cnt` in [`VerbsOptions::params`]) turn that into an
+//! error completion in bounded time, and the connection fails with
+//! [`TransportError::PeerClosed`]. Any error completion fails the connection with its status.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+use super::{Connection, Link, PollMode, TargetMemory, TransportError};
+use crate::bootstrap::{
+    BootstrapError, Descriptors, EndpointInfo, EndpointName, ErrorCode, HostId, Incoming,
+    MailboxDescriptor, ManagerClient, QpInfo, Registration, RendezvousId, SegmentDescriptor, Side,
+    Token, TransportSet,
+};
+use crate::core::wire::{Immediate, ImmediateKind};
+use crate::core::{CreditUpdate, Layout, SegmentId, Tables};
+use crate::verbs::{
+    CompletionChannel, CompletionQueue, ConnectParams, Context, CreditWords, Gid, GidIndex,
+    GidSelector, LinkLayer, Mtu, ProtectionDomain, Psn, QpConfig, QpEndpoint, QpNum, QueuePair,
+    RecvWr, Rkey, SendOp, SendWr, SourceImage, TargetImage, VerbsError, WcOpcode, WcStatus,
+    WorkCompletion, WrId,
+};
+
+const MAGIC: [u8; 4] = *b"RSVB";
+const VERSION: u16 = 1;
+const HELLO_FIXED: usize = 14;
+/// Mailbox words: one per possible segment id, plus one spare (as in the shared-memory layout).
+const MAILBOX_SLOTS: usize = 257;
+const RECV_BATCH: usize = 16;
+const SEND_BATCH: usize = 16;
+/// How often a waiting side probes its peer.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Content of the fourth setup round.
+const READY: &[u8] = b"ready";
+
+/// A connection over verbs.
+pub type VerbsConnection = Connection<VerbsLink, VerbsTarget>;
+
+/// Device, port, GID and QP parameters of verbs connections.
+#[derive(Debug, Clone)]
+pub struct VerbsOptions {
+    /// Device name (default: `$RSMSG_DEVICE`, else the first device).
+    pub device: Option<String>,
+    /// An already open device to use instead of opening `device` (shares one context among
+    /// connections).
+    pub context: Option<Context>,
+    /// Port number (default 1, or `$RSMSG_PORT`).
+    pub port: u8,
+    /// GID to use: automatic (a RoCE v2 IPv4-mapped GID first), or `$RSMSG_GID_INDEX`.
+    pub gid: GidSelector,
+    /// QP connection parameters: MTU cap, ACK timeout and retries (which bound how long a dead
+    /// peer takes to detect), RNR retries.
+    pub params: ConnectParams,
+    /// Send queue depth asked for (capped by the device).
+    pub send_queue_depth: u32,
+    /// Inline data asked for (messages up to this many wire bytes are copied at post time).
+    pub max_inline: u32,
+    /// Bound on each setup step through the manager.
+    pub setup_timeout: Duration,
+}
+
+impl Default for VerbsOptions {
+    fn default() -> Self {
+        VerbsOptions {
+            device: None,
+            context: None,
+            port: 1,
+            gid: GidSelector::Auto,
+            params: ConnectParams {
+                // 4.096 us * 2^17 = 0.54 s per try, 6 retries: a dead peer shows within about four
+                // seconds of the probe (7 would mean "retry forever" to Soft-RoCE), while delays
+                // of emulated or congested networks do not pass for a death; RNR retries forever
+                // (the normal path never meets RNR).
+                timeout: 17,
+                retry_cnt: 6,
+                rnr_retry: 7,
+                min_rnr_timer: 12,
+                ..ConnectParams::default()
+            },
+            send_queue_depth: 256,
+            max_inline: 128,
+            setup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl VerbsOptions {
+    /// Environment variable naming the device.
+    pub const ENV_DEVICE: &'static str = "RSMSG_DEVICE";
+    /// Environment variable naming the GID index.
+    pub const ENV_GID_INDEX: &'static str = "RSMSG_GID_INDEX";
+    /// Environment variable naming the port.
+    pub const ENV_PORT: &'static str = "RSMSG_PORT";
+    /// Environment variable setting the QP's ACK timeout exponent (4.096 us * 2^N, 1..=31).
+    pub const ENV_QP_TIMEOUT: &'static str = "RSMSG_QP_TIMEOUT";
+
+    /// The defaults, with device, port, GID index and QP timeout taken from the environment when
+    /// set.
+    ///
+    /// # Errors
+    /// A port, GID index or timeout that is not a number in range.
+    pub fn from_env() -> Result<Self, TransportError> {
+        let mut o = VerbsOptions::default();
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        o.device = var(Self::ENV_DEVICE);
+        if let Some(p) = var(Self::ENV_PORT) {
+            o.port = p
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&p| p >= 1)
+                .ok_or_else(|| setup_err(Self::ENV_PORT, format!("bad port {p:?}")))?;
+        }
+        if let Some(t) = var(Self::ENV_QP_TIMEOUT) {
+            o.params.timeout = t
+                .trim()
+                .parse()
+                .ok()
+                .filter(|t| (1..=31).contains(t))
+                .ok_or_else(|| setup_err(Self::ENV_QP_TIMEOUT, format!("bad timeout {t:?}")))?;
+        }
+        if let Some(g) = var(Self::ENV_GID_INDEX) {
+            let i: u8 = g
+                .trim()
+                .parse()
+                .map_err(|_| setup_err(Self::ENV_GID_INDEX, format!("bad GID index {g:?}")))?;
+            o.gid = GidSelector::Index(GidIndex(i));
+        }
+        Ok(o)
+    }
+
+    fn open(&self) -> Result<Context, TransportError> {
+        match &self.context {
+            Some(c) => Ok(c.clone()),
+            None => Ok(Context::open(self.device.as_deref())?),
+        }
+    }
+}
+
+fn setup_err(peer: &str, reason: impl Into<String>) -> TransportError {
+    TransportError::Handshake {
+        peer: peer.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hello (in `Descriptors::opaque`)
+
+#[derive(Debug, Clone, PartialEq)]
+struct Hello {
+    mode: PollMode,
+    link_layer: LinkLayer,
+    layout: Layout,
+}
+
+impl Hello {
+    fn encode(&self) -> Vec<u8> {
+        let text = self.layout.to_string();
+        let mut b = Vec::with_capacity(HELLO_FIXED + text.len());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        let (mode, spins) = match self.mode {
+            PollMode::Busy => (0u8, 0u32),
+            PollMode::Event => (1, 0),
+            PollMode::Adaptive { spins } => (2, spins),
+        };
+        b.push(mode);
+        b.push(self.link_layer.to_raw());
+        b.extend_from_slice(&spins.to_le_bytes());
+        b.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        b.extend_from_slice(text.as_bytes());
+        b
+    }
+
+    fn decode(b: &[u8], peer: &str) -> Result<Hello, TransportError> {
+        let bad = |r: String| setup_err(peer, r);
+        if b.len() < HELLO_FIXED {
+            return Err(bad(format!("hello of {} bytes is too short", b.len())));
+        }
+        if b[0..4] != MAGIC {
+            return Err(bad("not an rsmsg verbs peer (bad magic)".into()));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != VERSION {
+            return Err(bad(format!(
+                "protocol version {version}, expected {VERSION}"
+            )));
+        }
+        let spins = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        let mode = match (b[6], spins) {
+            (0, 0) => PollMode::Busy,
+            (1, 0) => PollMode::Event,
+            (2, spins) => PollMode::Adaptive { spins },
+            (m, s) => return Err(bad(format!("bad poll mode {m} with {s} spins"))),
+        };
+        if b[7] > 2 {
+            return Err(bad(format!("unknown link layer {}", b[7])));
+        }
+        let link_layer = LinkLayer::from_raw(b[7]);
+        let n = u16::from_le_bytes([b[12], b[13]]) as usize;
+        if n == 0 || b.len() != HELLO_FIXED + n {
+            return Err(bad(format!(
+                "layout length {n} does not match the hello's {} bytes",
+                b.len()
+            )));
+        }
+        let text = std::str::from_utf8(&b[HELLO_FIXED..])
+            .map_err(|_| bad("layout is not UTF-8".into()))?;
+        let layout = text
+            .parse::<Layout>()
+            .map_err(|e| bad(format!("layout {text:?}: {e}")))?;
+        Ok(Hello {
+            mode,
+            link_layer,
+            layout,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Descriptors
+
+/// What one side learned about the other's receiving resources, validated.
+#[derive(Debug)]
+struct PeerInfo {
+    hello: Hello,
+    mailbox: MailboxDescriptor,
+    segments: Vec<SegmentDescriptor>,
+}
+
+fn check_descriptors(d: &Descriptors, peer: &str) -> Result<PeerInfo, TransportError> {
+    let bad = |r: String| setup_err(peer, r);
+    d.validate()
+        .map_err(|e| bad(format!("invalid descriptors: {e}")))?;
+    let hello = Hello::decode(&d.opaque, peer)?;
+    let tables = Tables::new(hello.layout.clone());
+    if d.segments.len() != tables.segments().len() {
+        return Err(bad(format!(
+            "{} segment descriptors for a layout of {} segments",
+            d.segments.len(),
+            tables.segments().len()
+        )));
+    }
+    for (s, e) in d.segments.iter().zip(tables.segments()) {
+        let ok = s.segment_id == e.id.0
+            && s.group == e.group.0
+            && s.partition_size == e.partition_size
+            && s.partition_count == e.partitions
+            && s.span_factor == e.span
+            && s.len >= e.bytes();
+        if !ok {
+            return Err(bad(format!(
+                "segment descriptor {s:?} does not match segment {} of the announced layout",
+                e.id.0
+            )));
+        }
+    }
+    let mailbox = d
+        .mailbox
+        .ok_or_else(|| bad("no credit mailbox descriptor".into()))?;
+    if (mailbox.len as usize) < MAILBOX_SLOTS * 8 {
+        return Err(bad(format!(
+            "credit mailbox of {} bytes, expected at least {}",
+            mailbox.len,
+            MAILBOX_SLOTS * 8
+        )));
+    }
+    Ok(PeerInfo {
+        hello,
+        mailbox,
+        segments: d.segments.clone(),
+    })
+}
+
+fn qp_info(ep: &QpEndpoint) -> QpInfo {
+    QpInfo {
+        qpn: ep.qpn.0,
+        psn: ep.psn.get(),
+        gid: ep.gid.0,
+        lid: ep.lid,
+        mtu: ep.mtu.bytes() as u16,
+        port: ep.port,
+        gid_index: ep.gid_index.0,
+    }
+}
+
+fn qp_endpoint(
+    info: &QpInfo,
+    link_layer: LinkLayer,
+    peer: &str,
+) -> Result<QpEndpoint, TransportError> {
+    let mtu = [
+        Mtu::Mtu256,
+        Mtu::Mtu512,
+        Mtu::Mtu1024,
+        Mtu::Mtu2048,
+        Mtu::Mtu4096,
+    ]
+    .into_iter()
+    .find(|m| m.bytes() == u32::from(info.mtu))
+    .ok_or_else(|| setup_err(peer, format!("bad MTU {}", info.mtu)))?;
+    let ep = QpEndpoint {
+        qpn: QpNum(info.qpn),
+        psn: Psn::new(info.psn).ok_or_else(|| setup_err(peer, "PSN exceeds 24 bits"))?,
+        gid: Gid(info.gid),
+        gid_index: GidIndex(info.gid_index),
+        lid: info.lid,
+        mtu,
+        port: info.port,
+        link_layer,
+    };
+    ep.validate()
+        .map_err(|e| setup_err(peer, format!("queue pair: {e}")))?;
+    Ok(ep)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resources
+
+/// This side's receiving resources, announced before the QP exists.
+struct Receiving {
+    targets: Vec<TargetImage>,
+    mailbox: CreditWords,
+}
+
+impl Receiving {
+    fn create(pd: &ProtectionDomain, layout: &Layout) -> Result<Receiving, TransportError> {
+        let tables = Tables::new(layout.clone());
+        let targets = tables
+            .segments()
+            .iter()
+            .map(|s| TargetImage::new(pd, s.bytes() as usize))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mailbox = CreditWords::new(pd, MAILBOX_SLOTS)?;
+        Ok(Receiving { targets, mailbox })
+    }
+
+    fn descriptors(&self, layout: &Layout, hello: &Hello) -> Descriptors {
+        let tables = Tables::new(layout.clone());
+        let segments = tables
+            .segments()
+            .iter()
+            .zip(&self.targets)
+            .map(|(e, t)| SegmentDescriptor {
+                segment_id: e.id.0,
+                group: e.group.0,
+                addr: t.addr(),
+                len: t.len() as u64,
+                rkey: t.rkey().0,
+                partition_size: e.partition_size,
+                partition_count: e.partitions,
+                span_factor: e.span,
+            })
+            .collect();
+        Descriptors {
+            qp: None,
+            mailbox: Some(MailboxDescriptor {
+                addr: self.mailbox.addr(),
+                rkey: self.mailbox.rkey().0,
+                len: self.mailbox.len() as u32,
+            }),
+            segments,
+            opaque: hello.encode(),
+        }
+    }
+}
+
+/// The QP and its queues, in RESET until connected.
+struct Queues {
+    qp: QueuePair,
+    send_cq: CompletionQueue,
+    recv_cq: CompletionQueue,
+    channel: CompletionChannel,
+    local: QpEndpoint,
+    rq_depth: u32,
+}
+
+impl Queues {
+    fn create(
+        ctx: &Context,
+        pd: &ProtectionDomain,
+        opts: &VerbsOptions,
+        recv: &Layout,
+        send: &Layout,
+    ) -> Result<Queues, TransportError> {
+        let dev = ctx.query_device()?;
+        let rq_depth = Layout::recv_wqe_bound_for(recv, send);
+        if rq_depth > dev.max_qp_wr || rq_depth > dev.max_cqe {
+            return Err(setup_err(
+                ctx.device_name(),
+                format!(
+                    "the layouts need {rq_depth} receive WQEs; the device allows {} per queue and {} per CQ",
+                    dev.max_qp_wr, dev.max_cqe
+                ),
+            ));
+        }
+        let sq_depth = opts.send_queue_depth.clamp(8, dev.max_qp_wr.max(8));
+        let channel = CompletionChannel::new(ctx)?;
+        channel.set_nonblocking(true)?;
+        let send_cq = CompletionQueue::new(ctx, sq_depth, None)?;
+        let recv_cq = CompletionQueue::new(ctx, rq_depth, Some(&channel))?;
+        let cfg = QpConfig {
+            max_send_wr: sq_depth,
+            max_recv_wr: rq_depth,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: opts.max_inline,
+            sig_all: false,
+        };
+        let qp = QueuePair::new(pd, &send_cq, &recv_cq, &cfg)?;
+        if qp.caps().max_inline_data < 8 {
+            return Err(setup_err(
+                ctx.device_name(),
+                "the device does not send 8 bytes inline (needed for credit writes)",
+            ));
+        }
+        let local = qp.local_endpoint(opts.port, opts.gid, Psn::random())?;
+        Ok(Queues {
+            qp,
+            send_cq,
+            recv_cq,
+            channel,
+            local,
+            rq_depth,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The link
+
+/// Which prepared work request to post.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wr {
+    Message(usize),
+    Credit,
+    Notice,
+    Probe,
+}
+
+/// Why the link stopped working.
+#[derive(Debug, Clone)]
+struct Dead {
+    peer_gone: bool,
+    reason: String,
+}
+
+impl Dead {
+    fn error(&self) -> TransportError {
+        if self.peer_gone {
+            TransportError::PeerClosed
+        } else {
+            TransportError::Failed(self.reason.clone())
+        }
+    }
+}
+
+fn dead_from(wc: &WorkCompletion, what: &str) -> Dead {
+    let st = wc.status();
+    Dead {
+        peer_gone: st == WcStatus::RETRY_EXC_ERR || st == WcStatus::RNR_RETRY_EXC_ERR,
+        reason: format!(
+            "{what} completion failed: {st} (vendor error {:#x})",
+            wc.vendor_err()
+        ),
+    }
+}
+
+/// The sending half: the QP and its prepared work requests.
+struct SendSide {
+    qp: QueuePair,
+    cq: CompletionQueue,
+    wcs: [WorkCompletion; SEND_BATCH],
+    /// One WRITE_WITH_IMM per peer segment, SGE on its source image.
+    msg_wrs: Vec<SendWr>,
+    /// Peer target segments: base address and key.
+    remote: Vec<(u64, Rkey)>,
+    credit_stage: SourceImage,
+    credit_wr: SendWr,
+    notice_wr: SendWr,
+    probe_wr: SendWr,
+    peer_mailbox: (u64, Rkey),
+    depth: u64,
+    signal_every: u64,
+    posted: u64,
+    completed: u64,
+    probe_pending: Option<u64>,
+    dead: Option<Dead>,
+}
+
+impl SendSide {
+    #[inline]
+    fn outstanding(&self) -> u64 {
+        self.posted - self.completed
+    }
+
+    fn check(&self) -> Result<(), TransportError> {
+        match &self.dead {
+            Some(d) => Err(d.error()),
+            None => Ok(()),
+        }
+    }
+
+    /// Polls the send CQ once; an error completion kills the link.
+    fn reap(&mut self) -> Result<(), TransportError> {
+        let n = self.cq.poll(&mut self.wcs)?;
+        for wc in &self.wcs[..n] {
+            if !wc.is_success() {
+                if self.dead.is_none() {
+                    let d = dead_from(wc, "send");
+                    tracing::debug!(reason = %d.reason, "verbs link failed");
+                    self.dead = Some(d);
+                }
+                continue;
+            }
+            // Completions are in posting order; a signaled one completes all before it.
+            self.completed = self.completed.max(wc.wr_id().0 + 1);
+        }
+        if self.probe_pending.is_some_and(|p| self.completed > p) {
+            self.probe_pending = None;
+        }
+        self.check()
+    }
+
+    fn post(&mut self, which: Wr) -> Result<(), TransportError> {
+        self.check()?;
+        if self.outstanding() >= self.depth / 2 {
+            self.reap()?;
+        }
+        loop {
+            // A full send queue is back-pressure: signaled work requests complete (or fail) in
+            // bounded time, bounded by the QP's retry limits.
+            while self.outstanding() >= self.depth {
+                self.reap()?;
+                std::hint::spin_loop();
+            }
+            let seq = self.posted;
+            let signaled = which == Wr::Probe || seq % self.signal_every == self.signal_every - 1;
+            let wr = match which {
+                Wr::Message(i) => &mut self.msg_wrs[i],
+                Wr::Credit => &mut self.credit_wr,
+                Wr::Notice => &mut self.notice_wr,
+                Wr::Probe => &mut self.probe_wr,
+            };
+            wr.set_wr_id(WrId(seq)).set_signaled(signaled);
+            match self.qp.post_send(wr) {
+                Ok(()) => {
+                    self.posted += 1;
+                    if which == Wr::Probe {
+                        self.probe_pending = Some(seq);
+                    }
+                    return Ok(());
+                }
+                Err(VerbsError::SendQueueFull { .. }) => {
+                    self.reap()?;
+                    std::hint::spin_loop();
+                }
+                Err(e) => {
+                    let d = Dead {
+                        peer_gone: false,
+                        reason: format!("posting a send: {e}"),
+                    };
+                    self.dead = Some(d);
+                    return Err(TransportError::Verbs(e));
+                }
+            }
+        }
+    }
+}
+
+/// The receiving half: the receive CQ, its channel and the re-posted receive WR.
+struct RecvSide {
+    cq: CompletionQueue,
+    channel: CompletionChannel,
+    wr: RecvWr,
+    wcs: [WorkCompletion; RECV_BATCH],
+    /// Immediates polled but not yet handed out, in arrival order (capacity fixed at setup).
+    queue: VecDeque<u32>,
+    cap: usize,
+    armed: bool,
+}
+
+impl RecvSide {
+    /// Polls the receive CQ once, re-posts one WQE per completion and queues the immediates
+    /// (dropping credit notices unless `keep_notices`). Returns how many completions came.
+    fn poll(&mut self, tx: &mut SendSide, keep_notices: bool) -> Result<usize, TransportError> {
+        let n = self.cq.poll(&mut self.wcs)?;
+        for i in 0..n {
+            let wc = &self.wcs[i];
+            if !wc.is_success() {
+                let d = if wc.status() == WcStatus::WR_FLUSH_ERR {
+                    Dead {
+                        peer_gone: true,
+                        reason: "the queue pair went to the error state".into(),
+                    }
+                } else {
+                    dead_from(wc, "receive")
+                };
+                let e = d.error();
+                tx.dead.get_or_insert(d);
+                return Err(e);
+            }
+            let imm = match (wc.opcode(), wc.imm()) {
+                (WcOpcode::RecvRdmaWithImm, Some(imm)) => imm,
+                (op, _) => {
+                    let d = Dead {
+                        peer_gone: false,
+                        reason: format!("unexpected receive completion {op:?} from the peer"),
+                    };
+                    let e = d.error();
+                    tx.dead.get_or_insert(d);
+                    return Err(e);
+                }
+            };
+            tx.qp.post_recv(&mut self.wr)?;
+            if !keep_notices && matches!(Immediate(imm).decode(), Ok(ImmediateKind::Credit { .. }))
+            {
+                continue;
+            }
+            if self.queue.len() >= self.cap {
+                let d = Dead {
+                    peer_gone: false,
+                    reason: "the peer sent more messages than its partitions allow".into(),
+                };
+                let e = d.error();
+                tx.dead.get_or_insert(d);
+                return Err(e);
+            }
+            self.queue.push_back(imm);
+        }
+        Ok(n)
+    }
+}
+
+/// The [`Link`] of a verbs connection.
+pub struct VerbsLink {
+    tx: RefCell<SendSide>,
+    rx: RecvSide,
+    sources: Vec<SourceImage>,
+    mailbox: CreditWords,
+    /// The peer sleeps for credits (event/adaptive): every credit is followed by a notice.
+    peer_sleeps: bool,
+    /// This side gets notices: drain them when posting.
+    drain_on_post: bool,
+    last_probe: Cell<Instant>,
+    device: String,
+}
+
+impl std::fmt::Debug for VerbsLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerbsLink")
+            .field("device", &self.device)
+            .field("peer_sleeps", &self.peer_sleeps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerbsLink {
+    #[inline]
+    fn source(&mut self, segment: SegmentId) -> Result<&mut SourceImage, TransportError> {
+        self.sources
+            .get_mut(segment.index())
+            .ok_or(TransportError::Failed(format!(
+                "no peer segment {}",
+                segment.0
+            )))
+    }
+
+    /// The device this connection uses.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+}
+
+impl Link for VerbsLink {
+    #[inline]
+    fn write(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<(), TransportError> {
+        self.source(segment)?.write(offset, bytes)?;
+        Ok(())
+    }
+
+    #[inline]
+    fn fill(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<&mut [u8], TransportError> {
+        Ok(self.source(segment)?.filling(offset, len)?)
+    }
+
+    #[inline]
+    fn post(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
+        let i = segment.index();
+        let tx = self.tx.get_mut();
+        if self.drain_on_post {
+            self.rx.poll(tx, false)?;
+        }
+        let (base, rkey) = *tx.remote.get(i).ok_or(TransportError::Failed(format!(
+            "no peer segment {}",
+            segment.0
+        )))?;
+        let wr = &mut tx.msg_wrs[i];
+        wr.set_sge(0, offset, len)?;
+        wr.set_remote(base + offset as u64, rkey)?;
+        wr.set_imm(imm)?;
+        tx.post(Wr::Message(i))
+    }
+
+    fn next_immediate(
+        &mut self,
+        mode: PollMode,
+        timeout: Option<Duration>,
+    ) -> Result<Option<u32>, TransportError> {
+        if let Some(imm) = self.rx.queue.pop_front() {
+            return Ok(Some(imm));
+        }
+        let tx = self.tx.get_mut();
+        tx.check()?;
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut spins: u32 = 0;
+        loop {
+            self.rx.poll(tx, true)?;
+            if let Some(imm) = self.rx.queue.pop_front() {
+                return Ok(Some(imm));
+            }
+            if timeout == Some(Duration::ZERO) {
+                return Ok(None);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(None);
+            }
+            let sleep = match mode {
+                PollMode::Busy => false,
+                PollMode::Event => true,
+                PollMode::Adaptive { spins: limit } => {
+                    spins = spins.saturating_add(1);
+                    spins > limit
+                }
+            };
+            if !sleep {
+                std::hint::spin_loop();
+                continue;
+            }
+            if !self.rx.armed {
+                // Arm, then poll again: a completion that came before arming raises no event.
+                self.rx.cq.req_notify(false)?;
+                self.rx.armed = true;
+                continue;
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(now));
+            if self.rx.channel.wait_readable(left)? {
+                // Acknowledged on drop; the CQ is disarmed by the event.
+                while let Some(ev) = self.rx.channel.get_event()? {
+                    drop(ev);
+                    self.rx.armed = false;
+                }
+            }
+        }
+    }
+
+    fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
+        let tx = self.tx.get_mut();
+        let slot = credit.segment.index();
+        let off = slot * 8;
+        tx.credit_stage.write(off, &credit.freed.to_le_bytes())?;
+        let (addr, rkey) = tx.peer_mailbox;
+        tx.credit_wr.set_sge(0, off, 8)?;
+        tx.credit_wr.set_remote(addr + off as u64, rkey)?;
+        tx.post(Wr::Credit)?;
+        if self.peer_sleeps {
+            tx.notice_wr.set_imm(credit.notice().get())?;
+            tx.post(Wr::Notice)?;
+        }
+        Ok(())
+    }
+
+    fn want_credit_notice(&mut self) {
+        // A peer told at setup that we sleep sends a notice with every credit; nothing to
+        // announce here. The fence keeps the contract's ordering for the caller's next read.
+        fence(Ordering::SeqCst);
+    }
+
+    #[inline]
+    fn credit(&self, segment: SegmentId) -> u64 {
+        self.mailbox
+            .load(segment.index())
+            .map(u64::from_le)
+            .unwrap_or(0)
+    }
+
+    fn check_peer(&self) -> Result<(), TransportError> {
+        let Ok(mut tx) = self.tx.try_borrow_mut() else {
+            return Ok(());
+        };
+        tx.check()?;
+        tx.reap()?;
+        let now = Instant::now();
+        if now.duration_since(self.last_probe.get()) >= PROBE_INTERVAL {
+            self.last_probe.set(now);
+            if tx.probe_pending.is_none() && tx.outstanding() < tx.depth {
+                tracing::trace!(posted = tx.posted, "probing the peer");
+                tx.post(Wr::Probe)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Our target segments, read in place.
+#[derive(Debug)]
+pub struct VerbsTarget {
+    segments: Vec<TargetImage>,
+}
+
+impl TargetMemory for VerbsTarget {
+    #[inline]
+    fn bytes(
+        &self,
+        segment: SegmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<&[u8], TransportError> {
+        let t = self
+            .segments
+            .get(segment.index())
+            .ok_or(TransportError::Failed(format!(
+                "no target segment {}",
+                segment.0
+            )))?;
+        Ok(t.received(offset, len)?)
+    }
+}
+
+/// Connects `queues` to the peer, stocks the receive queue and builds the connection.
+#[allow(clippy::too_many_arguments)] // the parts of a setup, each used once
+fn finish(
+    pd: &ProtectionDomain,
+    mut queues: Queues,
+    receiving: Receiving,
+    peer: PeerInfo,
+    remote_ep: &QpEndpoint,
+    recv_layout: &Layout,
+    mode: PollMode,
+    opts: &VerbsOptions,
+) -> Result<VerbsConnection, TransportError> {
+    queues.qp.connect(&queues.local, remote_ep, &opts.params)?;
+    let mut recv_wr = RecvWr::new(WrId(0));
+    for _ in 0..queues.rq_depth {
+        queues.qp.post_recv(&mut recv_wr)?;
+    }
+    let send_tables = Tables::new(peer.hello.layout.clone());
+    let mut sources = Vec::with_capacity(send_tables.segments().len());
+    let mut msg_wrs = Vec::with_capacity(send_tables.segments().len());
+    let mut remote = Vec::with_capacity(send_tables.segments().len());
+    for (e, d) in send_tables.segments().iter().zip(&peer.segments) {
+        let img = SourceImage::new(pd, e.bytes() as usize)?;
+        let mut wr = img.send_wr(
+            SendOp::RdmaWriteWithImm,
+            WrId(0),
+            0,
+            e.partition_size as usize,
+        )?;
+        wr.set_remote(d.addr, Rkey(d.rkey))?;
+        msg_wrs.push(wr);
+        sources.push(img);
+        remote.push((d.addr, Rkey(d.rkey)));
+    }
+    let credit_stage = SourceImage::new(pd, MAILBOX_SLOTS * 8)?;
+    let mut credit_wr = credit_stage.send_wr(SendOp::RdmaWrite, WrId(0), 0, 8)?;
+    credit_wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
+    let mut notice_wr = SendWr::new(SendOp::RdmaWriteWithImm, WrId(0));
+    notice_wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
+    // The probe writes 8 bytes (inline) into the peer's spare mailbox word, which nobody reads:
+    // a transfer with payload always needs the peer's acknowledgement.
+    let spare = (MAILBOX_SLOTS - 1) * 8;
+    let mut probe_wr = credit_stage.send_wr(SendOp::RdmaWrite, WrId(0), spare, 8)?;
+    probe_wr.set_remote(peer.mailbox.addr + spare as u64, Rkey(peer.mailbox.rkey))?;
+    let depth = u64::from(queues.qp.caps().max_send_wr.max(8));
+    let tx = SendSide {
+        qp: queues.qp,
+        cq: queues.send_cq,
+        wcs: Default::default(),
+        msg_wrs,
+        remote,
+        credit_stage,
+        credit_wr,
+        notice_wr,
+        probe_wr,
+        peer_mailbox: (peer.mailbox.addr, Rkey(peer.mailbox.rkey)),
+        depth,
+        signal_every: (depth / 4).max(1),
+        posted: 0,
+        completed: 0,
+        probe_pending: None,
+        dead: None,
+    };
+    let cap = queues.rq_depth as usize + RECV_BATCH;
+    let rx = RecvSide {
+        cq: queues.recv_cq,
+        channel: queues.channel,
+        wr: recv_wr,
+        wcs: Default::default(),
+        queue: VecDeque::with_capacity(cap),
+        cap,
+        armed: false,
+    };
+    let device = pd.context().device_name().to_string();
+    tracing::debug!(
+        device,
+        qpn = %queues.local.qpn,
+        peer_qpn = %remote_ep.qpn,
+        rq_depth = queues.rq_depth,
+        sq_depth = depth,
+        "verbs connection up"
+    );
+    let link = VerbsLink {
+        tx: RefCell::new(tx),
+        rx,
+        sources,
+        mailbox: receiving.mailbox,
+        peer_sleeps: peer.hello.mode != PollMode::Busy,
+        drain_on_post: mode != PollMode::Busy,
+        last_probe: Cell::new(Instant::now()),
+        device,
+    };
+    let target = VerbsTarget {
+        segments: receiving.targets,
+    };
+    Ok(Connection::new(
+        link,
+        target,
+        peer.hello.layout,
+        recv_layout.clone(),
+        mode,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listener
+
+/// A named verbs endpoint registered with a bootstrap manager, accepting connections.
+#[derive(Debug)]
+pub struct VerbsListener {
+    reg: Registration,
+    ctx: Context,
+    pd: ProtectionDomain,
+    layout: Layout,
+    mode: PollMode,
+    opts: VerbsOptions,
+    link_layer: LinkLayer,
+}
+
+impl VerbsListener {
+    /// Registers `name` with the manager at `manager` (authenticating with `token`), offering
+    /// `layout` for messages sent to us, and opens the device of `opts`.
+    ///
+    /// # Errors
+    /// The manager is unreachable or refuses the name; the device cannot be opened or its port
+    /// is not active.
+    pub fn bind(
+        manager: impl ToSocketAddrs,
+        token: Token,
+        name: &str,
+        layout: Layout,
+        mode: PollMode,
+        opts: VerbsOptions,
+    ) -> Result<Self, TransportError> {
+        let info = EndpointInfo {
+            name: EndpointName::new(name)
+                .map_err(|e| setup_err(name, format!("bad endpoint name: {e}")))?,
+            host_id: HostId::local().map_err(|source| TransportError::Io {
+                step: "read the host id",
+                source,
+            })?,
+            transports: TransportSet::VERBS,
+            shm_socket: None,
+        };
+        let reg = Registration::new(manager, token, info, opts.setup_timeout)?;
+        Self::with_registration(reg, layout, mode, opts)
+    }
+
+    /// As [`VerbsListener::bind`], over a registration made by the caller (which must offer
+    /// verbs).
+    ///
+    /// # Errors
+    /// The device cannot be opened or its port is not active.
+    pub fn with_registration(
+        reg: Registration,
+        layout: Layout,
+        mode: PollMode,
+        opts: VerbsOptions,
+    ) -> Result<Self, TransportError> {
+        let ctx = opts.open()?;
+        let pd = ProtectionDomain::new(&ctx)?;
+        let link_layer = ctx.active_port(opts.port)?.link_layer;
+        Ok(VerbsListener {
+            reg,
+            ctx,
+            pd,
+            layout,
+            mode,
+            opts,
+            link_layer,
+        })
+    }
+
+    /// The registered name.
+    pub fn name(&self) -> &str {
+        self.reg.info().name.as_str()
+    }
+
+    /// Waits for the next connection request and completes its setup. A manager that went
+    /// away is waited for (the registration is restored when it is back).
+    ///
+    /// # Errors
+    /// The manager refuses the registration; a peer's request fails validation or setup (the
+    /// request is rejected and the listener stays usable).
+    pub fn accept(&mut self) -> Result<VerbsConnection, TransportError> {
+        loop {
+            match self.accept_timeout(Duration::from_secs(60)) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => {}
+                Err(TransportError::Bootstrap(e)) if e.is_unreachable() => {
+                    tracing::debug!(error = %e, "manager unreachable; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for a connection request; `Ok(None)` when none came.
+    ///
+    /// # Errors
+    /// As [`VerbsListener::accept`], and an unreachable manager.
+    pub fn accept_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<VerbsConnection>, TransportError> {
+        let Some(incoming) = self.reg.accept(timeout)? else {
+            return Ok(None);
+        };
+        let id = incoming.id;
+        match self.answer(incoming) {
+            Ok(c) => {
+                let _ = self
+                    .reg
+                    .with_client(|c| c.close(id, Side::Listener, "connected"));
+                Ok(Some(c))
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let _ = self
+                    .reg
+                    .with_client(|c| c.close(id, Side::Listener, &reason));
+                Err(e)
+            }
+        }
+    }
+
+    fn answer(&mut self, incoming: Incoming) -> Result<VerbsConnection, TransportError> {
+        let peer_name = incoming.from.name.to_string();
+        let peer = check_descriptors(&incoming.offer, &peer_name)?;
+        if incoming.offer.qp.is_some() {
+            return Err(setup_err(
+                &peer_name,
+                "queue pair offered in the first round",
+            ));
+        }
+        let receiving = Receiving::create(&self.pd, &self.layout)?;
+        let queues = Queues::create(
+            &self.ctx,
+            &self.pd,
+            &self.opts,
+            &self.layout,
+            &peer.hello.layout,
+        )?;
+        let hello = Hello {
+            mode: self.mode,
+            link_layer: self.link_layer,
+            layout: self.layout.clone(),
+        };
+        let mut answer = receiving.descriptors(&self.layout, &hello);
+        answer.qp = Some(qp_info(&queues.local));
+        let id = incoming.id;
+        let t = self.opts.setup_timeout;
+        self.reg
+            .with_client(|c| c.send(id, Side::Listener, &answer))?;
+        let theirs = self
+            .reg
+            .with_client(|c| c.recv(id, Side::Listener, t))?
+            .ok_or_else(|| setup_err(&peer_name, "no queue pair in time"))?;
+        let info = theirs
+            .qp
+            .ok_or_else(|| setup_err(&peer_name, "third round without a queue pair"))?;
+        let ep = qp_endpoint(&info, peer.hello.link_layer, &peer_name)?;
+        let conn = finish(
+            &self.pd,
+            queues,
+            receiving,
+            peer,
+            &ep,
+            &self.layout,
+            self.mode,
+            &self.opts,
+        )?;
+        let ready = Descriptors {
+            opaque: READY.to_vec(),
+            ..Descriptors::default()
+        };
+        self.reg
+            .with_client(|c| c.send(id, Side::Listener, &ready))?;
+        Ok(conn)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initiator
+
+static INITIATOR_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Connects to the endpoint `name` registered with the manager at `manager`, offering `layout`
+/// for messages sent to us. A name not (yet) registered, or a manager not (yet) reachable, is
+/// retried until `opts.setup_timeout`.
+///
+/// # Errors
+/// No such endpoint in time, a refused or failed setup, a device error.
+pub fn connect(
+    manager: impl ToSocketAddrs,
+    token: &Token,
+    name: &str,
+    layout: Layout,
+    mode: PollMode,
+    opts: &VerbsOptions,
+) -> Result<VerbsConnection, TransportError> {
+    let addrs: Vec<_> = manager
+        .to_socket_addrs()
+        .map_err(|source| TransportError::Io {
+            step: "resolve the manager address",
+            source,
+        })?
+        .collect();
+    let deadline = Instant::now() + opts.setup_timeout;
+    loop {
+        let r = ManagerClient::connect(&addrs[..], token, opts.setup_timeout)
+            .map_err(TransportError::from)
+            .and_then(|mut c| connect_with(&mut c, name, layout.clone(), mode, opts));
+        match r {
+            Err(TransportError::Bootstrap(e)) if retryable(&e) && Instant::now() < deadline => {
+                tracing::debug!(error = %e, "manager or endpoint not there yet; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn retryable(e: &BootstrapError) -> bool {
+    e.is_unreachable() || e.code() == Some(ErrorCode::UnknownName)
+}
+
+/// As [`connect`], over a manager connection the caller holds (no retry).
+///
+/// # Errors
+/// As [`connect`].
+pub fn connect_with(
+    client: &mut ManagerClient,
+    name: &str,
+    layout: Layout,
+    mode: PollMode,
+    opts: &VerbsOptions,
+) -> Result<VerbsConnection, TransportError> {
+    let to = EndpointName::new(name).map_err(|e| setup_err(name, format!("bad name: {e}")))?;
+    let ctx = opts.open()?;
+    let pd = ProtectionDomain::new(&ctx)?;
+    let link_layer = ctx.active_port(opts.port)?.link_layer;
+    let receiving = Receiving::create(&pd, &layout)?;
+    let hello = Hello {
+        mode,
+        link_layer,
+        layout: layout.clone(),
+    };
+    let offer = receiving.descriptors(&layout, &hello);
+    let from = EndpointInfo {
+        name: EndpointName::new(format!(
+            "init-{}-{}",
+            std::process::id(),
+            INITIATOR_SEQ.fetch_add(1, Ordering::Relaxed)
+        ))
+        .map_err(|e| setup_err(name, format!("initiator name: {e}")))?,
+        host_id: HostId::local().map_err(|source| TransportError::Io {
+            step: "read the host id",
+            source,
+        })?,
+        transports: TransportSet::VERBS,
+        shm_socket: None,
+    };
+    let t = opts.setup_timeout;
+    let (id, answer) = client.dial(&from, &to, &offer, t)?;
+    let r = (|| {
+        let peer = check_descriptors(&answer, name)?;
+        let info = answer
+            .qp
+            .ok_or_else(|| setup_err(name, "answer without a queue pair"))?;
+        let ep = qp_endpoint(&info, peer.hello.link_layer, name)?;
+        let queues = Queues::create(&ctx, &pd, opts, &layout, &peer.hello.layout)?;
+        let ours = Descriptors {
+            qp: Some(qp_info(&queues.local)),
+            ..Descriptors::default()
+        };
+        let conn = finish(&pd, queues, receiving, peer, &ep, &layout, mode, opts)?;
+        client.send(id, Side::Initiator, &ours)?;
+        let ready = client
+            .recv(id, Side::Initiator, t)?
+            .ok_or_else(|| setup_err(name, "the listener did not confirm in time"))?;
+        if ready.opaque != READY || ready.qp.is_some() || !ready.segments.is_empty() {
+            return Err(setup_err(name, "bad confirmation from the listener"));
+        }
+        Ok(conn)
+    })();
+    let reason = match &r {
+        Ok(_) => "connected".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let _ = close_rendezvous(client, id, &reason);
+    r
+}
+
+fn close_rendezvous(
+    client: &mut ManagerClient,
+    id: RendezvousId,
+    reason: &str,
+) -> Result<(), BootstrapError> {
+    client.close(id, Side::Initiator, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            mode: PollMode::Adaptive { spins: 77 },
+            link_layer: LinkLayer::Ethernet,
+            layout: "256:16:4,4k:8:2:2".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn hello_roundtrip_and_rejects() {
+        let h = hello();
+        let b = h.encode();
+        assert_eq!(Hello::decode(&b, "p").unwrap(), h);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b[..10].to_vec(), "too short"),
+            (
+                {
+                    let mut x = b.clone();
+                    x[0] = b'X';
+                    x
+                },
+                "bad magic",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[4] = 9;
+                    x
+                },
+                "version",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[6] = 3;
+                    x
+                },
+                "poll mode",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[6] = 0;
+                    x
+                },
+                "poll mode",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[7] = 7;
+                    x
+                },
+                "link layer",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x.push(b'1');
+                    x
+                },
+                "does not match",
+            ),
+            (
+                {
+                    let mut x = b.clone();
+                    x[HELLO_FIXED] = b'x';
+                    x
+                },
+                "layout",
+            ),
+        ];
+        for (bytes, what) in cases {
+            match Hello::decode(&bytes, "p") {
+                Err(TransportError::Handshake { reason, .. }) => {
+                    assert!(reason.contains(what), "{reason:?} should mention {what:?}")
+                }
+                other => panic!("expected a handshake error about {what}, got {other:?}"),
+            }
+        }
+    }
+
+    fn descriptors(h: &Hello) -> Descriptors {
+        let tables = Tables::new(h.layout.clone());
+        Descriptors {
+            qp: None,
+            mailbox: Some(MailboxDescriptor {
+                addr: 0x1000,
+                rkey: 5,
+                len: (MAILBOX_SLOTS * 8) as u32,
+            }),
+            segments: tables
+                .segments()
+                .iter()
+                .map(|e| SegmentDescriptor {
+                    segment_id: e.id.0,
+                    group: e.group.0,
+                    addr: 0x10_0000 * (1 + u64::from(e.id.0)),
+                    len: e.bytes(),
+                    rkey: 9,
+                    partition_size: e.partition_size,
+                    partition_count: e.partitions,
+                    span_factor: e.span,
+                })
+                .collect(),
+            opaque: h.encode(),
+        }
+    }
+
+    #[test]
+    fn descriptors_checked_against_the_layout() {
+        let h = hello();
+        let good = descriptors(&h);
+        let p = check_descriptors(&good, "p").unwrap();
+        assert_eq!(p.segments.len(), 3);
+        assert_eq!(p.hello, h);
+
+        let mut d = good.clone();
+        d.segments.pop();
+        assert!(check_descriptors(&d, "p").is_err(), "missing segment");
+        let mut d = good.clone();
+        d.segments[1].len -= 1;
+        assert!(check_descriptors(&d, "p").is_err(), "short segment");
+        let mut d = good.clone();
+        d.segments[2].partition_count = 4;
+        assert!(check_descriptors(&d, "p").is_err(), "count mismatch");
+        let mut d = good.clone();
+        d.mailbox = None;
+        assert!(check_descriptors(&d, "p").is_err(), "no mailbox");
+        let mut d = good.clone();
+        d.mailbox.as_mut().unwrap().len = 8;
+        assert!(check_descriptors(&d, "p").is_err(), "small mailbox");
+        let mut d = good;
+        d.opaque.truncate(4);
+        assert!(check_descriptors(&d, "p").is_err(), "truncated hello");
+    }
+
+    #[test]
+    fn qp_info_roundtrip() {
+        let mut g = [0u8; 16];
+        g[10] = 0xff;
+        g[11] = 0xff;
+        g[12..].copy_from_slice(&[10, 77, 0, 1]);
+        let ep = QpEndpoint {
+            qpn: QpNum(0x123),
+            psn: Psn::new(0x42).unwrap(),
+            gid: Gid(g),
+            gid_index: GidIndex(1),
+            lid: 0,
+            mtu: Mtu::Mtu1024,
+            port: 1,
+            link_layer: LinkLayer::Ethernet,
+        };
+        assert_eq!(
+            qp_endpoint(&qp_info(&ep), LinkLayer::Ethernet, "p").unwrap(),
+            ep
+        );
+        let mut bad = qp_info(&ep);
+        bad.mtu = 1000;
+        assert!(qp_endpoint(&bad, LinkLayer::Ethernet, "p").is_err());
+        let mut bad = qp_info(&ep);
+        bad.gid = [0; 16];
+        assert!(qp_endpoint(&bad, LinkLayer::Ethernet, "p").is_err());
+    }
+}

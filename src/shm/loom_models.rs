@@ -6,11 +6,10 @@
 //! same ring and mailbox code as normal builds; only the storage is on the heap, since loom's
 //! atomics cannot live in a real mapping.
 
-
+use crate::shm::{CreditMailbox, PushOutcome, RingLayout, WaitMode, heap_pair};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use crate::shm::{CreditMailbox, PushOutcome, RingLayout, WaitMode, heap_pair};
 
 /// Message bytes written before an immediate is published, read after it is consumed: loom
 /// flags a data race if the ring's ordering did not make the write visible.

@@ -35,10 +35,10 @@
 mod doorbell;
 mod error;
 mod fdpass;
-#[cfg(all(test, loom))]
-mod loom_models;
 mod inplace;
 mod liveness;
+#[cfg(all(test, loom))]
+mod loom_models;
 mod mailbox;
 mod region;
 pub(crate) mod sync;

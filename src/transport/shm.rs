@@ -387,6 +387,10 @@ impl Link for ShmLink {
     fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
         self.peer_mailbox
             .store(credit.segment.index(), credit.freed)?;
+        if !self.peer_sleeps {
+            // A busy-polling peer never announces a wait: it re-reads its mailbox.
+            return Ok(());
+        }
         // Dekker with `want_credit_notice`: our credit store, a full fence, then the peer's flag.
         fence(Ordering::SeqCst);
         if self.peer_mailbox.load(WAITER_SLOT)? != 0 {

@@ -5,7 +5,9 @@ use super::directory::{Directory, EntryState};
 use super::error::{ConfigError, ProtocolError};
 use super::stats::{GroupStats, ReceiverStats};
 use super::tables::Tables;
-use super::types::{Generation, GroupId, MessageKind, PartitionIndex, SegmentId};
+use super::types::{
+    Generation, GroupId, MessageKind, PartitionIndex, SegmentId, ring_index, ring_lap,
+};
 use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind};
 
 /// Allocation state of one target segment.
@@ -43,7 +45,7 @@ impl TargetSegment {
     fn advance(&mut self) {
         let n = u64::from(self.partitions);
         while self.freed < self.head {
-            let pos = (self.freed % n) as u32;
+            let pos = ring_index(self.freed, n);
             let Some(d) = self.directory.entry(pos) else {
                 break;
             };
@@ -317,8 +319,8 @@ impl Receiver {
                 partitions: s.partitions,
             });
         }
-        let pos = (s.head % n) as u32;
-        let mut lap = s.head / n;
+        let pos = ring_index(s.head, n);
+        let mut lap = ring_lap(s.head, n);
         let padding = if f == pos {
             0
         } else if f == 0 {
@@ -451,7 +453,7 @@ impl Receiver {
             let marked = s.directory.mark_padding(
                 pad_start,
                 arrival.padding,
-                Generation::from_lap(s.head / n),
+                Generation::from_lap(ring_lap(s.head, n)),
             );
             debug_assert!(marked, "run checked free and in range");
             s.head += u64::from(arrival.padding);

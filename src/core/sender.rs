@@ -6,7 +6,9 @@ use super::directory::{Directory, EntryState};
 use super::error::{ConfigError, ProtocolError, ReserveError};
 use super::stats::{GroupStats, SenderStats};
 use super::tables::{GroupEntry, SegmentEntry, Tables};
-use super::types::{Generation, GroupId, MessageKind, PartitionIndex, SegmentId};
+use super::types::{
+    Generation, GroupId, MessageKind, PartitionIndex, SegmentId, ring_index, ring_lap,
+};
 use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind, reconstruct_freed};
 
 /// Allocation state of one source segment (the sender's image of a target segment).
@@ -35,7 +37,7 @@ impl SourceSegment {
     fn place(&self, count: u32) -> Option<(u32, u32)> {
         let n = u64::from(self.partitions);
         let avail = n - (self.head - self.freed);
-        let pos = (self.head % n) as u32;
+        let pos = ring_index(self.head, n);
         if pos + count <= self.partitions {
             (avail >= u64::from(count) && self.directory.is_free_run(pos, count))
                 .then_some((pos, 0))
@@ -311,14 +313,16 @@ impl Sender {
         let s = &mut self.segments[sel.segment.index()];
         let n = u64::from(s.partitions);
         if sel.padding > 0 {
-            let pos = (s.head % n) as u32;
-            let marked =
-                s.directory
-                    .mark_padding(pos, sel.padding, Generation::from_lap(s.head / n));
+            let pos = ring_index(s.head, n);
+            let marked = s.directory.mark_padding(
+                pos,
+                sel.padding,
+                Generation::from_lap(ring_lap(s.head, n)),
+            );
             debug_assert!(marked, "run checked free and in range");
             s.head += u64::from(sel.padding);
         }
-        let generation = Generation::from_lap(s.head / n);
+        let generation = Generation::from_lap(ring_lap(s.head, n));
         let first = sel.first.get();
         // `len` fits u32: it is at most the largest eager payload, and P * S <= 2^32.
         let len32 = len as u32;
@@ -390,7 +394,7 @@ impl Sender {
         }
         let n = u64::from(s.partitions);
         if freed < s.head {
-            let at = s.directory.entry((freed % n) as u32);
+            let at = s.directory.entry(ring_index(freed, n));
             if !at.is_some_and(|d| d.first && d.state != EntryState::Free) {
                 return Err(ProtocolError::CreditNotOnBoundary { segment, freed });
             }
@@ -398,7 +402,7 @@ impl Sender {
         // Walk message by message from the old credit to the new one.
         let mut p = s.freed;
         while p < freed {
-            let pos = (p % n) as u32;
+            let pos = ring_index(p, n);
             let extent = s
                 .directory
                 .entry(pos)

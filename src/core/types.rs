@@ -122,3 +122,41 @@ impl MessageKind {
         }
     }
 }
+
+/// Index of absolute ring position `pos` in a segment of `n` partitions (`pos % n`), with a
+/// mask instead of a division when `n` is a power of two, as in the default layouts: this runs
+/// several times per message on both sides.
+#[inline(always)]
+pub(crate) fn ring_index(pos: u64, n: u64) -> u32 {
+    if n.is_power_of_two() {
+        (pos & (n - 1)) as u32
+    } else {
+        (pos % n) as u32
+    }
+}
+
+/// Lap of absolute ring position `pos` in a segment of `n` partitions (`pos / n`); see
+/// [`ring_index`].
+#[inline(always)]
+pub(crate) fn ring_lap(pos: u64, n: u64) -> u64 {
+    if n.is_power_of_two() {
+        pos >> n.trailing_zeros()
+    } else {
+        pos / n
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::{ring_index, ring_lap};
+
+    #[test]
+    fn ring_math_matches_division() {
+        for n in [1u64, 2, 3, 5, 8, 12, 16, 256, 1000, 65536] {
+            for pos in [0u64, 1, n - 1, n, n + 1, 7 * n + 3, u64::MAX - 1, u64::MAX] {
+                assert_eq!(u64::from(ring_index(pos, n)), pos % n, "index {pos} % {n}");
+                assert_eq!(ring_lap(pos, n), pos / n, "lap {pos} / {n}");
+            }
+        }
+    }
+}

@@ -13,6 +13,17 @@ use crate::core::{
     Sender, SenderStats, close_reason,
 };
 
+/// How long a receive may wait.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// Not at all.
+    No,
+    /// Until something arrives.
+    Forever,
+    /// At most this long.
+    For(Duration),
+}
+
 /// How long a blocking wait sleeps before it looks at the peer's liveness again.
 const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 
@@ -215,7 +226,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// A protocol violation by the peer (the connection is then failed), a peer that closed.
     pub fn try_recv(&self) -> Result<Option<Message<'_, L, T>>, TransportError> {
-        self.recv_until(Some(Instant::now()))
+        self.recv_until(Wait::No)
     }
 
     /// Waits for the next message.
@@ -223,7 +234,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// As [`Connection::try_recv`].
     pub fn recv(&self) -> Result<Message<'_, L, T>, TransportError> {
-        match self.recv_until(None)? {
+        match self.recv_until(Wait::Forever)? {
             Some(m) => Ok(m),
             None => Err(TransportError::Failed(
                 "receive ended without a message".into(),
@@ -236,7 +247,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// [`TransportError::Timeout`] when nothing came, otherwise as [`Connection::try_recv`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Message<'_, L, T>, TransportError> {
-        match self.recv_until(Instant::now().checked_add(timeout))? {
+        match self.recv_until(Wait::For(timeout))? {
             Some(m) => Ok(m),
             None => Err(TransportError::Timeout(timeout)),
         }
@@ -271,10 +282,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
     }
 
-    fn recv_until(
-        &self,
-        deadline: Option<Instant>,
-    ) -> Result<Option<Message<'_, L, T>>, TransportError> {
+    fn recv_until(&self, deadline: Wait) -> Result<Option<Message<'_, L, T>>, TransportError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
         loop {
@@ -382,6 +390,7 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
+    #[inline]
     fn reserve(
         &mut self,
         kind: MessageKind,
@@ -389,16 +398,27 @@ impl<L: Link> Inner<L> {
     ) -> Result<crate::core::Reservation, SendError> {
         match self.tx.reserve_kind(kind, len) {
             Ok(r) => Ok(r),
-            Err(ReserveError::WouldBlock { .. }) => {
+            Err(e) => self.reserve_slow(kind, len, e),
+        }
+    }
+
+    /// The first reservation failed: refresh credits from the mailbox and try once more.
+    #[cold]
+    fn reserve_slow(
+        &mut self,
+        kind: MessageKind,
+        len: usize,
+        first: ReserveError,
+    ) -> Result<crate::core::Reservation, SendError> {
+        match first {
+            ReserveError::WouldBlock { .. } => {
                 self.refresh_credits()?;
                 self.tx.reserve_kind(kind, len).map_err(|e| match e {
                     ReserveError::NeedsRendezvous { len, max } => SendError::TooLarge { len, max },
                     _ => SendError::WouldBlock,
                 })
             }
-            Err(ReserveError::NeedsRendezvous { len, max }) => {
-                Err(SendError::TooLarge { len, max })
-            }
+            ReserveError::NeedsRendezvous { len, max } => Err(SendError::TooLarge { len, max }),
         }
     }
 
@@ -434,10 +454,19 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
-    fn next_immediate(&mut self, deadline: Option<Instant>) -> Result<Option<u32>, TransportError> {
+    fn next_immediate(&mut self, deadline: Wait) -> Result<Option<u32>, TransportError> {
         if let Some(imm) = self.stash.pop_front() {
             return Ok(Some(imm));
         }
+        // Fast path without a clock read: the immediate is often already there.
+        if let Some(imm) = self.link.next_immediate(self.mode, Some(Duration::ZERO))? {
+            return Ok(Some(imm));
+        }
+        let deadline = match deadline {
+            Wait::Forever => None,
+            Wait::No => return Ok(None),
+            Wait::For(t) => Instant::now().checked_add(t),
+        };
         loop {
             let slice = match deadline {
                 None => LIVENESS_SLICE,

@@ -292,10 +292,7 @@ impl TargetMemory for ShmTarget {
         let region = self
             .segments
             .get(segment.index())
-            .ok_or(TransportError::Failed(format!(
-                "no target segment {}",
-                segment.0
-            )))?;
+            .ok_or_else(|| TransportError::Failed(format!("no target segment {}", segment.0)))?;
         Ok(region.received(offset, len)?)
     }
 }
@@ -313,10 +310,7 @@ impl ShmLink {
     fn segment(&mut self, segment: SegmentId) -> Result<&mut ShmRegion, TransportError> {
         self.peer_segments
             .get_mut(segment.index())
-            .ok_or(TransportError::Failed(format!(
-                "no peer segment {}",
-                segment.0
-            )))
+            .ok_or_else(|| TransportError::Failed(format!("no peer segment {}", segment.0)))
     }
 
     fn push(&mut self, imm: u32) -> Result<(), TransportError> {

@@ -711,10 +711,7 @@ impl VerbsLink {
     fn source(&mut self, segment: SegmentId) -> Result<&mut SourceImage, TransportError> {
         self.sources
             .get_mut(segment.index())
-            .ok_or(TransportError::Failed(format!(
-                "no peer segment {}",
-                segment.0
-            )))
+            .ok_or_else(|| TransportError::Failed(format!("no peer segment {}", segment.0)))
     }
 
     /// The device this connection uses.
@@ -758,10 +755,10 @@ impl Link for VerbsLink {
         if self.drain_on_post {
             self.rx.poll(tx, false)?;
         }
-        let (base, rkey) = *tx.remote.get(i).ok_or(TransportError::Failed(format!(
-            "no peer segment {}",
-            segment.0
-        )))?;
+        let (base, rkey) = *tx
+            .remote
+            .get(i)
+            .ok_or_else(|| TransportError::Failed(format!("no peer segment {}", segment.0)))?;
         let wr = &mut tx.msg_wrs[i];
         wr.set_sge(0, offset, len)?;
         wr.set_remote(base + offset as u64, rkey)?;
@@ -779,8 +776,12 @@ impl Link for VerbsLink {
         }
         let tx = self.tx.get_mut();
         tx.check()?;
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        // The clock is read only once the first poll found nothing, and then every
+        // `CLOCK_EVERY` polls while spinning: a clock read costs as much as a poll.
+        const CLOCK_EVERY: u32 = 64;
+        let mut deadline: Option<Option<Instant>> = None;
         let mut spins: u32 = 0;
+        let mut polls: u32 = 0;
         loop {
             self.rx.poll(tx, true)?;
             if let Some(imm) = self.rx.queue.pop_front() {
@@ -789,7 +790,17 @@ impl Link for VerbsLink {
             if timeout == Some(Duration::ZERO) {
                 return Ok(None);
             }
+            polls = polls.wrapping_add(1);
+            let spinning = matches!(mode, PollMode::Busy)
+                || matches!(mode, PollMode::Adaptive { spins: limit } if spins < limit);
+            if spinning && deadline.is_some() && !polls.is_multiple_of(CLOCK_EVERY) {
+                spins = spins.saturating_add(1);
+                std::hint::spin_loop();
+                continue;
+            }
             let now = Instant::now();
+            let deadline =
+                *deadline.get_or_insert_with(|| timeout.and_then(|t| now.checked_add(t)));
             if deadline.is_some_and(|d| now >= d) {
                 return Ok(None);
             }
@@ -887,10 +898,7 @@ impl TargetMemory for VerbsTarget {
         let t = self
             .segments
             .get(segment.index())
-            .ok_or(TransportError::Failed(format!(
-                "no target segment {}",
-                segment.0
-            )))?;
+            .ok_or_else(|| TransportError::Failed(format!("no target segment {}", segment.0)))?;
         Ok(t.received(offset, len)?)
     }
 }

@@ -226,20 +226,8 @@ fn run_verbs(args: &Args, layout: Layout) -> Result<std::process::ExitCode> {
                 .with_context(|| {
                     format!("registering {:?} with the manager at {addr}", args.name)
                 })?;
-        println!("listening");
-        std::io::stdout().flush()?;
-        loop {
-            let conn = listener.accept().context("accepting a client")?;
-            if let Err(e) = serve_one(&conn) {
-                if args.once {
-                    return Err(e);
-                }
-                eprintln!("rsmsg perf: client failed: {e:#}");
-            }
-            if args.once {
-                return Ok(std::process::ExitCode::SUCCESS);
-            }
-        }
+        serve_clients(args, || Ok(listener.accept()?))?;
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     if args.client {
         let addr = manager_addr(args);
@@ -317,10 +305,19 @@ fn poll_name(p: PollMode) -> String {
 fn serve(args: &Args, layout: Layout) -> Result<()> {
     let listener = ShmListener::bind(&args.name, layout, args.poll)
         .with_context(|| format!("listening under {:?}", args.name))?;
+    serve_clients(args, || Ok(listener.accept()?))
+}
+
+/// Says "listening" (the local mode waits for that line), then serves clients one after the
+/// other, or just one with `--once`.
+fn serve_clients<L: Link, T: TargetMemory>(
+    args: &Args,
+    mut accept: impl FnMut() -> Result<Connection<L, T>>,
+) -> Result<()> {
     println!("listening");
     std::io::stdout().flush()?;
     loop {
-        let conn = listener.accept().context("accepting a client")?;
+        let conn = accept().context("accepting a client")?;
         if let Err(e) = serve_one(&conn) {
             if args.once {
                 return Err(e);

@@ -275,6 +275,7 @@ impl Sender {
     ///
     /// # Errors
     /// As [`Sender::reserve`].
+    #[inline]
     pub fn reserve_kind(
         &mut self,
         kind: MessageKind,

@@ -24,6 +24,7 @@ impl ShmRegion {
     ///
     /// # Errors
     /// [`ShmError::OutOfBounds`].
+    #[inline]
     pub fn received(&self, offset: usize, len: usize) -> Result<&[u8], ShmError> {
         let ptr = self.ptr_at(offset, len, 1)?;
         // SAFETY: the range lies inside the live mapping (checked), which outlives the borrow of
@@ -38,6 +39,7 @@ impl ShmRegion {
     ///
     /// # Errors
     /// [`ShmError::OutOfBounds`].
+    #[inline]
     pub fn filling(&mut self, offset: usize, len: usize) -> Result<&mut [u8], ShmError> {
         let ptr = self.ptr_at(offset, len, 1)?;
         // SAFETY: the range lies inside the live mapping (checked). `&mut self` excludes every

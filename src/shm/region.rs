@@ -205,6 +205,7 @@ impl ShmRegion {
     ///
     /// # Errors
     /// [`ShmError::OutOfBounds`].
+    #[inline]
     pub fn check_range(&self, offset: usize, len: usize) -> Result<(), ShmError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
@@ -218,6 +219,7 @@ impl ShmRegion {
 
     /// Pointer to `offset`, after checking `offset..offset+len` is in bounds and `offset` is a
     /// multiple of `align` (the base is page-aligned).
+    #[inline]
     pub(crate) fn ptr_at(
         &self,
         offset: usize,
@@ -237,6 +239,7 @@ impl ShmRegion {
     ///
     /// # Errors
     /// [`ShmError::OutOfBounds`] if the range does not fit; nothing is written then.
+    #[inline]
     pub fn copy_in(&mut self, offset: usize, src: &[u8]) -> Result<(), ShmError> {
         let dst = self.ptr_at(offset, src.len(), 1)?;
         // SAFETY: `dst..dst+src.len()` is inside the mapping (checked); `src` is a Rust slice
@@ -277,6 +280,7 @@ impl ShmRegion {
     ///
     /// # Errors
     /// [`ShmError::OutOfBounds`].
+    #[inline]
     pub fn view(&self, offset: usize, len: usize) -> Result<RegionView<'_>, ShmError> {
         let ptr = self.ptr_at(offset, len, 1)?;
         Ok(RegionView {

@@ -369,6 +369,7 @@ impl<L: Link> Inner<L> {
         e
     }
 
+    #[inline]
     fn note<R>(&mut self, r: Result<R, SendError>) -> Result<R, SendError> {
         if let Err(SendError::Transport(e)) = &r
             && self.failed.is_none()
@@ -422,6 +423,7 @@ impl<L: Link> Inner<L> {
         }
     }
 
+    #[inline]
     fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), SendError> {
         let len = parts.iter().map(|p| p.len()).sum();
         let res = self.reserve(MessageKind::Data, len)?;
@@ -447,6 +449,7 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
+    #[inline]
     fn release(&mut self, token: ReleaseToken) -> Result<(), TransportError> {
         if let Some(credit) = self.rx.release(token)? {
             self.link.publish_credit(credit)?;

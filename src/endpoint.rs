@@ -90,7 +90,7 @@ pub struct Config {
 impl Config {
     /// Defaults overridden by the environment: `RSMSG_TRANSPORT` (auto, shm, verbs),
     /// `RSMSG_GROUPS` (segment groups, `SIZE:COUNT:SPAN[:SEGMENTS],...`), `RSMSG_POLL` (busy,
-    /// event, adaptive[:SPINS]), `RSMSG_MANAGER` (host:port) and `RSMSG_TOKEN`.
+    /// event, `adaptive[:SPINS]`), `RSMSG_MANAGER` (host:port) and `RSMSG_TOKEN`.
     ///
     /// # Errors
     /// Any variable that does not parse.

@@ -258,3 +258,23 @@ fn try_recv_on_empty_returns_none() {
         Err(TransportError::Timeout(_))
     ));
 }
+
+#[test]
+fn layouts_with_more_segments_than_one_fd_frame_carries() {
+    // 2 groups x 20 segments: 41 regions per side, more than one SCM_RIGHTS frame (32 fds).
+    let many: Layout = "256:8:2:20,4096:4:2:20".parse().unwrap();
+    assert_eq!(many.segment_count(), 40);
+    let (a, b) = pair_with(many.clone(), many, PollMode::Busy);
+    // 150 one-partition messages in flight need 19 of the 20 small segments; every byte checked.
+    let mut seq = 0u64;
+    for _round in 0..3 {
+        for i in 0..150 {
+            b.try_send(&payload(seq + i, 100)).unwrap();
+        }
+        for i in 0..150 {
+            let m = a.recv().unwrap();
+            assert!(*m == payload(seq + i, 100)[..], "message {}", seq + i);
+        }
+        seq += 150;
+    }
+}

@@ -36,8 +36,8 @@ use std::time::Duration;
 use super::{Connection, Link, PollMode, TargetMemory, TransportError};
 use crate::core::{CreditUpdate, Layout, SegmentId};
 use crate::shm::{
-    CreditMailbox, DoorbellConsumer, DoorbellProducer, PeerStatus, PushOutcome, RingLayout,
-    ShmRegion, WaitMode, recv_fds, send_fds, socket_peer_status,
+    CreditMailbox, DoorbellConsumer, DoorbellProducer, MAX_FDS, PeerStatus, PushOutcome,
+    RingLayout, ShmRegion, WaitMode, recv_fds, send_fds, socket_peer_status,
 };
 
 const MAGIC: [u8; 4] = *b"RSHM";
@@ -490,11 +490,7 @@ impl ShmListener {
             .map_err(io("send our hello"))?;
         let my_geo = ControlGeometry::new(&self.layout, &theirs.layout)?;
         let local = Local::create(&self.layout, my_geo)?;
-        send_fds(
-            &sock,
-            &(local.fds().len() as u64).to_le_bytes(),
-            &local.fds(),
-        )?;
+        send_frame_fds(&sock, &local.fds())?;
         let peer_geo = ControlGeometry::new(&theirs.layout, &self.layout)?;
         let fds = recv_frame_fds(&sock, 1 + theirs.layout.segment_count() as usize, peer)?;
         let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
@@ -523,12 +519,26 @@ fn recv_frame_fds(
     expected: usize,
     peer: &str,
 ) -> Result<Vec<OwnedFd>, TransportError> {
-    let mut count = [0u8; 8];
-    let (n, fds) = recv_fds(sock.as_fd(), &mut count, expected)?;
-    if n != 8 || u64::from_le_bytes(count) != expected as u64 {
-        return Err(hs(peer, "bad region frame"));
+    // Regions come in frames of at most MAX_FDS descriptors, each frame saying how many it
+    // carries (a layout may have up to 256 segments).
+    let mut all = Vec::with_capacity(expected);
+    while all.len() < expected {
+        let want = (expected - all.len()).min(MAX_FDS);
+        let mut count = [0u8; 8];
+        let (n, fds) = recv_fds(sock.as_fd(), &mut count, want)?;
+        if n != 8 || u64::from_le_bytes(count) != want as u64 {
+            return Err(hs(peer, "bad region frame"));
+        }
+        all.extend(fds);
     }
-    Ok(fds)
+    Ok(all)
+}
+
+fn send_frame_fds(sock: &UnixStream, fds: &[BorrowedFd<'_>]) -> Result<(), TransportError> {
+    for chunk in fds.chunks(MAX_FDS) {
+        send_fds(sock, &(chunk.len() as u64).to_le_bytes(), chunk)?;
+    }
+    Ok(())
 }
 
 fn build(
@@ -612,11 +622,7 @@ pub fn connect_path(
     let remote = Remote::open(fds, &theirs.layout, peer_geo, &peer)?;
     let my_geo = ControlGeometry::new(&layout, &theirs.layout)?;
     let local = Local::create(&layout, my_geo)?;
-    send_fds(
-        &sock,
-        &(local.fds().len() as u64).to_le_bytes(),
-        &local.fds(),
-    )?;
+    send_frame_fds(&sock, &local.fds())?;
     let mut ok = [0u8; 1];
     sock.read_exact(&mut ok)
         .map_err(io("wait for the peer to map our regions"))?;

@@ -21,6 +21,12 @@ name=two-node-perf
 if [[ $RSMSG_NODE == 0 ]]; then
     timeout 600 "$bin" manager --listen "$RSMSG_NODE_ADDR:$port" >"$out/manager.log" 2>&1 &
     mgr=$!
+    # Start the server only once the manager accepts connections (it may take a moment under TCG).
+    for _ in $(seq 120); do
+        (exec 3<>"/dev/tcp/$RSMSG_NODE_ADDR/$port") 2>/dev/null && break
+        kill -0 "$mgr" 2>/dev/null || { cat "$out/manager.log" >&2; fail "the manager exited"; }
+        sleep 0.5
+    done
     timeout 600 "$bin" perf --transport verbs --server --once --manager "$RSMSG_NODE_ADDR:$port" --name "$name" \
         >"$out/server.log" 2>&1 || { cat "$out/server.log" "$out/manager.log" >&2; kill "$mgr"; fail "server failed"; }
     kill "$mgr" 2>/dev/null || true

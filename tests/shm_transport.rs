@@ -9,6 +9,9 @@ use rsmsg::core::Layout;
 use rsmsg::transport::shm::{ShmConnection, ShmListener, connect_path};
 use rsmsg::transport::{PollMode, SendError, TransportError};
 
+mod common;
+use common::payload;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A connected pair in one process: (listener side, connector side).
@@ -24,19 +27,6 @@ fn pair_with(a_layout: Layout, b_layout: Layout, mode: PollMode) -> (ShmConnecti
 
 fn pair() -> (ShmConnection, ShmConnection) {
     pair_with(Layout::default(), Layout::default(), PollMode::Busy)
-}
-
-/// Deterministic payload for message `seq` of `len` bytes.
-fn payload(seq: u64, len: usize) -> Vec<u8> {
-    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

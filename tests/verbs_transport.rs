@@ -17,6 +17,9 @@ use rsmsg::transport::verbs::{self, VerbsConnection, VerbsListener, VerbsOptions
 use rsmsg::transport::{PollMode, SendError, TransportError};
 use rsmsg::verbs::{Context, test_context};
 
+mod common;
+use common::payload;
+
 /// Guard against a hang, not a performance bound.
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
@@ -68,6 +71,19 @@ fn pair_with(
     (t.join().expect("listener thread"), c)
 }
 
+/// A busy-polling listener with the small layout, registered under `name`.
+fn listen(ctx: &Context, addr: SocketAddr, name: &str) -> VerbsListener {
+    VerbsListener::bind(
+        addr,
+        token(),
+        name,
+        layout(SMALL),
+        PollMode::Busy,
+        opts(ctx),
+    )
+    .expect("bind")
+}
+
 fn pair(
     ctx: &Context,
     addr: SocketAddr,
@@ -75,19 +91,6 @@ fn pair(
     mode: PollMode,
 ) -> (VerbsConnection, VerbsConnection) {
     pair_with(ctx, addr, layout(l), mode, layout(l), mode)
-}
-
-/// Deterministic content of message `seq` of length `len`.
-fn payload(seq: u64, len: usize) -> Vec<u8> {
-    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A small deterministic random generator for sizes.
@@ -251,15 +254,7 @@ fn one_process_with_eight_peers() {
     let m = manager();
     let addr = m.local_addr();
     let name = unique("hub");
-    let mut listener = VerbsListener::bind(
-        addr,
-        token(),
-        &name,
-        layout(SMALL),
-        PollMode::Busy,
-        opts(&ctx),
-    )
-    .expect("bind");
+    let mut listener = listen(&ctx, addr, &name);
     const PEERS: usize = 8;
     const ROUNDS: u64 = 40;
     let hub = thread::spawn(move || {
@@ -439,15 +434,7 @@ fn manager_restart_between_connections() {
     let m = manager();
     let addr = m.local_addr();
     let name = unique("restart");
-    let mut listener = VerbsListener::bind(
-        addr,
-        token(),
-        &name,
-        layout(SMALL),
-        PollMode::Busy,
-        opts(&ctx),
-    )
-    .expect("bind");
+    let mut listener = listen(&ctx, addr, &name);
     let t = thread::spawn(move || {
         let first = listener.accept().expect("first accept");
         let second = listener.accept().expect("second accept after the restart");
@@ -583,15 +570,7 @@ fn bad_offer_is_rejected_and_the_listener_stays_usable() {
     let m = manager();
     let addr = m.local_addr();
     let name = unique("strict");
-    let mut listener = VerbsListener::bind(
-        addr,
-        token(),
-        &name,
-        layout(SMALL),
-        PollMode::Busy,
-        opts(&ctx),
-    )
-    .expect("bind");
+    let mut listener = listen(&ctx, addr, &name);
     let t = thread::spawn(move || {
         let first = listener.accept();
         let second = listener

@@ -1,0 +1,15 @@
+//! Helpers shared by the integration tests (a module, not a test target).
+
+/// Deterministic content of message `seq` of length `len` (xorshift from a seed derived from
+/// `seq`), so a receiver can check every byte without the sender's buffer.
+pub fn payload(seq: u64, len: usize) -> Vec<u8> {
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

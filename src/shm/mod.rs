@@ -43,8 +43,11 @@ mod mailbox;
 mod region;
 pub(crate) mod sync;
 
+#[cfg(not(loom))]
+pub use doorbell::EventFd;
 pub use doorbell::{
-    DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, WaitMode, heap_pair,
+    DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, SLEEP_ARMED, SLEEP_FUTEX,
+    WaitMode, heap_pair,
 };
 pub use error::ShmError;
 pub use fdpass::{MAX_FDS, recv_fds, send_fds};

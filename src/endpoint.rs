@@ -244,6 +244,12 @@ impl Link for AnyLink {
     fn check_peer(&self) -> Result<(), TransportError> {
         each_link!(self, l => l.check_peer())
     }
+    fn event_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        each_link!(self, l => l.event_fd())
+    }
+    fn arm(&mut self) -> Result<bool, TransportError> {
+        each_link!(self, l => l.arm())
+    }
 }
 
 impl TargetMemory for AnyTarget {

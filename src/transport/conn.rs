@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Deref;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::{Link, PollMode, TargetMemory, TransportError};
@@ -65,6 +66,9 @@ struct Inner<L> {
     /// Immediates taken from the link while waiting for credits, in arrival order.
     stash: VecDeque<u32>,
     failed: Option<String>,
+    /// The last non-blocking send met back-pressure: [`Connection::arm`] then also asks for a
+    /// credit notice.
+    want_credit: bool,
 }
 
 /// A connection to one peer over a transport: bidirectional, messages in order.
@@ -74,6 +78,9 @@ struct Inner<L> {
 /// Received [`Message`]s borrow it, so several can be held at once and released in any order.
 pub struct Connection<L: Link, T: TargetMemory> {
     target: T,
+    /// A duplicate of the link's event fd (same open file), outside the `RefCell` so that it can
+    /// be lent out; `None` in busy mode or for a link without one.
+    event: Option<OwnedFd>,
     inner: RefCell<Inner<L>>,
 }
 
@@ -94,8 +101,15 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         mode: PollMode,
     ) -> Self {
         let stash_cap = Layout::recv_wqe_bound_for(&recv_layout, &send_layout) as usize;
+        let event = match mode {
+            PollMode::Busy => None,
+            PollMode::Event | PollMode::Adaptive { .. } => link
+                .event_fd()
+                .and_then(|fd| fd.try_clone_to_owned().ok()),
+        };
         Connection {
             target,
+            event,
             inner: RefCell::new(Inner {
                 link,
                 tx: Sender::new(send_layout),
@@ -103,6 +117,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 mode,
                 stash: VecDeque::with_capacity(stash_cap),
                 failed: None,
+                want_credit: false,
             }),
         }
     }
@@ -117,6 +132,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         let inner = self.inner.into_inner();
         Connection {
             target: T2::from(self.target),
+            event: self.event,
             inner: RefCell::new(Inner {
                 link: L2::from(inner.link),
                 tx: inner.tx,
@@ -124,6 +140,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 mode: inner.mode,
                 stash: inner.stash,
                 failed: inner.failed,
+                want_credit: inner.want_credit,
             }),
         }
     }
@@ -159,7 +176,54 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
         let r = inner.send_parts(parts);
+        inner.want_credit = matches!(r, Err(SendError::WouldBlock));
         inner.note(r)
+    }
+
+    /// The file descriptor to wait on in an event loop (`poll`, `epoll`, mio, tokio's
+    /// `AsyncFd`): it becomes readable when a message (or a credit) may have arrived, once
+    /// [`Connection::arm`] returned `false`. Shared memory: an eventfd the peer signals; verbs:
+    /// the completion channel of the receive CQ. `None` in [`PollMode::Busy`] (the peer then
+    /// never signals; create the connection in [`PollMode::Event`] for event loops).
+    ///
+    /// The protocol, from one thread:
+    /// 1. take messages with [`Connection::try_recv`] until it returns `Ok(None)` (and send with
+    ///    [`Connection::try_send`]);
+    /// 2. call [`Connection::arm`]; if it returns `true`, something is already there: go to 1;
+    /// 3. otherwise wait until the fd is readable (level- or edge-triggered both work: `arm`
+    ///    resets it), then go to 1.
+    ///
+    /// A `try_send` that met back-pressure makes the next `arm` also ask the peer for a credit
+    /// notice, so a readable fd may mean "retry the send". Blocking calls (`recv`, `send`)
+    /// may be mixed in; they leave the fd as it was or readable, never missing a wake-up.
+    pub fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.event.as_ref().map(|fd| fd.as_fd())
+    }
+
+    /// Prepares a wait on [`Connection::event_fd`] (see there for the protocol): resets the
+    /// fd, announces the wait to the peer (and, after a `try_send` that met back-pressure,
+    /// asks for a credit notice), then checks once more. Returns `true` when something
+    /// already arrived (do not wait: receive, or retry the send), `false` when the wait may
+    /// begin. Without an event fd (busy mode) it returns `true`.
+    ///
+    /// # Errors
+    /// A failed connection, a peer that went away.
+    pub fn arm(&self) -> Result<bool, TransportError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        if self.event.is_none() || !inner.stash.is_empty() {
+            return Ok(true);
+        }
+        if inner.want_credit {
+            inner.link.want_credit_notice();
+            if inner.credit_news() {
+                return Ok(true);
+            }
+        }
+        match inner.link.arm() {
+            Ok(ready) => Ok(ready),
+            Err(e) => Err(inner.fail(e)),
+        }
     }
 
     /// Sends `msg`, waiting for credits while the receiver holds every partition.

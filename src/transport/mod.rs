@@ -19,6 +19,7 @@ pub mod verbs;
 
 pub use conn::{Connection, ConnectionStats, Message, SendError};
 
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use crate::core::{CreditUpdate, ProtocolError, SegmentId};
@@ -178,6 +179,24 @@ pub trait Link {
     /// # Errors
     /// [`TransportError::PeerClosed`].
     fn check_peer(&self) -> Result<(), TransportError>;
+
+    /// A file descriptor that becomes readable when an immediate may have arrived, once
+    /// [`Link::arm`] returned `false` (shared memory: this side's eventfd; verbs: the receive
+    /// CQ's completion channel). `None` for a link that cannot be waited on this way.
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Prepares a wait on [`Link::event_fd`]: resets the fd, asks the peer (or the device) to
+    /// signal it for the next immediate, and checks once more. `Ok(true)`: an immediate is
+    /// already there (take it with `next_immediate`, do not wait); `Ok(false)`: the fd becomes
+    /// readable when one arrives. A link without an event fd always returns `Ok(true)`.
+    ///
+    /// # Errors
+    /// A failed link.
+    fn arm(&mut self) -> Result<bool, TransportError> {
+        Ok(true)
+    }
 }
 
 /// The receiver's target segments, read in place.

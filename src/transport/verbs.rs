@@ -987,6 +987,34 @@ impl Link for VerbsLink {
             .unwrap_or(0)
     }
 
+    fn event_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.rx.channel.as_fd())
+    }
+
+    fn arm(&mut self) -> Result<bool, TransportError> {
+        if !self.rx.queue.is_empty() {
+            return Ok(true);
+        }
+        let tx = self.tx.get_mut();
+        tx.check()?;
+        // Going idle: credits waiting for a post are written now.
+        tx.flush_credits()?;
+        // Reset the fd: read and acknowledge the events that made it readable (each disarms
+        // the CQ), then arm the CQ and poll once more, since a completion that came before
+        // arming raises no event.
+        while let Some(ev) = self.rx.channel.get_event()? {
+            drop(ev);
+            self.rx.armed = false;
+        }
+        if !self.rx.armed {
+            self.rx.cq.req_notify(false)?;
+            self.rx.armed = true;
+        }
+        self.rx.poll(tx, true)?;
+        Ok(!self.rx.queue.is_empty())
+    }
+
     fn check_peer(&self) -> Result<(), TransportError> {
         let Ok(mut tx) = self.tx.try_borrow_mut() else {
             return Ok(());

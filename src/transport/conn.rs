@@ -369,12 +369,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         inner: &mut Inner<L>,
         imm: u32,
     ) -> Result<Option<Message<'_, L, T>>, TransportError> {
-        match Immediate(imm).decode()? {
-            ImmediateKind::Credit { .. } => {
+        // The type bits alone pick the path; `on_immediate` decodes (and validates) the rest.
+        match Immediate(imm).kind_bits() {
+            ImmediateKind::CREDIT_TYPE => {
                 inner.tx.handle_credit_notice(imm)?;
                 Ok(None)
             }
-            ImmediateKind::Message { .. } => {
+            _ => {
                 let arrival = inner.rx.on_immediate(imm)?;
                 let header =
                     self.target
@@ -461,13 +462,15 @@ impl<L: Link> Inner<L> {
         kind: MessageKind,
         len: usize,
     ) -> Result<crate::core::Reservation, SendError> {
-        match self.tx.reserve_kind(kind, len) {
+        match self.tx.reserve_first_choice(kind, len) {
             Ok(r) => Ok(r),
             Err(e) => self.reserve_slow(kind, len, e),
         }
     }
 
-    /// The first reservation failed: refresh credits from the mailbox and try once more.
+    /// The first group had no room by the credits the sender knows: refresh them from the
+    /// mailbox (read only here, so the per-message path does not pull the line the peer
+    /// writes), then select again, moving to larger groups if the first still has no room.
     #[cold]
     fn reserve_slow(
         &mut self,

@@ -5,7 +5,7 @@
 //! | offset | size | written by | content |
 //! |---|---|---|---|
 //! | 0 | 8 (line of 128) | consumer | `tail`: absolute count of entries consumed (u64) |
-//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps or is about to (futex word) |
+//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps on the futex or is about to, 2 while it waits on its eventfd ([`DoorbellConsumer::arm`]) |
 //! | 256 | 8 × capacity | producer | slots: `tag << 32 \| value`, `tag = (position + 1) mod 2^32` |
 //!
 //! The memory starts zeroed (a fresh [`ShmRegion`](super::ShmRegion) is): tail 0, nobody
@@ -36,14 +36,18 @@
 //!   already changed the word, so the wait returns at once. (Without the clear, that wake is
 //!   lost and the consumer sleeps until its timeout; the loom model finds this.)
 //!
-//! # Why a futex and not an eventfd
-//! The wake-up word lives in the ring's own shared page: no extra fd to create, pass and keep
-//! per ring, no kernel object to set up at connection time, and the producer pays a system call
-//! only when the flag says the consumer really sleeps. `FUTEX_WAIT` takes a timeout directly, and
-//! the shared (non-`PRIVATE`) futex ops key the word by its page in the memfd, so the two
-//! processes meet on the same wait queue. An eventfd would be pollable by epoll; a transport that
-//! needs that can still sleep in epoll on the peer socket and have the producer write a byte,
-//! keeping this ring unchanged.
+//! # A futex, and an eventfd for event loops
+//! The wake-up word lives in the ring's own shared page: the producer pays a system call only
+//! when the flag says the consumer really waits, and the busy path never makes one.
+//! `FUTEX_WAIT` takes a timeout directly, and the shared (non-`PRIVATE`) futex ops key the word
+//! by its page in the memfd, so the two processes meet on the same wait queue: that is how a
+//! blocking receive sleeps. A futex cannot be polled, so a consumer driven by an event loop
+//! (`poll`, `epoll`, an async reactor) instead *arms* ([`DoorbellConsumer::arm`]): it stores 2
+//! in the same word, with the same fence and re-check, and waits on an eventfd of its own that
+//! the producer holds (passed with `SCM_RIGHTS` at connection setup,
+//! [`DoorbellProducer::set_event_fd`]). The producer's [`notify`](DoorbellProducer::notify)
+//! writes the eventfd when it finds 2 and wakes the futex when it finds 1: one handshake, two
+//! ways to sleep.
 //!
 //! # A faulty or hostile peer
 //! Indices are always computed from this side's local position, so no shared value can steer an

@@ -115,6 +115,19 @@ impl Reservation {
     }
 }
 
+/// The last first-choice selection, reusable for any wire length in `(lo, hi]`: those lengths
+/// have the same first-choice group and need the same partition count there.
+#[derive(Debug, Clone, Copy)]
+struct FastChoice {
+    lo: u64,
+    hi: u64,
+    group: GroupId,
+    /// The group's first segment (segments are tried in table order, so only the first one can
+    /// be taken without looking at the others).
+    segment: SegmentId,
+    count: u32,
+}
+
 /// The sending side of one direction of a connection.
 ///
 /// Input: [`Sender::reserve`] (a message to send), [`Sender::handle_credit`] (the mailbox value of
@@ -126,6 +139,7 @@ pub struct Sender {
     segments: Vec<SourceSegment>,
     next_seq: u32,
     max_eager: usize,
+    fast: Option<FastChoice>,
     stats: SenderStats,
 }
 
@@ -145,6 +159,7 @@ impl Sender {
             segments,
             next_seq: 0,
             max_eager,
+            fast: None,
             stats,
         }
     }
@@ -270,13 +285,56 @@ impl Sender {
         len: usize,
     ) -> Result<Reservation, ReserveError> {
         let wire = self.wire_len(len)?;
-        let Some(g) = self.tables.groups().iter().find(|g| g.can_hold(wire)) else {
+        // The common case: a length like the last one, room in the group's first segment.
+        if let Some(f) = self.fast
+            && wire > f.lo
+            && wire <= f.hi
+        {
+            if let Some((first, padding)) = self.segments[f.segment.index()].place(f.count)
+                && let Some(first) = PartitionIndex::new(first)
+            {
+                let sel = Selection {
+                    group: f.group,
+                    segment: f.segment,
+                    first,
+                    count: f.count,
+                    padding,
+                };
+                return Ok(self.commit(sel, kind, len));
+            }
+            return Err(ReserveError::WouldBlock {
+                len,
+                group: f.group,
+            });
+        }
+        let Some(gi) = self.tables.groups().iter().position(|g| g.can_hold(wire)) else {
             return Err(ReserveError::NeedsRendezvous {
                 len,
                 max: self.max_eager,
             });
         };
-        match self.select_in_group(g, wire) {
+        let groups = self.tables.groups();
+        let g = &groups[gi];
+        let sel = self.select_in_group(g, wire);
+        if let Some(sel) = sel
+            && g.segments.first() == Some(&sel.segment)
+        {
+            // Remember the range of wire lengths with this group and count.
+            let p = u64::from(g.partition_size);
+            let below = groups[..gi]
+                .iter()
+                .map(|h| u64::from(h.partition_size) * u64::from(h.span))
+                .max()
+                .unwrap_or(0);
+            self.fast = Some(FastChoice {
+                lo: below.max(u64::from(sel.count - 1) * p),
+                hi: (p * u64::from(g.span)).min(u64::from(sel.count) * p),
+                group: g.id,
+                segment: sel.segment,
+                count: sel.count,
+            });
+        }
+        match sel {
             Some(sel) => Ok(self.commit(sel, kind, len)),
             None => Err(ReserveError::WouldBlock { len, group: g.id }),
         }

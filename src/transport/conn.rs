@@ -494,14 +494,14 @@ impl<L: Link> Inner<L> {
     fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), SendError> {
         let len = parts.iter().map(|p| p.len()).sum();
         let res = self.reserve(MessageKind::Data, len)?;
-        self.link.write(res.segment, res.offset, &res.header)?;
-        let mut off = res.payload_offset();
-        for p in parts {
-            self.link.write(res.segment, off, p)?;
-            off += p.len();
-        }
-        self.link
-            .post(res.segment, res.offset, res.wire_len(), res.immediate.get())?;
+        self.link.send_message(
+            res.segment,
+            res.offset,
+            &res.header,
+            parts,
+            res.wire_len(),
+            res.immediate.get(),
+        )?;
         Ok(())
     }
 

@@ -147,6 +147,32 @@ pub trait Link {
         imm: u32,
     ) -> Result<(), TransportError>;
 
+    /// One whole message: copies `header` then the concatenation of `parts` to `offset` of the
+    /// source image of `segment` (`wire_len` bytes in all) and posts them with `imm`. The
+    /// default is [`Link::write`] per part then [`Link::post`]; a link overrides it to check the
+    /// range once and touch its segment table once.
+    ///
+    /// # Errors
+    /// As [`Link::write`] and [`Link::post`].
+    #[inline]
+    fn send_message(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        header: &[u8; crate::core::wire::HEADER_LEN],
+        parts: &[&[u8]],
+        wire_len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
+        self.write(segment, offset, header)?;
+        let mut off = offset + header.len();
+        for p in parts {
+            self.write(segment, off, p)?;
+            off += p.len();
+        }
+        self.post(segment, offset, wire_len, imm)
+    }
+
     /// The next immediate from the peer, waiting in `mode` for at most `timeout` (`Some(ZERO)`:
     /// do not wait). `Ok(None)` when nothing came.
     ///

@@ -331,6 +331,7 @@ impl ShmLink {
             .ok_or_else(|| TransportError::Failed(format!("no peer segment {}", segment.0)))
     }
 
+    #[inline]
     fn push(&mut self, imm: u32) -> Result<(), TransportError> {
         match self.doorbell.try_push(imm)? {
             PushOutcome::Pushed => {}
@@ -381,6 +382,37 @@ impl Link for ShmLink {
     ) -> Result<(), TransportError> {
         // The bytes are already in the receiver's partitions; the doorbell's Release store
         // publishes them with the immediate.
+        self.push(imm)
+    }
+
+    #[inline]
+    fn send_message(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        header: &[u8; crate::core::wire::HEADER_LEN],
+        parts: &[&[u8]],
+        wire_len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
+        // One range check for the whole message, then plain copies into the peer's partitions.
+        let dst = self.segment(segment)?.filling(offset, wire_len)?;
+        let Some((h, mut dst)) = dst.split_first_chunk_mut::<{ crate::core::wire::HEADER_LEN }>()
+        else {
+            return Err(TransportError::Failed(
+                "reserved range shorter than a header".into(),
+            ));
+        };
+        *h = *header;
+        for p in parts {
+            let Some((d, rest)) = dst.split_at_mut_checked(p.len()) else {
+                return Err(TransportError::Failed(
+                    "message parts longer than the reserved range".into(),
+                ));
+            };
+            d.copy_from_slice(p);
+            dst = rest;
+        }
         self.push(imm)
     }
 

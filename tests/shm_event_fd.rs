@@ -44,7 +44,10 @@ fn readable(fd: BorrowedFd<'_>, ms: i32) -> bool {
 fn busy_mode_has_no_event_fd() {
     let (a, b) = pair_with("256:16:1,4k:4:1", PollMode::Busy);
     assert!(a.event_fd().is_none() && b.event_fd().is_none());
-    assert!(a.arm().unwrap(), "without an event fd arm never lets the caller wait");
+    assert!(
+        a.arm().unwrap(),
+        "without an event fd arm never lets the caller wait"
+    );
 }
 
 #[test]
@@ -71,7 +74,11 @@ fn event_fd_wakes_a_poll_loop_for_every_message() {
     while got < N {
         // Drain, then arm; wait only when arm says so.
         while let Some(m) = a.try_recv().unwrap() {
-            assert_eq!(&*m, &payload(got, 40 + (got as usize % 100))[..], "message {got}");
+            assert_eq!(
+                &*m,
+                &payload(got, 40 + (got as usize % 100))[..],
+                "message {got}"
+            );
             got += 1;
         }
         if got == N {

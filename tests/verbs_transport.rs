@@ -641,7 +641,9 @@ fn event_fd_wakes_a_poll_loop() {
     let ctx = device_or_skip!("event_fd_wakes_a_poll_loop");
     let m = manager();
     let (a, b) = pair(&ctx, m.local_addr(), "64:8:1,256:4:2", PollMode::Event);
-    let fd = a.event_fd().expect("event mode has the completion channel's fd");
+    let fd = a
+        .event_fd()
+        .expect("event mode has the completion channel's fd");
     assert!(a.try_recv().expect("try_recv").is_none());
     assert!(!a.arm().expect("arm"), "nothing there: the wait may begin");
     assert!(!readable(fd, 0), "armed and nothing sent: not readable");
@@ -672,7 +674,10 @@ fn event_fd_wakes_a_poll_loop() {
     assert!(!readable(fd, 0), "arm reset the fd");
     b.send(b"late").expect("send");
     assert!(readable(fd, 60_000), "the last message wakes the loop");
-    let late = a.try_recv().expect("try_recv").expect("the message that made the fd readable");
+    let late = a
+        .try_recv()
+        .expect("try_recv")
+        .expect("the message that made the fd readable");
     assert_eq!(&*late, b"late");
     assert!(
         pair(&ctx, m.local_addr(), "64:8:1,256:4:2", PollMode::Busy)

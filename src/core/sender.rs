@@ -564,7 +564,8 @@ impl Sender {
         let new = self.tables.add_segment(group)?;
         debug_assert_eq!(new, id);
         let e = self.tables.segments()[new.index()];
-        self.segments.push(SourceSegment::new(e.partitions, e.partition_size));
+        self.segments
+            .push(SourceSegment::new(e.partitions, e.partition_size));
         if self.stats.per_group.len() < self.tables.groups().len() {
             self.stats
                 .per_group

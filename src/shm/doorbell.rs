@@ -695,12 +695,13 @@ impl EventFd {
             op: "check",
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
         };
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
-            ShmError::EventFd {
-                op: "check",
-                source: e,
-            }
-        })?;
+        let link =
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
+                ShmError::EventFd {
+                    op: "check",
+                    source: e,
+                }
+            })?;
         if link.as_os_str() != "anon_inode:[eventfd]" {
             return Err(bad("the fd is not an eventfd"));
         }

@@ -103,9 +103,9 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         let stash_cap = Layout::recv_wqe_bound_for(&recv_layout, &send_layout) as usize;
         let event = match mode {
             PollMode::Busy => None,
-            PollMode::Event | PollMode::Adaptive { .. } => link
-                .event_fd()
-                .and_then(|fd| fd.try_clone_to_owned().ok()),
+            PollMode::Event | PollMode::Adaptive { .. } => {
+                link.event_fd().and_then(|fd| fd.try_clone_to_owned().ok())
+            }
         };
         Connection {
             target,

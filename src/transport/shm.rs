@@ -552,7 +552,11 @@ impl ShmListener {
         let local = Local::create(&self.layout, my_geo)?;
         send_frame_fds(&sock, &local.fds())?;
         let peer_geo = ControlGeometry::new(&theirs.layout, &self.layout)?;
-        let fds = recv_frame_fds(&sock, FIXED_FDS + theirs.layout.segment_count() as usize, peer)?;
+        let fds = recv_frame_fds(
+            &sock,
+            FIXED_FDS + theirs.layout.segment_count() as usize,
+            peer,
+        )?;
         let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
         sock.write_all(&[1]).map_err(io("confirm the handshake"))?;
         sock.set_read_timeout(None)
@@ -680,7 +684,11 @@ pub fn connect_path(
         .map_err(io("read the peer's hello"))?;
     let theirs = Hello::decode(&b, &peer)?;
     let peer_geo = ControlGeometry::new(&theirs.layout, &layout)?;
-    let fds = recv_frame_fds(&sock, FIXED_FDS + theirs.layout.segment_count() as usize, &peer)?;
+    let fds = recv_frame_fds(
+        &sock,
+        FIXED_FDS + theirs.layout.segment_count() as usize,
+        &peer,
+    )?;
     let remote = Remote::open(fds, &theirs.layout, peer_geo, &peer)?;
     let my_geo = ControlGeometry::new(&layout, &theirs.layout)?;
     let local = Local::create(&layout, my_geo)?;

@@ -617,7 +617,10 @@ impl SendSide {
         if self.outstanding() + n > self.depth / 2 {
             self.reap()?;
         }
-        if matches!(which, Wr::CreditAndMessage(_) | Wr::Credit | Wr::CreditAndNotice) {
+        if matches!(
+            which,
+            Wr::CreditAndMessage(_) | Wr::Credit | Wr::CreditAndNotice
+        ) {
             self.prepare_credit(which)?;
         }
         let mut done = 0u64;
@@ -1107,7 +1110,8 @@ fn finish(
         .map(|s| u64::from((s.partitions / 4).max(1)))
         .collect();
     let posted_credit = vec![0; urgent.len()];
-    let credit_span = (queues.qp.caps().max_inline_data as usize).clamp(8, MAILBOX_SLOTS * 8) / 8 * 8;
+    let credit_span =
+        (queues.qp.caps().max_inline_data as usize).clamp(8, MAILBOX_SLOTS * 8) / 8 * 8;
     // The probe writes 8 bytes (inline) into the peer's spare mailbox word, which nobody reads:
     // a transfer with payload always needs the peer's acknowledgement.
     let spare = (MAILBOX_SLOTS - 1) * 8;

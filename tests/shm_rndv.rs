@@ -53,7 +53,8 @@ fn sweep(rx: ShmConnection, tx: ShmConnection, sizes: Vec<usize>) {
     let h = thread::spawn(move || {
         for (i, &len) in sizes.iter().enumerate() {
             let m = payload(i as u64, len);
-            tx.send(&m).unwrap_or_else(|e| panic!("send of {len} bytes: {e}"));
+            tx.send(&m)
+                .unwrap_or_else(|e| panic!("send of {len} bytes: {e}"));
             // The blocking send returned: the receiver has it; the buffer is ours to drop.
             drop(m);
         }

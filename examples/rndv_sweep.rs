@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! rndv_sweep [--transport verbs|shm] [--sizes 4k,64k,1m,...] [--threshold BYTES]
-//!            [--iters N] [--window W] [--cache BYTES]
+//!            [--iters N] [--bytes BYTES] [--window W] [--cache BYTES]
 //! ```
 //! Sizes above the switch point go by rendezvous; the table says which. `--threshold` lowers the
 //! switch point (as `RSMSG_RNDV_THRESHOLD` does); `--cache` sets the receiver's registration
@@ -38,6 +38,7 @@ struct Args {
     sizes: Vec<usize>,
     threshold: Option<usize>,
     iters: Option<u64>,
+    bytes: u64,
     window: usize,
     cache: usize,
 }
@@ -51,6 +52,7 @@ fn args() -> Result<Args> {
             .collect::<Result<_>>()?,
         threshold: None,
         iters: None,
+        bytes: 32 << 20,
         window: 16,
         cache: 256 << 20,
     };
@@ -62,6 +64,7 @@ fn args() -> Result<Args> {
             "--sizes" => a.sizes = v()?.split(',').map(parse_size).collect::<Result<_>>()?,
             "--threshold" => a.threshold = Some(parse_size(&v()?)?),
             "--iters" => a.iters = Some(v()?.parse()?),
+            "--bytes" => a.bytes = parse_size(&v()?)? as u64,
             "--window" => a.window = v()?.parse::<usize>()?.max(1),
             "--cache" => a.cache = parse_size(&v()?)?,
             other => bail!("unknown argument {other:?} (see the source's doc comment)"),
@@ -70,10 +73,15 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-/// Iterations for a size: about 256 MiB of traffic, between 20 and 20000.
+/// Bandwidth iterations for a size: about `--bytes` of traffic, between 5 and 4000.
 fn iters_for(a: &Args, size: usize) -> u64 {
     a.iters
-        .unwrap_or(((256u64 << 20) / size.max(1) as u64).clamp(20, 20_000))
+        .unwrap_or((a.bytes / size.max(1) as u64).clamp(5, 4000))
+}
+
+/// Latency round trips for a size: a tenth of the bandwidth iterations, at least 2.
+fn lat_iters_for(a: &Args, size: usize) -> u64 {
+    (iters_for(a, size) / 10).max(2)
 }
 
 fn configure<L: Link, T: TargetMemory>(c: &Connection<L, T>, a: &Args) {
@@ -89,7 +97,7 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
     let mut buf = vec![0u8; sizes.iter().copied().max().unwrap_or(0)];
     for &size in sizes {
         let n = iters_for(a, size);
-        for _ in 0..n + 1 {
+        for _ in 0..lat_iters_for(a, size) + 1 {
             let got = c.recv_into(&mut buf)?;
             c.send(&buf[..got])?;
         }
@@ -117,18 +125,19 @@ fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
     for &size in sizes {
         let buf = vec![0xa5u8; size];
         let n = iters_for(a, size);
-        // Latency: one warm-up round trip, then n.
+        let nl = lat_iters_for(a, size);
+        // Latency: one warm-up round trip, then nl.
         c.send(&buf)?;
         c.recv_into(&mut rbuf)?;
         let t = Instant::now();
-        for _ in 0..n {
+        for _ in 0..nl {
             c.send(&buf)?;
             let got = c.recv_into(&mut rbuf)?;
             if got != size {
                 bail!("echo of {got} bytes for {size}");
             }
         }
-        let lat = t.elapsed().as_secs_f64() * 1e6 / n as f64 / 2.0;
+        let lat = t.elapsed().as_secs_f64() * 1e6 / nl as f64 / 2.0;
         // Bandwidth: a stream, up to `window` transfers in flight.
         let t = Instant::now();
         let mut inflight = std::collections::VecDeque::new();
@@ -175,6 +184,7 @@ where
         sizes: a.sizes.clone(),
         threshold: a.threshold,
         iters: a.iters,
+        bytes: a.bytes,
         window: a.window,
         cache: a.cache,
     };

@@ -36,7 +36,8 @@ pub enum SendError {
     /// back-pressure. Nothing was written; retry later, or use a blocking send.
     #[error("no free partitions for now (back-pressure)")]
     WouldBlock,
-    /// The message is larger than any segment group carries eagerly.
+    /// The message is larger than any segment group carries eagerly and cannot go by rendezvous
+    /// (filled in place with [`Connection::send_with`], or a link without rendezvous).
     #[error("message of {len} bytes exceeds the largest eager message of {max} bytes")]
     TooLarge {
         /// Payload length.

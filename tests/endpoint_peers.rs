@@ -204,7 +204,7 @@ fn a_failing_peer_is_removed_and_the_others_carry_on() {
         drop(conn);
     });
     let counts: BTreeMap<u64, u64> = [(0, 200), (1, 200), (9, u64::MAX)].into();
-    // Let the crash happen while the other two are half-way through.
+    // Everything sent before the gates: the crasher's ten, half of each other client's.
     let mut seen_first = 0;
     let mut crashed_peer = None;
     while seen_first < 10 + 100 + 100 {
@@ -215,6 +215,7 @@ fn a_failing_peer_is_removed_and_the_others_carry_on() {
         }
         assert_eq!(&*m, &message(k, seq)[..]);
         seen_first += 1;
+    }
     let crashed_peer = crashed_peer.expect("the crashing client's messages arrived");
     assert_eq!(ep.len(), 3);
     go_tx.send(()).unwrap();
@@ -343,12 +344,7 @@ fn counters_follow_messages_partitions_and_back_pressure() {
     assert_eq!((g0.messages_received, g0.bytes_received), (1, 10));
     assert_eq!((g1.messages_received, g1.bytes_received), (1, 500));
     assert!(g0.partitions_held >= 1 && g1.partitions_held >= 1);
-    assert!(
-        server
-            .group_counters(2)
-            .is_some_and(|g| g.messages_received == 0)
-            || server.group_counters(2).is_none()
-    );
+    assert!(server.group_counters(2).is_none(), "two groups only");
     let sent = client.counters();
     assert_eq!((sent.messages_sent, sent.bytes_sent), (2, 510));
     assert!(sent.partitions_in_flight >= 2, "{sent:?}");

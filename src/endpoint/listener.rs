@@ -76,7 +76,13 @@ impl Listener {
         let mut verbs_opts = config.verbs.clone();
         let want_verbs = match (config.transport, manager) {
             (TransportChoice::Shm, _) | (_, None) => false,
-            (choice, Some(_)) => match crate::verbs::Context::open(verbs_opts.device.as_deref())
+            (choice, Some(_)) => match verbs_opts
+                .context
+                .clone()
+                .map_or_else(
+                    || crate::verbs::Context::open(verbs_opts.device.as_deref()),
+                    Ok,
+                )
                 .and_then(|ctx| ctx.active_port(verbs_opts.port).map(|_| ctx))
             {
                 Ok(ctx) => {

@@ -85,6 +85,10 @@ pub enum EndpointError {
         #[source]
         source: SendError,
     },
+    /// A send on a [`Conn`] used directly did not happen (lets `?` carry a [`SendError`] in
+    /// functions returning [`EndpointError`]).
+    #[error(transparent)]
+    ConnSend(#[from] SendError),
     /// A peer of an [`Endpoint`] failed (closed, died, broke the protocol) and was removed; the
     /// endpoint and its other peers carry on.
     #[error("peer {peer} failed and was removed: {source}")]
@@ -108,7 +112,7 @@ impl EndpointError {
             EndpointError::Send {
                 source: SendError::WouldBlock,
                 ..
-            }
+            } | EndpointError::ConnSend(SendError::WouldBlock)
         )
     }
 

@@ -349,7 +349,7 @@ impl Endpoint {
     }
 
     /// The next message from any peer if one has arrived; never waits (but takes in new
-    /// connections and notices failed peers).
+    /// connections, and checks the peers' liveness at most every 50 ms).
     ///
     /// # Errors
     /// As [`Endpoint::recv`].
@@ -380,17 +380,17 @@ impl Endpoint {
             if self.peers.is_empty() && self.listener.is_none() {
                 return Err(EndpointError::NoPeers);
             }
+            let now = Instant::now();
+            if now.duration_since(self.last_liveness) >= LIVENESS_INTERVAL {
+                self.last_liveness = now;
+                self.check_liveness()?;
+            }
             let deadline = match wait {
                 Wait::No => return Ok(None),
                 Wait::Until(d) => d,
             };
-            let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 return Ok(None);
-            }
-            if now.duration_since(self.last_liveness) >= LIVENESS_INTERVAL {
-                self.last_liveness = now;
-                self.check_liveness()?;
             }
             idle = idle.saturating_add(1);
             let spins = match self.config.poll {

@@ -18,7 +18,7 @@ pub mod rndv;
 pub mod shm;
 pub mod verbs;
 
-pub use conn::{Connection, ConnectionStats, Message, SendError};
+pub use conn::{Connection, ConnectionStats, Counters, GroupCounters, Message, SendError};
 pub use rndv::{Exposure, RndvStats, SendHandle};
 
 use std::time::Duration;

@@ -48,7 +48,12 @@ impl Link for FakeLink {
             .map_err(region_error)
     }
 
-    fn fill(&mut self, seg: SegmentId, offset: usize, len: usize) -> Result<&mut [u8], TransportError> {
+    fn fill(
+        &mut self,
+        seg: SegmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<&mut [u8], TransportError> {
         self.segments
             .get_mut(seg.index())
             .ok_or_else(|| TransportError::Failed("no segment".into()))?
@@ -56,12 +61,22 @@ impl Link for FakeLink {
             .map_err(region_error)
     }
 
-    fn post(&mut self, _seg: SegmentId, _offset: usize, _len: usize, imm: u32) -> Result<(), TransportError> {
+    fn post(
+        &mut self,
+        _seg: SegmentId,
+        _offset: usize,
+        _len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
         self.immediates.push_back(imm);
         Ok(())
     }
 
-    fn next_immediate(&mut self, _mode: PollMode, _timeout: Option<Duration>) -> Result<Option<u32>, TransportError> {
+    fn next_immediate(
+        &mut self,
+        _mode: PollMode,
+        _timeout: Option<Duration>,
+    ) -> Result<Option<u32>, TransportError> {
         Ok(self.immediates.pop_front())
     }
 
@@ -140,7 +155,8 @@ fn per_message(c: &mut Criterion) {
         g.bench_function(format!("send_with_recv_into/{size}B"), |b| {
             let mut buf = vec![0u8; size];
             b.iter(|| {
-                conn.send_with(size, |dst| dst.fill(0x3c)).expect("send_with");
+                conn.send_with(size, |dst| dst.fill(0x3c))
+                    .expect("send_with");
                 black_box(conn.recv_into(&mut buf).expect("recv_into"));
             })
         });

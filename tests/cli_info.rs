@@ -20,17 +20,26 @@ fn text(b: &[u8]) -> String {
 }
 
 fn has_rdma() -> bool {
-    std::path::Path::new("/sys/class/infiniband").read_dir().is_ok_and(|mut d| d.next().is_some())
+    std::path::Path::new("/sys/class/infiniband")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some())
 }
 
 #[test]
 fn info_json_reports_transports() {
     let o = rsmsg(&["info", "--json"]);
-    assert!(o.status.success(), "rsmsg info --json failed: {}", text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "rsmsg info --json failed: {}",
+        text(&o.stderr)
+    );
     let v: Value = serde_json::from_slice(&o.stdout).expect("info --json is JSON");
     let shm = &v["transports"]["shm"];
     assert_eq!(shm["usable"], Value::Bool(true), "shm unusable: {shm}");
-    assert!(shm["reason"].as_str().is_some_and(|r| r.contains("memfd")), "{shm}");
+    assert!(
+        shm["reason"].as_str().is_some_and(|r| r.contains("memfd")),
+        "{shm}"
+    );
     let verbs = &v["transports"]["verbs"];
     let devices = v["devices"].as_array().expect("devices is a list");
     let any_active = devices.iter().any(|d| {
@@ -61,9 +70,17 @@ fn info_text_reports_transports() {
             .to_string()
     };
     assert!(out.starts_with("transports\n"), "{out}");
-    assert_eq!(line("shm").split_whitespace().nth(1), Some("usable"), "{out}");
+    assert_eq!(
+        line("shm").split_whitespace().nth(1),
+        Some("usable"),
+        "{out}"
+    );
     if !has_rdma() {
-        assert_eq!(line("verbs").split_whitespace().nth(1), Some("unusable"), "{out}");
+        assert_eq!(
+            line("verbs").split_whitespace().nth(1),
+            Some("unusable"),
+            "{out}"
+        );
         assert!(out.contains("no RDMA devices"), "{out}");
     }
 }
@@ -72,7 +89,11 @@ fn info_text_reports_transports() {
 fn info_unknown_device_is_an_error() {
     let o = rsmsg(&["info", "-d", "no-such-device"]);
     assert!(!o.status.success());
-    assert!(text(&o.stderr).contains("no RDMA device named \"no-such-device\""), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("no RDMA device named \"no-such-device\""),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
@@ -90,17 +111,27 @@ fn info_unusable_socket_dir_is_reported() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let shm = &v["transports"]["shm"];
     assert_eq!(shm["usable"], Value::Bool(false), "{shm}");
-    assert!(shm["reason"].as_str().unwrap().contains("RSMSG_SHM_DIR"), "{shm}");
+    assert!(
+        shm["reason"].as_str().unwrap().contains("RSMSG_SHM_DIR"),
+        "{shm}"
+    );
 }
 
 #[test]
 fn log_filter_controls_stderr() {
     // Default (warn): the debug event of `info` does not show; --log debug shows it; RSMSG_LOG too.
     let quiet = rsmsg(&["info"]);
-    assert!(!text(&quiet.stderr).contains("RDMA device list"), "{}", text(&quiet.stderr));
+    assert!(
+        !text(&quiet.stderr).contains("RDMA device list"),
+        "{}",
+        text(&quiet.stderr)
+    );
     let loud = rsmsg(&["--log", "debug", "info"]);
     let err = text(&loud.stderr);
-    assert!(err.contains("DEBUG") && err.contains("RDMA device list"), "{err}");
+    assert!(
+        err.contains("DEBUG") && err.contains("RDMA device list"),
+        "{err}"
+    );
     // Global option: also accepted after the subcommand.
     let after = rsmsg(&["info", "--log", "rsmsg=debug"]);
     assert!(text(&after.stderr).contains("RDMA device list"));
@@ -125,6 +156,10 @@ fn log_filter_controls_stderr() {
 fn bad_log_filter_is_refused() {
     let o = rsmsg(&["--log", "rsmsg=loud[", "info"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o.stderr).contains("bad log filter"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("bad log filter"),
+        "{}",
+        text(&o.stderr)
+    );
     assert!(o.stdout.is_empty());
 }

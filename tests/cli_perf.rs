@@ -25,14 +25,19 @@ fn text(b: &[u8]) -> String {
 
 fn rows(args: &[&str]) -> Vec<Value> {
     let o = perf(args);
-    assert!(o.status.success(), "rsmsg perf {args:?} failed: {}", text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "rsmsg perf {args:?} failed: {}",
+        text(&o.stderr)
+    );
     let v: Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&o.stdout)));
     v.as_array().expect("a list of rows").clone()
 }
 
 fn num(v: &Value, k: &str) -> f64 {
-    v[k].as_f64().unwrap_or_else(|| panic!("no number {k} in {v}"))
+    v[k].as_f64()
+        .unwrap_or_else(|| panic!("no number {k} in {v}"))
 }
 
 #[test]
@@ -44,7 +49,10 @@ fn lat_sweep_json() {
         assert_eq!(x["test"], "lat");
         assert_eq!(x["transport"], "shm");
         assert_eq!(x["iterations"], 300);
-        assert!(x.get("bw_mbps").is_none() && x.get("rate_mmps").is_none(), "{x}");
+        assert!(
+            x.get("bw_mbps").is_none() && x.get("rate_mmps").is_none(),
+            "{x}"
+        );
         let l = &x["lat_us"];
         let (min, p50, avg, p99, p999, max) = (
             num(l, "min"),
@@ -55,7 +63,10 @@ fn lat_sweep_json() {
             num(l, "max"),
         );
         assert!(min > 0.0, "{l}");
-        assert!(min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max, "{l}");
+        assert!(
+            min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max,
+            "{l}"
+        );
         assert!(min <= avg && avg <= max, "{l}");
     }
 }
@@ -89,7 +100,10 @@ fn all_tests_table() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert!(out.starts_with("# rsmsg perf: transport shm"), "{out}");
-    assert!(out.contains("t_median") && out.contains("BW avg[MB/s]"), "{out}");
+    assert!(
+        out.contains("t_median") && out.contains("BW avg[MB/s]"),
+        "{out}"
+    );
     // Three tests, default sizes: lat 64, bw 64 KiB, rate 64.
     let data: Vec<Vec<&str>> = out
         .lines()
@@ -113,7 +127,10 @@ fn timed_run_with_progress() {
     let it = v[0]["iterations"].as_u64().unwrap();
     assert!(it > 0);
     let err = text(&o.stderr);
-    assert!(err.contains("lat 64 B: ") && err.contains("% of 0.8 s"), "{err:?}");
+    assert!(
+        err.contains("lat 64 B: ") && err.contains("% of 0.8 s"),
+        "{err:?}"
+    );
     // Every progress update rewrites the line, and the last thing written erases it.
     assert!(err.ends_with("\r\x1b[K"), "{err:?}");
     assert!(!err.contains('\n'), "{err:?}");
@@ -123,8 +140,22 @@ fn timed_run_with_progress() {
 fn big_messages_need_a_layout_that_holds_them() {
     let o = perf(&["-t", "bw", "-s", "1m", "-n", "10"]);
     assert!(!o.status.success());
-    assert!(text(&o.stderr).contains("exceeds the largest eager message"), "{}", text(&o.stderr));
-    let r = rows(&["--json", "-t", "bw", "-s", "1m", "-n", "10", "--groups", "4k:64:4,1m:8:2"]);
+    assert!(
+        text(&o.stderr).contains("exceeds the largest eager message"),
+        "{}",
+        text(&o.stderr)
+    );
+    let r = rows(&[
+        "--json",
+        "-t",
+        "bw",
+        "-s",
+        "1m",
+        "-n",
+        "10",
+        "--groups",
+        "4k:64:4,1m:8:2",
+    ]);
     assert_eq!(r[0]["size"], 1 << 20);
 }
 
@@ -151,12 +182,18 @@ fn invalid_options_are_refused() {
         (&["--server", "-t", "lat"], "--test is a client option"),
         (&["--client", "--once"], "--once applies to --server only"),
         (&["--once"], "--once applies to --server only"),
-        (&["--manager", "127.0.0.1:1"], "--manager applies to --transport verbs"),
+        (
+            &["--manager", "127.0.0.1:1"],
+            "--manager applies to --transport verbs",
+        ),
         (
             &["--transport", "verbs", "--manager", "127.0.0.1:1"],
             "the local mode runs its own private manager",
         ),
-        (&["--name", "other"], "--name applies to --server and --client"),
+        (
+            &["--name", "other"],
+            "--name applies to --server and --client",
+        ),
         (&["--client", "--name", "../x"], "--name"),
         (&["--bogus"], "unexpected argument '--bogus'"),
     ];
@@ -164,8 +201,15 @@ fn invalid_options_are_refused() {
         let o = perf(args);
         let err = text(&o.stderr);
         assert!(!o.status.success(), "rsmsg perf {args:?} succeeded");
-        assert!(err.contains(want), "rsmsg perf {args:?}: {want:?} not in {err:?}");
-        assert!(o.stdout.is_empty(), "rsmsg perf {args:?} printed {:?}", text(&o.stdout));
+        assert!(
+            err.contains(want),
+            "rsmsg perf {args:?}: {want:?} not in {err:?}"
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "rsmsg perf {args:?} printed {:?}",
+            text(&o.stdout)
+        );
     }
 }
 
@@ -174,5 +218,9 @@ fn client_without_server_fails_clearly() {
     let name = format!("rsmsg-cli-none-{}", std::process::id());
     let o = perf(&["--client", "--name", &name, "-n", "10"]);
     assert!(!o.status.success());
-    assert!(text(&o.stderr).contains(&format!("connecting to endpoint \"{name}\"")), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains(&format!("connecting to endpoint \"{name}\"")),
+        "{}",
+        text(&o.stderr)
+    );
 }

@@ -230,12 +230,19 @@ fn shm_usable() -> Usable {
     }
     let dir = rsmsg::transport::shm::socket_dir();
     let name = format!("rsmsg-info-probe-{}", std::process::id());
-    match rsmsg::transport::shm::ShmListener::bind(&name, rsmsg::core::Layout::default(), Default::default()) {
+    match rsmsg::transport::shm::ShmListener::bind(
+        &name,
+        rsmsg::core::Layout::default(),
+        Default::default(),
+    ) {
         Ok(l) => {
             drop(l);
             Usable {
                 usable: true,
-                reason: format!("memfd works; socket directory {} is writable", dir.display()),
+                reason: format!(
+                    "memfd works; socket directory {} is writable",
+                    dir.display()
+                ),
             }
         }
         Err(e) => Usable {

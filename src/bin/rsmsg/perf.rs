@@ -507,7 +507,11 @@ impl Progress {
                 "{done}/{n} iterations ({:.0}%)",
                 done as f64 * 100.0 / n as f64
             ),
-            Goal::Time(d) => format!("{done} iterations, {:.0}% of {:.1} s", (elapsed.as_secs_f64() * 100.0 / d.as_secs_f64()).min(100.0), d.as_secs_f64()),
+            Goal::Time(d) => format!(
+                "{done} iterations, {:.0}% of {:.1} s",
+                (elapsed.as_secs_f64() * 100.0 / d.as_secs_f64()).min(100.0),
+                d.as_secs_f64()
+            ),
         };
         let mut err = std::io::stderr().lock();
         let _ = write!(

@@ -34,7 +34,7 @@ fn region_error(e: rsmsg::shm::ShmError) -> TransportError {
     TransportError::Failed(e.to_string())
 }
 
-fn segment<'a>(segs: &'a [ShmRegion], id: SegmentId) -> Result<&'a ShmRegion, TransportError> {
+fn segment(segs: &[ShmRegion], id: SegmentId) -> Result<&ShmRegion, TransportError> {
     segs.get(id.index())
         .ok_or_else(|| TransportError::Failed(format!("no segment {}", id.index())))
 }

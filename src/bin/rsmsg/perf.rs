@@ -33,6 +33,10 @@ pub struct Args {
     /// Iterations per size (messages for bw and rate, round trips for lat).
     #[arg(short = 'n', long, conflicts_with = "duration")]
     iters: Option<u64>,
+    /// Fewer iterations for large sizes: at most this many bytes per size and direction
+    /// (`iterations x size`, e.g. `64m`), but at least 10 iterations.
+    #[arg(long, value_name = "BYTES", conflicts_with = "duration")]
+    max_bytes: Option<String>,
     /// Run each size for this many seconds instead of a fixed iteration count.
     #[arg(short = 'D', long)]
     duration: Option<f64>,
@@ -190,6 +194,7 @@ fn validate(args: &Args) -> Result<()> {
             ("--size", args.size.is_some()),
             ("--iters", args.iters.is_some()),
             ("--duration", args.duration.is_some()),
+            ("--max-bytes", args.max_bytes.is_some()),
             ("--json", args.json),
             ("--progress", args.progress),
         ];
@@ -220,6 +225,12 @@ fn validate(args: &Args) -> Result<()> {
     }
     if let Some(s) = &args.size {
         parse_sizes(s)?;
+    }
+    if let Some(b) = &args.max_bytes {
+        let n = parse_size(b).map_err(|e| anyhow::anyhow!("--max-bytes: {e}"))?;
+        if n == 0 {
+            bail!("--max-bytes must be at least 1");
+        }
     }
     if args.transport == "shm" {
         shm::socket_path(&args.name).map_err(|e| anyhow::anyhow!("--name {:?}: {e}", args.name))?;
@@ -558,6 +569,12 @@ fn next_chunk(goal: Goal, progress: bool, done: u64, elapsed: Duration, per_iter
     }
 }
 
+/// `iters`, lowered so that `iters x size <= max_bytes`, but not below 10 (nor above `iters`).
+fn capped_iters(iters: u64, max_bytes: usize, size: usize) -> u64 {
+    let cap = (max_bytes / size.max(1)) as u64;
+    iters.min(cap.max(10))
+}
+
 /// Runs one test at one size: a warm-up plan, then the measured plan(s).
 fn measure<L: Link, T: TargetMemory>(
     args: &Args,
@@ -567,7 +584,13 @@ fn measure<L: Link, T: TargetMemory>(
 ) -> Result<Row> {
     let goal = match args.duration {
         Some(d) => Goal::Time(Duration::from_secs_f64(d)),
-        None => Goal::Iters(args.iters.unwrap_or_else(|| default_iters(test, size))),
+        None => {
+            let n = args.iters.unwrap_or_else(|| default_iters(test, size));
+            Goal::Iters(match &args.max_bytes {
+                Some(b) => capped_iters(n, parse_size(b)?, size),
+                None => n,
+            })
+        }
     };
     let warm = match goal {
         Goal::Iters(n) => (n / 10).clamp(2, 10_000),
@@ -709,5 +732,13 @@ mod tests {
         assert!(parse_sizes("0..8").is_err());
         assert!(parse_sizes("x").is_err());
         assert!(parse_sizes("9..8").is_err());
+    }
+
+    #[test]
+    fn capped_iterations() {
+        assert_eq!(capped_iters(1000, 1 << 20, 64), 1000);
+        assert_eq!(capped_iters(1000, 1 << 20, 4096), 256);
+        assert_eq!(capped_iters(1000, 1 << 20, 4 << 20), 10);
+        assert_eq!(capped_iters(5, 1 << 20, 4 << 20), 5);
     }
 }

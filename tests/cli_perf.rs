@@ -73,10 +73,25 @@ fn lat_sweep_json() {
 
 #[test]
 fn max_bytes_lowers_large_sizes_only() {
-    let r = rows(&["--json", "-t", "bw", "-s", "64,4k,64k", "-n", "400", "--max-bytes", "256k"]);
+    let r = rows(&[
+        "--json",
+        "-t",
+        "bw",
+        "-s",
+        "64,4k,64k",
+        "-n",
+        "400",
+        "--max-bytes",
+        "256k",
+    ]);
     let got: Vec<(u64, u64)> = r
         .iter()
-        .map(|x| (x["size"].as_u64().unwrap(), x["iterations"].as_u64().unwrap()))
+        .map(|x| {
+            (
+                x["size"].as_u64().unwrap(),
+                x["iterations"].as_u64().unwrap(),
+            )
+        })
         .collect();
     // 256 KiB / 64 B = 4096 > 400: unchanged; / 4 KiB = 64; / 64 KiB = 4, raised to the floor of 10.
     assert_eq!(got, [(64, 400), (4096, 64), (65536, 10)]);
@@ -180,7 +195,10 @@ fn invalid_options_are_refused() {
         (&["--max-bytes", "0"], "--max-bytes must be at least 1"),
         (&["--max-bytes", "lots"], "--max-bytes"),
         (&["--max-bytes", "1m", "-D", "1"], "cannot be used with"),
-        (&["--server", "--max-bytes", "1m"], "--max-bytes is a client option"),
+        (
+            &["--server", "--max-bytes", "1m"],
+            "--max-bytes is a client option",
+        ),
         (&["-D=-1"], "--duration must be"),
         (&["-D", "nan"], "--duration must be"),
         (&["-s", "0"], "at least 1 byte"),

@@ -26,15 +26,16 @@ fn series(
     let mut by_size: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
     for r in records {
         let field = |k: &str| r.get(k).and_then(Value::as_str);
-        if field("side") == Some(side) && field("tool") == Some(tool) && field("test") == Some(test)
-        {
-            if let (Some(s), Some(v)) = (
+        if field("side") == Some(side)
+            && field("tool") == Some(tool)
+            && field("test") == Some(test)
+            && let (Some(s), Some(v)) = (
                 r.get("size").and_then(Value::as_u64),
                 r.get(key).and_then(Value::as_f64),
-            ) && v > 0.0
-            {
-                by_size.entry(s).or_default().push(v);
-            }
+            )
+            && v > 0.0
+        {
+            by_size.entry(s).or_default().push(v);
         }
     }
     let points: Vec<(f64, f64)> = by_size

@@ -95,10 +95,16 @@ where
         .configure_mesh()
         .x_desc("message size (bytes)")
         .y_desc(y_desc)
-        .x_label_formatter(&|x| match *x as u64 {
-            n if n >= 1 << 20 => format!("{}M", n >> 20),
-            n if n >= 1 << 10 => format!("{}K", n >> 10),
-            n => n.to_string(),
+        .x_label_formatter(&|x| {
+            // Decimal ticks of a log axis: 10, 100, 1k, 10k, 100k, 1M.
+            let n = x.round();
+            if n >= 1e6 {
+                format!("{}M", n / 1e6)
+            } else if n >= 1e3 {
+                format!("{}k", n / 1e3)
+            } else {
+                format!("{n}")
+            }
         })
         .draw()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;

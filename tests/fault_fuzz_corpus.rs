@@ -296,6 +296,10 @@ fn committed_seeds_are_valid_encodings() {
             check(target, &bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
         }
-        assert!(n >= seeds.len(), "{target}: {n} seeds, expected {}", seeds.len());
+        assert!(
+            n >= seeds.len(),
+            "{target}: {n} seeds, expected {}",
+            seeds.len()
+        );
     }
 }

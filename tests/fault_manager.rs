@@ -34,7 +34,7 @@ fn free_port() -> u16 {
 
 /// Starts `rsmsg manager` on `addr` and waits until it answers.
 fn manager(addr: &str) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_rsmsg"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rsmsg"))
         .args(["manager", "--listen", addr])
         .env("RSMSG_TOKEN", SECRET)
         .stdout(Stdio::null())
@@ -49,6 +49,8 @@ fn manager(addr: &str) -> Child {
         }
         thread::sleep(Duration::from_millis(25));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the manager did not come up on {addr}");
 }
 

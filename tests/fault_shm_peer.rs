@@ -57,6 +57,8 @@ struct Peer {
     out: BufReader<ChildStdout>,
 }
 
+// The child is killed and waited for in `Peer::kill`; only a failing test leaves it behind.
+#[allow(clippy::zombie_processes)]
 fn spawn_peer(name: &str) -> Peer {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([

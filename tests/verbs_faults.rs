@@ -79,6 +79,8 @@ struct Peer {
     out: BufReader<ChildStdout>,
 }
 
+// The child is killed and waited for in `Peer::kill`; only a failing test leaves it behind.
+#[allow(clippy::zombie_processes)]
 fn spawn_peer(addr: SocketAddr, name: &str) -> Peer {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "child_receiver", "--nocapture"])

@@ -146,7 +146,10 @@ fn eight_peers_random_sizes_every_byte_checked_no_growth() {
             baseline = Some(s);
         }
         if samples.len() % 30 == 0 {
-            eprintln!("soak: t={:>4}s rss={} KiB fds={} messages={}", s.0, s.1, s.2, s.3);
+            eprintln!(
+                "soak: t={:>4}s rss={} KiB fds={} messages={}",
+                s.0, s.1, s.2, s.3
+            );
         }
         samples.push(s);
     }

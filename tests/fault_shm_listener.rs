@@ -100,3 +100,22 @@ fn handshakes_in_progress_are_capped() {
     l.accept().unwrap();
     t.join().unwrap().unwrap();
 }
+
+#[test]
+fn connections_waiting_to_be_accepted_count_against_the_cap() {
+    let l = listener("unaccepted");
+    let path = l.path().to_path_buf();
+    let dial = || rsmsg::transport::shm::connect_path(&path, Layout::default(), PollMode::Busy);
+    // Handshakes complete in the background while the application does not accept.
+    let waiting: Vec<_> = (0..MAX_PENDING_HANDSHAKES)
+        .map(|_| dial().expect("within the cap"))
+        .collect();
+    let e = dial().expect_err("beyond the cap");
+    assert!(e.to_string().contains("hello"), "{e}");
+    // Accepting one makes room for one more.
+    let first = l.accept().unwrap();
+    let extra = dial().expect("room after an accept");
+    first.send(b"accepted").unwrap();
+    assert_eq!(&*waiting[0].recv().unwrap(), b"accepted");
+    drop(extra);
+}

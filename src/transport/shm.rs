@@ -413,14 +413,16 @@ impl Link for ShmLink {
     }
 }
 
-/// Most connection handshakes one [`ShmListener`] runs at once. A connector beyond that is
-/// closed at once (it sees the connection end before the listener's hello) until one of the
-/// handshakes in progress completes or times out.
+/// Most connections one [`ShmListener`] holds between the peer's connect and the application's
+/// [`ShmListener::accept`]: handshakes in progress plus results not yet accepted. A connector
+/// beyond that is closed at once (it sees the connection end before the listener's hello) until
+/// the application accepts one, so unaccepted connectors cannot make the listener allocate
+/// regions without bound.
 pub const MAX_PENDING_HANDSHAKES: usize = 16;
 
 /// A named shared-memory endpoint accepting connections.
 ///
-/// Handshakes run on short-lived threads (at most [`MAX_PENDING_HANDSHAKES`] at once, each
+/// Handshakes run on short-lived threads (at most [`MAX_PENDING_HANDSHAKES`] pending, each
 /// bounded by a 10 s deadline for the whole exchange), so a connector that stalls or trickles
 /// bytes never holds up the others: [`ShmListener::accept`] returns connections in the order
 /// their handshakes complete.
@@ -428,6 +430,8 @@ pub const MAX_PENDING_HANDSHAKES: usize = 16;
 pub struct ShmListener {
     path: PathBuf,
     done: Mutex<mpsc::Receiver<Result<ShmConnection, TransportError>>>,
+    /// Handshakes in progress plus results in `done`.
+    pending: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     acceptor: Option<std::thread::JoinHandle<()>>,
 }
@@ -467,16 +471,18 @@ impl ShmListener {
         };
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let pending = Arc::new(AtomicUsize::new(0));
         let acceptor = {
-            let stop = stop.clone();
+            let (stop, pending) = (stop.clone(), pending.clone());
             std::thread::Builder::new()
                 .name("rsmsg-shm-accept".into())
-                .spawn(move || accept_loop(&listener, &layout, mode, &stop, &tx))
+                .spawn(move || accept_loop(&listener, &layout, mode, &stop, &pending, &tx))
                 .map_err(io("start the accepting thread"))?
         };
         Ok(ShmListener {
             path: path.to_path_buf(),
             done: Mutex::new(rx),
+            pending,
             stop,
             acceptor: Some(acceptor),
         })
@@ -494,8 +500,11 @@ impl ShmListener {
     /// again for the next connection).
     pub fn accept(&self) -> Result<ShmConnection, TransportError> {
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        done.recv()
-            .map_err(|_| TransportError::Failed("the accepting thread ended".into()))?
+        let r = done
+            .recv()
+            .map_err(|_| TransportError::Failed("the accepting thread ended".into()))?;
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 }
 
@@ -519,9 +528,10 @@ fn accept_loop(
     layout: &Layout,
     mode: PollMode,
     stop: &AtomicBool,
+    in_flight: &AtomicUsize,
     tx: &mpsc::Sender<Result<ShmConnection, TransportError>>,
 ) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Every result sent on `tx` was counted in `in_flight` first; `accept` uncounts it.
     loop {
         let accepted = listener.accept();
         if stop.load(Ordering::SeqCst) {
@@ -530,8 +540,11 @@ fn accept_loop(
         let sock = match accepted {
             Ok((sock, _)) => sock,
             Err(e) => {
-                if tx.send(Err(io("accept")(e))).is_err() {
-                    return;
+                if in_flight.load(Ordering::SeqCst) < MAX_PENDING_HANDSHAKES {
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    if tx.send(Err(io("accept")(e))).is_err() {
+                        return;
+                    }
                 }
                 // Out of fds or similar: do not spin.
                 std::thread::sleep(Duration::from_millis(10));
@@ -541,21 +554,18 @@ fn accept_loop(
         if in_flight.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
             tracing::debug!(
                 limit = MAX_PENDING_HANDSHAKES,
-                "too many handshakes in progress, connector refused"
+                "too many connections pending, connector refused"
             );
             continue;
         }
         in_flight.fetch_add(1, Ordering::SeqCst);
-        let (layout, tx2, count) = (layout.clone(), tx.clone(), in_flight.clone());
+        let (layout, tx2) = (layout.clone(), tx.clone());
         let spawned = std::thread::Builder::new()
             .name("rsmsg-shm-handshake".into())
             .spawn(move || {
-                let r = handshake(sock, &layout, mode);
-                count.fetch_sub(1, Ordering::SeqCst);
-                let _ = tx2.send(r);
+                let _ = tx2.send(handshake(sock, &layout, mode));
             });
         if let Err(e) = spawned {
-            in_flight.fetch_sub(1, Ordering::SeqCst);
             if tx.send(Err(io("start a handshake thread")(e))).is_err() {
                 return;
             }

@@ -565,10 +565,10 @@ fn accept_loop(
             .spawn(move || {
                 let _ = tx2.send(handshake(sock, &layout, mode));
             });
-        if let Err(e) = spawned {
-            if tx.send(Err(io("start a handshake thread")(e))).is_err() {
-                return;
-            }
+        if let Err(e) = spawned
+            && tx.send(Err(io("start a handshake thread")(e))).is_err()
+        {
+            return;
         }
     }
 }

@@ -561,6 +561,7 @@ fn unauthenticated_connections_are_capped_and_expire() {
     let mut l = quick_limits();
     l.max_unauthenticated = 2;
     l.handshake_timeout = Duration::from_millis(800);
+    l.idle_timeout = Duration::from_secs(60);
     let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
     let addr = m.local_addr();
     // An authenticated client, admitted before the flood.

@@ -160,7 +160,7 @@ fn standalone_manager_at_trace_level_never_logs_the_token() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rsmsg"))
         .args(["manager", "--listen", &addr])
         .env("RSMSG_TOKEN", SECRET)
-        .env("RUST_LOG", "trace")
+        .env("RSMSG_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

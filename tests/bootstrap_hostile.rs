@@ -555,3 +555,51 @@ fn a_waiting_initiator_keeps_its_rendezvous_alive() {
     b.send(inc.id, Side::Listener, &answer).unwrap();
     assert_eq!(initiator.join().unwrap().unwrap(), vec![42]);
 }
+
+#[test]
+fn unauthenticated_connections_are_capped_and_expire() {
+    let mut l = quick_limits();
+    l.max_unauthenticated = 2;
+    l.handshake_timeout = Duration::from_millis(800);
+    l.idle_timeout = Duration::from_secs(60);
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let addr = m.local_addr();
+    // An authenticated client, admitted before the flood.
+    let mut honest = ManagerClient::connect(addr, &token(), T).unwrap();
+    honest.register(&info("steady")).unwrap();
+    // Two connections that never say hello fill the unauthenticated slots...
+    let silent: Vec<TcpStream> = (0..2).map(|_| raw(addr)).collect();
+    // ...(once the manager has admitted them)...
+    for _ in 0..400 {
+        if m.client_count() == 3 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(m.client_count(), 3);
+    // ...so a third is answered Busy at once, and the authenticated client is unaffected.
+    let e = ManagerClient::connect(addr, &token(), T).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e:?}");
+    honest.ping().unwrap();
+    // The silent ones are dropped at the handshake deadline; then clients are admitted again.
+    let mut silent = silent;
+    for s in &mut silent {
+        assert!(closed_by_manager(s));
+    }
+    let mut admitted = None;
+    for _ in 0..200 {
+        match ManagerClient::connect(addr, &token(), T) {
+            Ok(c) => {
+                admitted = Some(c);
+                break;
+            }
+            Err(e) if e.code() == Some(ErrorCode::Busy) => thread::sleep(Duration::from_millis(25)),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let mut c = admitted.expect("a slot frees up");
+    assert_eq!(
+        c.lookup(&EndpointName::new("steady").unwrap()).unwrap(),
+        info("steady")
+    );
+}

@@ -30,6 +30,9 @@ use super::wire::{
 pub struct Limits {
     /// Most clients served at once; more are answered `Busy` and closed.
     pub max_clients: usize,
+    /// Most clients not yet authenticated at once (within `max_clients`); more are answered
+    /// `Busy` and closed, so that silent or slow connections hold few threads and sockets.
+    pub max_unauthenticated: usize,
     /// Most registered endpoints.
     pub max_endpoints: usize,
     /// Most names one client connection may register.
@@ -56,6 +59,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_clients: 256,
+            max_unauthenticated: 32,
             max_endpoints: 4096,
             max_names_per_client: 64,
             max_rendezvous: 4096,
@@ -169,6 +173,7 @@ impl Manager {
             shutdown: AtomicBool::new(false),
             clients: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -259,6 +264,8 @@ struct Shared {
     /// Clones of every client socket, to unblock their threads on shutdown.
     clients: Mutex<HashMap<u64, TcpStream>>,
     active: AtomicUsize,
+    /// Clients admitted whose handshake has not finished.
+    unauthenticated: AtomicUsize,
 }
 
 impl Shared {
@@ -355,7 +362,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
 
 fn admit(
     shared: &Arc<Shared>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     conn: u64,
     threads: &mut Vec<JoinHandle<()>>,
@@ -370,28 +377,18 @@ fn admit(
     }
     if shared.active.load(Ordering::Acquire) >= shared.limits.max_clients {
         warn!(%peer, max = shared.limits.max_clients, "refusing client: too many clients");
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-        // Discard input already received so that closing does not reset the connection and
-        // destroy the reply (best effort, without blocking the accept loop).
-        if stream.set_nonblocking(true).is_ok() {
-            let mut buf = [0u8; 4096];
-            for _ in 0..16 {
-                if !matches!(io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {
-                    break;
-                }
-            }
-            let _ = stream.set_nonblocking(false);
-        }
-        if let Ok(f) = err(
-            ErrorCode::Busy,
-            "the manager serves its maximum number of clients",
-        )
-        .encode()
-        {
-            let _ = write_frame(&mut stream, &f);
-        }
-        let _ = stream.shutdown(Shutdown::Write);
-        return;
+        return refuse(stream, "the manager serves its maximum number of clients");
+    }
+    if shared.unauthenticated.load(Ordering::Acquire) >= shared.limits.max_unauthenticated {
+        warn!(
+            %peer,
+            max = shared.limits.max_unauthenticated,
+            "refusing client: too many connections awaiting authentication"
+        );
+        return refuse(
+            stream,
+            "the manager has its maximum number of connections awaiting authentication",
+        );
     }
     let clone = match stream.try_clone() {
         Ok(c) => c,
@@ -402,6 +399,7 @@ fn admit(
     };
     shared.clients.lock().insert(conn, clone);
     shared.active.fetch_add(1, Ordering::AcqRel);
+    shared.unauthenticated.fetch_add(1, Ordering::AcqRel);
     let s = Arc::clone(shared);
     let spawned = std::thread::Builder::new()
         .name(format!("rsmsg-mgr-{conn}"))
@@ -427,8 +425,29 @@ fn admit(
                 let _ = s.shutdown(Shutdown::Both);
             }
             shared.active.fetch_sub(1, Ordering::AcqRel);
+            shared.unauthenticated.fetch_sub(1, Ordering::AcqRel);
         }
     }
+}
+
+/// Answers `Busy` and closes a connection the manager will not serve.
+fn refuse(mut stream: TcpStream, why: &str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    // Discard input already received so that closing does not reset the connection and
+    // destroy the reply (best effort, without blocking the accept loop).
+    if stream.set_nonblocking(true).is_ok() {
+        let mut buf = [0u8; 4096];
+        for _ in 0..16 {
+            if !matches!(io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {
+                break;
+            }
+        }
+        let _ = stream.set_nonblocking(false);
+    }
+    if let Ok(f) = err(ErrorCode::Busy, why).encode() {
+        let _ = write_frame(&mut stream, &f);
+    }
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 fn reap(shared: &Shared) {
@@ -535,7 +554,9 @@ impl Client<'_> {
     }
 
     fn serve(&mut self) {
-        if !self.handshake() {
+        let authenticated = self.handshake();
+        self.shared.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+        if !authenticated {
             return;
         }
         let limits = &self.shared.limits;

@@ -1,5 +1,7 @@
 //! The sending side of one direction: source images, selection and allocation, credits.
 
+use std::collections::VecDeque;
+
 use super::config::Layout;
 use super::control::{ControlBuf, ControlMessage};
 use super::directory::{Directory, EntryState};
@@ -22,7 +24,72 @@ struct SourceSegment {
     /// log2 of the partition size (a power of two): byte offset = partition << shift.
     shift: u32,
     directory: Directory,
+    /// Messages of this segment not yet covered by a credit, oldest first.
+    unconfirmed: VecDeque<Outstanding>,
 }
+
+// ---- delivery confirmation (see `Sender::unconfirmed`) ----------------------------------------
+
+/// A message sent into a segment whose partitions the receiver has not yet given back.
+#[derive(Debug, Clone, Copy)]
+struct Outstanding {
+    seq: u32,
+    /// Absolute ring position just past the message: a credit at or above it confirms it.
+    end: u64,
+    data: bool,
+}
+
+impl SourceSegment {
+    /// Records a message just committed (its partitions end at `self.head`).
+    #[inline]
+    fn track(&mut self, seq: u32, kind: MessageKind) {
+        self.unconfirmed.push_back(Outstanding {
+            seq,
+            end: self.head,
+            data: kind == MessageKind::Data,
+        });
+    }
+
+    /// Drops the messages a credit of `self.freed` covers; returns how many data messages.
+    fn confirm(&mut self) -> u64 {
+        let mut n = 0;
+        while let Some(o) = self.unconfirmed.front().copied() {
+            if o.end > self.freed {
+                break;
+            }
+            self.unconfirmed.pop_front();
+            n += u64::from(o.data);
+        }
+        n
+    }
+}
+
+impl Sender {
+    /// Sequence numbers of the data messages sent whose partitions the receiver has not given
+    /// back (no credit covers them), oldest first. A credit means the receiver's application
+    /// released the message, so after a failure these are exactly the messages that may not
+    /// have been delivered; every other data message was.
+    pub fn unconfirmed(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .segments
+            .iter()
+            .flat_map(|s| s.unconfirmed.iter())
+            .filter(|o| o.data)
+            .map(|o| o.seq)
+            .collect();
+        // Oldest first, across the wrap of the 32-bit sequence numbers.
+        let next = self.next_seq;
+        v.sort_unstable_by_key(|&seq| std::cmp::Reverse(next.wrapping_sub(seq)));
+        v
+    }
+
+    /// Data messages whose partitions the receiver gave back (confirmed delivered).
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+}
+
+// ---- end of delivery confirmation --------------------------------------------------------------
 
 impl SourceSegment {
     fn new(partitions: u32, partition_size: u32) -> Self {
@@ -32,6 +99,7 @@ impl SourceSegment {
             partitions,
             shift: partition_size.trailing_zeros(),
             directory: Directory::new(partitions),
+            unconfirmed: VecDeque::new(),
         }
     }
 
@@ -141,6 +209,8 @@ pub struct Sender {
     max_eager: usize,
     fast: Option<FastChoice>,
     stats: SenderStats,
+    /// Data messages confirmed by credits (see [`Sender::confirmed`]).
+    confirmed: u64,
 }
 
 impl Sender {
@@ -161,6 +231,7 @@ impl Sender {
             max_eager,
             fast: None,
             stats,
+            confirmed: 0,
         }
     }
 
@@ -431,6 +502,7 @@ impl Sender {
         let s_shift = s.shift;
         let seq = self.next_seq;
         self.next_seq = seq.wrapping_add(1);
+        s.track(seq, kind);
         let header = Header {
             kind,
             len: len32,
@@ -516,6 +588,7 @@ impl Sender {
             return Err(ProtocolError::CreditNotOnBoundary { segment, freed });
         }
         s.freed = freed;
+        self.confirmed += s.confirm();
         self.stats.credits += 1;
         Ok(())
     }

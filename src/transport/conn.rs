@@ -421,6 +421,41 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
     }
 
+    // ---- delivery confirmation ------------------------------------------------------------
+
+    /// Sequence numbers (as [`Message::seq`] shows them to the receiver) of the data messages
+    /// this side sent whose partitions the peer has not given back, oldest first.
+    ///
+    /// The peer gives partitions back when its application releases the message, so once the
+    /// connection failed these are the messages that may not have been delivered, and every
+    /// other message sent was. Credits the peer published before it failed are read first.
+    /// `confirmed() + unconfirmed().len()` counts every eager data message sent (including one
+    /// whose send reported a transport error after its partitions were reserved). Messages above
+    /// the switch point are not counted: their send (or handle) completes only once the
+    /// receiver has read them, so its own result says whether each was delivered.
+    pub fn unconfirmed(&self) -> Vec<u32> {
+        let mut inner = self.inner.borrow_mut();
+        // Best effort: a credit the peer wrote before it died still counts; a malformed one
+        // leaves the messages unconfirmed.
+        let _ = inner.refresh_credits();
+        inner.tx.unconfirmed()
+    }
+
+    /// Data messages this side sent that the peer confirmed (released), see
+    /// [`Connection::unconfirmed`].
+    pub fn confirmed(&self) -> u64 {
+        let mut inner = self.inner.borrow_mut();
+        let _ = inner.refresh_credits();
+        inner.tx.confirmed()
+    }
+
+    /// Whether the connection has failed (or was closed), and why.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.borrow().failed.clone()
+    }
+
+    // ---- end of delivery confirmation ---------------------------------------------------------
+
     fn recv_msg(&self, deadline: Wait) -> Result<Option<Message<'_, L, T>>, TransportError> {
         match self.recv_until(deadline, None)? {
             Some(Got::Msg(m)) => Ok(Some(m)),

@@ -29,9 +29,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use super::{Connection, Link, PollMode, TargetMemory, TransportError};
 use crate::core::{CreditUpdate, Layout, SegmentId};
@@ -509,13 +509,27 @@ impl Link for ShmLink {
     }
 }
 
+/// Most connections one [`ShmListener`] holds between the peer's connect and the application's
+/// [`ShmListener::accept`]: handshakes in progress plus results not yet accepted. A connector
+/// beyond that is closed at once (it sees the connection end before the listener's hello) until
+/// the application accepts one, so unaccepted connectors cannot make the listener allocate
+/// regions without bound.
+pub const MAX_PENDING_HANDSHAKES: usize = 16;
+
 /// A named shared-memory endpoint accepting connections.
+///
+/// Handshakes run on short-lived threads (at most [`MAX_PENDING_HANDSHAKES`] pending, each
+/// bounded by a 10 s deadline for the whole exchange), so a connector that stalls or trickles
+/// bytes never holds up the others: [`ShmListener::accept`] returns connections in the order
+/// their handshakes complete.
 #[derive(Debug)]
 pub struct ShmListener {
-    listener: UnixListener,
     path: PathBuf,
-    layout: Layout,
-    mode: PollMode,
+    done: Mutex<mpsc::Receiver<Result<ShmConnection, TransportError>>>,
+    /// Handshakes in progress plus results in `done`.
+    pending: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ShmListener {
@@ -551,11 +565,22 @@ impl ShmListener {
             }
             Err(e) => return Err(io("bind the endpoint socket")(e)),
         };
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pending = Arc::new(AtomicUsize::new(0));
+        let acceptor = {
+            let (stop, pending) = (stop.clone(), pending.clone());
+            std::thread::Builder::new()
+                .name("rsmsg-shm-accept".into())
+                .spawn(move || accept_loop(&listener, &layout, mode, &stop, &pending, &tx))
+                .map_err(io("start the accepting thread"))?
+        };
         Ok(ShmListener {
-            listener,
             path: path.to_path_buf(),
-            layout,
-            mode,
+            done: Mutex::new(rx),
+            pending,
+            stop,
+            acceptor: Some(acceptor),
         })
     }
 
@@ -564,54 +589,161 @@ impl ShmListener {
         &self.path
     }
 
-    /// Accepts one connection and completes its handshake.
+    /// Waits for the next connection whose handshake completed.
     ///
     /// # Errors
-    /// A socket error or a peer that fails the handshake (the listener stays usable).
+    /// A socket error or a peer that failed the handshake (the listener stays usable; call
+    /// again for the next connection).
     pub fn accept(&self) -> Result<ShmConnection, TransportError> {
-        let (mut sock, _) = self.listener.accept().map_err(io("accept"))?;
-        let peer = "connecting peer";
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(io("set the handshake timeout"))?;
-        let mut b = [0u8; HELLO_LEN];
-        sock.read_exact(&mut b)
-            .map_err(io("read the peer's hello"))?;
-        let theirs = Hello::decode(&b, peer)?;
-        let ours = Hello {
-            mode: self.mode,
-            pid: std::process::id(),
-            layout: self.layout.clone(),
-        };
-        sock.write_all(&ours.encode()?)
-            .map_err(io("send our hello"))?;
-        let my_geo = ControlGeometry::new(&self.layout, &theirs.layout)?;
-        let local = Local::create(&self.layout, my_geo)?;
-        send_frame_fds(&sock, &local.fds())?;
-        let peer_geo = ControlGeometry::new(&theirs.layout, &self.layout)?;
-        let fds = recv_frame_fds(
-            &sock,
-            FIXED_FDS + theirs.layout.segment_count() as usize,
-            peer,
-        )?;
-        let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
-        sock.write_all(&[1]).map_err(io("confirm the handshake"))?;
-        sock.set_read_timeout(None)
-            .map_err(io("clear the timeout"))?;
-        build(
-            sock,
-            (local, my_geo),
-            (remote, peer_geo),
-            &self.layout,
-            theirs,
-            self.mode,
-        )
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let r = done
+            .recv()
+            .map_err(|_| TransportError::Failed("the accepting thread ended".into()))?;
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 }
 
 impl Drop for ShmListener {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accepting thread with a connection of our own; it sees `stop` and ends,
+        // closing the listening socket. Joined only if the wake-up got through.
+        let woke = UnixStream::connect(&self.path).is_ok();
         let _ = std::fs::remove_file(&self.path);
+        if let Some(t) = self.acceptor.take()
+            && woke
+        {
+            let _ = t.join();
+        }
     }
+}
+
+fn accept_loop(
+    listener: &UnixListener,
+    layout: &Layout,
+    mode: PollMode,
+    stop: &AtomicBool,
+    in_flight: &AtomicUsize,
+    tx: &mpsc::Sender<Result<ShmConnection, TransportError>>,
+) {
+    // Every result sent on `tx` was counted in `in_flight` first; `accept` uncounts it.
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let sock = match accepted {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                if in_flight.load(Ordering::SeqCst) < MAX_PENDING_HANDSHAKES {
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    if tx.send(Err(io("accept")(e))).is_err() {
+                        return;
+                    }
+                }
+                // Out of fds or similar: do not spin.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if in_flight.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
+            tracing::debug!(
+                limit = MAX_PENDING_HANDSHAKES,
+                "too many connections pending, connector refused"
+            );
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        let (layout, tx2) = (layout.clone(), tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name("rsmsg-shm-handshake".into())
+            .spawn(move || {
+                let _ = tx2.send(handshake(sock, &layout, mode));
+            });
+        if let Err(e) = spawned
+            && tx.send(Err(io("start a handshake thread")(e))).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`: a peer that trickles bytes gets no more
+/// time than one that sends nothing.
+fn read_by(
+    sock: &mut UnixStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    step: &'static str,
+) -> Result<(), TransportError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io(step)(std::io::ErrorKind::TimedOut.into()));
+        }
+        sock.set_read_timeout(Some(left))
+            .map_err(io("set the handshake timeout"))?;
+        match sock.read(&mut buf[got..]) {
+            Ok(0) => return Err(io(step)(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(step)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The listener's side of the handshake, within [`HANDSHAKE_TIMEOUT`] in all.
+fn handshake(
+    mut sock: UnixStream,
+    layout: &Layout,
+    mode: PollMode,
+) -> Result<ShmConnection, TransportError> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let peer = "connecting peer";
+    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io("set the handshake timeout"))?;
+    let mut b = [0u8; HELLO_LEN];
+    read_by(&mut sock, &mut b, deadline, "read the peer's hello")?;
+    let theirs = Hello::decode(&b, peer)?;
+    let ours = Hello {
+        mode,
+        pid: std::process::id(),
+        layout: layout.clone(),
+    };
+    sock.write_all(&ours.encode()?)
+        .map_err(io("send our hello"))?;
+    let my_geo = ControlGeometry::new(layout, &theirs.layout)?;
+    let local = Local::create(layout, my_geo)?;
+    send_frame_fds(&sock, &local.fds())?;
+    let peer_geo = ControlGeometry::new(&theirs.layout, layout)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(hs(peer, "handshake deadline passed"));
+    }
+    sock.set_read_timeout(Some(left))
+        .map_err(io("set the handshake timeout"))?;
+    let fds = recv_frame_fds(
+        &sock,
+        FIXED_FDS + theirs.layout.segment_count() as usize,
+        peer,
+    )?;
+    let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
+    sock.write_all(&[1]).map_err(io("confirm the handshake"))?;
+    sock.set_read_timeout(None)
+        .map_err(io("clear the timeout"))?;
+    sock.set_write_timeout(None)
+        .map_err(io("clear the timeout"))?;
+    build(
+        sock,
+        (local, my_geo),
+        (remote, peer_geo),
+        layout,
+        theirs,
+        mode,
+    )
 }
 
 fn recv_frame_fds(

@@ -216,3 +216,65 @@ proptest! {
         let _ = s.parse::<Layout>();
     }
 }
+
+proptest! {
+    /// The transports' hot path: `reserve_first_choice` (with its cached selection) reserves
+    /// exactly what full selection would choose whenever that choice is the first group, and
+    /// otherwise refuses with `WouldBlock` naming the first group, changing nothing.
+    #[test]
+    fn first_choice_agrees_with_selection(
+        layout in layouts(),
+        ops in prop::collection::vec((0usize..6000, any::<bool>(), any::<bool>()), 1..120),
+    ) {
+        let mut fast = Sender::new(layout.clone());
+        let mut spec = Sender::new(layout);
+        for (len, spill, credit) in ops {
+            let expected = spec.select(len);
+            let first_group = spec
+                .tables()
+                .groups()
+                .iter()
+                .find(|g| g.can_hold(len as u64 + 16))
+                .map(|g| g.id);
+            let before = fast.next_seq();
+            match fast.reserve_first_choice(MessageKind::Data, len) {
+                Ok(r) => {
+                    let sel = expected.expect("selection agrees there is room");
+                    prop_assert_eq!(Some(sel.group), first_group);
+                    prop_assert_eq!(
+                        (r.group, r.segment, r.first, r.count, r.padding),
+                        (sel.group, sel.segment, sel.first, sel.count, sel.padding)
+                    );
+                    let s = spec.reserve(len).unwrap();
+                    prop_assert_eq!(r, s);
+                }
+                Err(ReserveError::NeedsRendezvous { .. }) => {
+                    let is_rendezvous = matches!(expected, Err(ReserveError::NeedsRendezvous { .. }));
+                    prop_assert!(is_rendezvous);
+                }
+                Err(ReserveError::WouldBlock { group, .. }) => {
+                    prop_assert_eq!(Some(group), first_group);
+                    prop_assert_eq!(fast.next_seq(), before, "nothing reserved");
+                    // Full selection would take the first group's first segment only if the
+                    // first choice had taken it too.
+                    if let Ok(sel) = expected {
+                        let g = spec.tables().group(sel.group).unwrap();
+                        prop_assert!(sel.group != group || g.segments[0] != sel.segment);
+                    }
+                    if spill {
+                        prop_assert_eq!(fast.reserve(len), spec.reserve(len));
+                    }
+                }
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+            if credit {
+                for i in 0..spec.tables().segments().len() {
+                    let id = SegmentId(i as u8);
+                    let head = spec.head(id).unwrap();
+                    spec.handle_credit(id, head).unwrap();
+                    fast.handle_credit(id, head).unwrap();
+                }
+            }
+        }
+    }
+}

@@ -621,3 +621,69 @@ fn bad_offer_is_rejected_and_the_listener_stays_usable() {
         b"still works"
     );
 }
+
+/// Whether `fd` is readable within `ms` milliseconds.
+fn readable(fd: std::os::fd::BorrowedFd<'_>, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    assert!(rc >= 0, "poll: {}", std::io::Error::last_os_error());
+    rc == 1 && p.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn event_fd_wakes_a_poll_loop() {
+    let ctx = device_or_skip!("event_fd_wakes_a_poll_loop");
+    let m = manager();
+    let (a, b) = pair(&ctx, m.local_addr(), "64:8:1,256:4:2", PollMode::Event);
+    let fd = a
+        .event_fd()
+        .expect("event mode has the completion channel's fd");
+    assert!(a.try_recv().expect("try_recv").is_none());
+    assert!(!a.arm().expect("arm"), "nothing there: the wait may begin");
+    assert!(!readable(fd, 0), "armed and nothing sent: not readable");
+    const N: u64 = 100;
+    let sender = thread::spawn(move || {
+        for i in 0..N {
+            if i % 10 == 0 {
+                thread::sleep(Duration::from_millis(5));
+            }
+            b.send(&payload(i, 20 + i as usize)).expect("send");
+        }
+        b
+    });
+    let (mut got, mut waits) = (0u64, 0u64);
+    while got < N {
+        while let Some(msg) = a.try_recv().expect("try_recv") {
+            assert!(*msg == *payload(got, 20 + got as usize), "message {got}");
+            got += 1;
+        }
+        if got < N && !a.arm().expect("arm") {
+            waits += 1;
+            assert!(readable(fd, 60_000), "no wake-up after {got} messages");
+        }
+    }
+    assert!(waits > 0, "the loop slept at least once");
+    let b = sender.join().expect("sender");
+    assert!(!a.arm().expect("arm"));
+    assert!(!readable(fd, 0), "arm reset the fd");
+    b.send(b"late").expect("send");
+    assert!(readable(fd, 60_000), "the last message wakes the loop");
+    let late = a
+        .try_recv()
+        .expect("try_recv")
+        .expect("the message that made the fd readable");
+    assert_eq!(&*late, b"late");
+    assert!(
+        pair(&ctx, m.local_addr(), "64:8:1,256:4:2", PollMode::Busy)
+            .0
+            .event_fd()
+            .is_none(),
+        "busy mode lends no fd"
+    );
+}

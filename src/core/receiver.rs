@@ -4,7 +4,7 @@ use super::config::Layout;
 use super::directory::{Directory, EntryState};
 use super::error::{ConfigError, ProtocolError};
 use super::stats::{GroupStats, ReceiverStats};
-use super::tables::Tables;
+use super::tables::{SegmentEntry, Tables};
 use super::types::{
     Generation, GroupId, MessageKind, PartitionIndex, SegmentId, ring_index, ring_lap,
 };
@@ -24,11 +24,17 @@ struct TargetSegment {
     partitions: u32,
     /// Messages held by the application.
     held: u32,
+    /// The segment's row of the segment table (span, group, partition size), kept here so
+    /// that a message costs one lookup.
+    entry: SegmentEntry,
+    /// log2 of the partition size: byte offset = partition << shift.
+    shift: u32,
     directory: Directory,
 }
 
 impl TargetSegment {
-    fn new(partitions: u32) -> Self {
+    fn new(entry: SegmentEntry) -> Self {
+        let partitions = entry.partitions;
         TargetSegment {
             head: 0,
             freed: 0,
@@ -36,6 +42,8 @@ impl TargetSegment {
             quarter: u64::from((partitions / 4).max(1)),
             partitions,
             held: 0,
+            entry,
+            shift: entry.partition_size.trailing_zeros(),
             directory: Directory::new(partitions),
         }
     }
@@ -212,7 +220,7 @@ impl Receiver {
         let segments = tables
             .segments()
             .iter()
-            .map(|s| TargetSegment::new(s.partitions))
+            .map(|s| TargetSegment::new(*s))
             .collect();
         let stats = ReceiverStats::new(tables.groups().len());
         Receiver {
@@ -352,7 +360,7 @@ impl Receiver {
                 partition: f,
             });
         }
-        let offset = self.tables.segments()[segment.index()].offset_of(f);
+        let offset = (f as usize) << s.shift;
         Ok(Arrival {
             segment,
             first,
@@ -377,14 +385,14 @@ impl Receiver {
     #[inline]
     pub fn accept(&mut self, arrival: Arrival, header: &[u8]) -> Result<Delivery, ProtocolError> {
         let segment = arrival.segment;
-        let seg_entry = *self
-            .tables
-            .segment(segment)
+        let s = self
+            .segments
+            .get_mut(segment.index())
             .ok_or(ProtocolError::UnknownSegment {
                 step: "accept",
                 segment,
             })?;
-        let s = &mut self.segments[segment.index()];
+        let seg_entry = s.entry;
         if s.head != arrival.base {
             return Err(ProtocolError::StaleArrival { segment });
         }
@@ -440,11 +448,11 @@ impl Receiver {
                 partition: p,
             });
         }
-        if let Some(p) = s.directory.first_busy(first, count) {
+        if !s.directory.is_free_run(first, count) {
             return Err(ProtocolError::PartitionNotFree {
                 step: "accept",
                 segment,
-                partition: p,
+                partition: s.directory.first_busy(first, count).unwrap_or(first),
             });
         }
         // All checks passed: commit.
@@ -609,8 +617,8 @@ impl Receiver {
     /// The errors of [`Tables::add_segment`].
     pub fn add_segment(&mut self, group: GroupId) -> Result<SegmentId, ConfigError> {
         let id = self.tables.add_segment(group)?;
-        let partitions = self.tables.segments()[id.index()].partitions;
-        self.segments.push(TargetSegment::new(partitions));
+        let entry = self.tables.segments()[id.index()];
+        self.segments.push(TargetSegment::new(entry));
         if self.stats.per_group.len() < self.tables.groups().len() {
             self.stats
                 .per_group

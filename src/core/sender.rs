@@ -7,7 +7,7 @@ use super::control::{ControlBuf, ControlMessage};
 use super::directory::{Directory, EntryState};
 use super::error::{ConfigError, ProtocolError, ReserveError};
 use super::stats::{GroupStats, SenderStats};
-use super::tables::{GroupEntry, SegmentEntry, Tables};
+use super::tables::{GroupEntry, Tables};
 use super::types::{
     Generation, GroupId, MessageKind, PartitionIndex, SegmentId, ring_index, ring_lap,
 };
@@ -21,6 +21,8 @@ struct SourceSegment {
     /// Highest credit received: partitions below are free again.
     freed: u64,
     partitions: u32,
+    /// log2 of the partition size (a power of two): byte offset = partition << shift.
+    shift: u32,
     directory: Directory,
     /// Messages of this segment not yet covered by a credit, oldest first.
     unconfirmed: VecDeque<Outstanding>,
@@ -90,11 +92,12 @@ impl Sender {
 // ---- end of delivery confirmation --------------------------------------------------------------
 
 impl SourceSegment {
-    fn new(partitions: u32) -> Self {
+    fn new(partitions: u32, partition_size: u32) -> Self {
         SourceSegment {
             head: 0,
             freed: 0,
             partitions,
+            shift: partition_size.trailing_zeros(),
             directory: Directory::new(partitions),
             unconfirmed: VecDeque::new(),
         }
@@ -180,6 +183,19 @@ impl Reservation {
     }
 }
 
+/// The last first-choice selection, reusable for any wire length in `(lo, hi]`: those lengths
+/// have the same first-choice group and need the same partition count there.
+#[derive(Debug, Clone, Copy)]
+struct FastChoice {
+    lo: u64,
+    hi: u64,
+    group: GroupId,
+    /// The group's first segment (segments are tried in table order, so only the first one can
+    /// be taken without looking at the others).
+    segment: SegmentId,
+    count: u32,
+}
+
 /// The sending side of one direction of a connection.
 ///
 /// Input: [`Sender::reserve`] (a message to send), [`Sender::handle_credit`] (the mailbox value of
@@ -191,6 +207,7 @@ pub struct Sender {
     segments: Vec<SourceSegment>,
     next_seq: u32,
     max_eager: usize,
+    fast: Option<FastChoice>,
     stats: SenderStats,
     /// Data messages confirmed by credits (see [`Sender::confirmed`]).
     confirmed: u64,
@@ -203,7 +220,7 @@ impl Sender {
         let segments = tables
             .segments()
             .iter()
-            .map(|s| SourceSegment::new(s.partitions))
+            .map(|s| SourceSegment::new(s.partitions, s.partition_size))
             .collect();
         let max_eager = tables.layout().max_eager_payload();
         let stats = SenderStats::new(tables.groups().len());
@@ -212,6 +229,7 @@ impl Sender {
             segments,
             next_seq: 0,
             max_eager,
+            fast: None,
             stats,
             confirmed: 0,
         }
@@ -286,15 +304,7 @@ impl Sender {
     /// [`ReserveError::WouldBlock`] (back-pressure) or [`ReserveError::NeedsRendezvous`].
     #[inline]
     pub fn select(&self, len: usize) -> Result<Selection, ReserveError> {
-        let wire = match u64::try_from(len) {
-            Ok(l) if len <= self.max_eager => l + HEADER_LEN as u64,
-            _ => {
-                return Err(ReserveError::NeedsRendezvous {
-                    len,
-                    max: self.max_eager,
-                });
-            }
-        };
+        let wire = self.wire_len(len)?;
         let mut smallest: Option<GroupId> = None;
         for g in self.tables.groups() {
             if !g.can_hold(wire) {
@@ -311,6 +321,93 @@ impl Sender {
                 len,
                 max: self.max_eager,
             }),
+        }
+    }
+
+    /// Header and payload bytes of a `len`-byte payload, if it goes eagerly.
+    #[inline]
+    fn wire_len(&self, len: usize) -> Result<u64, ReserveError> {
+        if len <= self.max_eager {
+            // `max_eager` < 2^32, so `len` fits.
+            Ok(len as u64 + HEADER_LEN as u64)
+        } else {
+            Err(ReserveError::NeedsRendezvous {
+                len,
+                max: self.max_eager,
+            })
+        }
+    }
+
+    /// The hot path of selection: reserves in the group selection picks first (the one with the
+    /// smallest partition size whose span factor holds the message), and refuses with
+    /// [`ReserveError::WouldBlock`] when none of its segments has room now, instead of moving on
+    /// to a group with larger partitions. A transport whose credits may be stale (it reads its
+    /// mailbox only when it must) calls this first, and on `WouldBlock` refreshes its credits and
+    /// calls [`Sender::reserve_kind`], which moves to larger groups if the first still has no
+    /// room (claim 2). Not counted as a stall.
+    ///
+    /// # Errors
+    /// [`ReserveError::WouldBlock`] (the first group has no room now) or
+    /// [`ReserveError::NeedsRendezvous`].
+    #[inline]
+    pub fn reserve_first_choice(
+        &mut self,
+        kind: MessageKind,
+        len: usize,
+    ) -> Result<Reservation, ReserveError> {
+        let wire = self.wire_len(len)?;
+        // The common case: a length like the last one, room in the group's first segment.
+        if let Some(f) = self.fast
+            && wire > f.lo
+            && wire <= f.hi
+        {
+            if let Some((first, padding)) = self.segments[f.segment.index()].place(f.count)
+                && let Some(first) = PartitionIndex::new(first)
+            {
+                let sel = Selection {
+                    group: f.group,
+                    segment: f.segment,
+                    first,
+                    count: f.count,
+                    padding,
+                };
+                return Ok(self.commit(sel, kind, len));
+            }
+            return Err(ReserveError::WouldBlock {
+                len,
+                group: f.group,
+            });
+        }
+        let Some(gi) = self.tables.groups().iter().position(|g| g.can_hold(wire)) else {
+            return Err(ReserveError::NeedsRendezvous {
+                len,
+                max: self.max_eager,
+            });
+        };
+        let groups = self.tables.groups();
+        let g = &groups[gi];
+        let sel = self.select_in_group(g, wire);
+        if let Some(sel) = sel
+            && g.segments.first() == Some(&sel.segment)
+        {
+            // Remember the range of wire lengths with this group and count.
+            let p = u64::from(g.partition_size);
+            let below = groups[..gi]
+                .iter()
+                .map(|h| u64::from(h.partition_size) * u64::from(h.span))
+                .max()
+                .unwrap_or(0);
+            self.fast = Some(FastChoice {
+                lo: below.max(u64::from(sel.count - 1) * p),
+                hi: (p * u64::from(g.span)).min(u64::from(sel.count) * p),
+                group: g.id,
+                segment: sel.segment,
+                count: sel.count,
+            });
+        }
+        match sel {
+            Some(sel) => Ok(self.commit(sel, kind, len)),
+            None => Err(ReserveError::WouldBlock { len, group: g.id }),
         }
     }
 
@@ -381,7 +478,6 @@ impl Sender {
 
     #[inline]
     fn commit(&mut self, sel: Selection, kind: MessageKind, len: usize) -> Reservation {
-        let seg_entry: SegmentEntry = self.tables.segments()[sel.segment.index()];
         let s = &mut self.segments[sel.segment.index()];
         let n = u64::from(s.partitions);
         if sel.padding > 0 {
@@ -403,6 +499,7 @@ impl Sender {
                 .mark_message(first, sel.count, len32, generation, EntryState::InUse);
         debug_assert!(marked, "run checked free and in range");
         s.head += u64::from(sel.count);
+        let s_shift = s.shift;
         let seq = self.next_seq;
         self.next_seq = seq.wrapping_add(1);
         s.track(seq, kind);
@@ -430,7 +527,7 @@ impl Sender {
             first: sel.first,
             count: sel.count,
             padding: sel.padding,
-            offset: seg_entry.offset_of(first),
+            offset: (first as usize) << s_shift,
             len,
             seq,
             generation,
@@ -539,8 +636,9 @@ impl Sender {
         }
         let new = self.tables.add_segment(group)?;
         debug_assert_eq!(new, id);
-        let partitions = self.tables.segments()[new.index()].partitions;
-        self.segments.push(SourceSegment::new(partitions));
+        let e = self.tables.segments()[new.index()];
+        self.segments
+            .push(SourceSegment::new(e.partitions, e.partition_size));
         if self.stats.per_group.len() < self.tables.groups().len() {
             self.stats
                 .per_group

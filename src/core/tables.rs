@@ -79,7 +79,13 @@ impl SegmentEntry {
     /// Partitions a message of `wire` bytes needs in this segment.
     #[inline]
     pub fn partitions_for(&self, wire: u64) -> u64 {
-        wire.div_ceil(u64::from(self.partition_size))
+        // Partition sizes are powers of two (validated by `Layout`): a shift, not a division.
+        let p = u64::from(self.partition_size);
+        if p.is_power_of_two() {
+            wire.saturating_add(p - 1) >> p.trailing_zeros()
+        } else {
+            wire.div_ceil(p)
+        }
     }
 }
 

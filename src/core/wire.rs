@@ -44,7 +44,21 @@ pub enum ImmediateKind {
     },
 }
 
+impl ImmediateKind {
+    /// The type bits (31..30) of a message immediate.
+    pub const MESSAGE_TYPE: u32 = TYPE_MESSAGE;
+    /// The type bits (31..30) of a credit notice.
+    pub const CREDIT_TYPE: u32 = TYPE_CREDIT;
+}
+
 impl Immediate {
+    /// The type bits (31..30), undecoded: [`ImmediateKind::MESSAGE_TYPE`],
+    /// [`ImmediateKind::CREDIT_TYPE`], or 2..3 (which [`Immediate::decode`] rejects).
+    #[inline]
+    pub fn kind_bits(self) -> u32 {
+        self.0 >> 30
+    }
+
     /// Encodes a message immediate.
     #[inline]
     pub fn message(segment: SegmentId, first: PartitionIndex, generation: Generation) -> Self {

@@ -145,6 +145,24 @@ impl Link for AnyLink {
     fn check_peer(&self) -> Result<(), TransportError> {
         each_link!(self, l => l.check_peer())
     }
+    #[inline]
+    fn send_message(
+        &mut self,
+        segment: crate::core::SegmentId,
+        offset: usize,
+        header: &[u8; crate::core::wire::HEADER_LEN],
+        parts: &[&[u8]],
+        wire_len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
+        each_link!(self, l => l.send_message(segment, offset, header, parts, wire_len, imm))
+    }
+    fn event_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        each_link!(self, l => l.event_fd())
+    }
+    fn arm(&mut self) -> Result<bool, TransportError> {
+        each_link!(self, l => l.arm())
+    }
     // Rendezvous (transport/rndv.rs): forwarded.
     fn rndv_expose<'b>(
         &mut self,

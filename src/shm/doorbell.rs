@@ -5,7 +5,7 @@
 //! | offset | size | written by | content |
 //! |---|---|---|---|
 //! | 0 | 8 (line of 128) | consumer | `tail`: absolute count of entries consumed (u64) |
-//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps or is about to (futex word) |
+//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps on the futex or is about to, 2 while it waits on its eventfd ([`DoorbellConsumer::arm`]) |
 //! | 256 | 8 × capacity | producer | slots: `tag << 32 \| value`, `tag = (position + 1) mod 2^32` |
 //!
 //! The memory starts zeroed (a fresh [`ShmRegion`](super::ShmRegion) is): tail 0, nobody
@@ -36,14 +36,18 @@
 //!   already changed the word, so the wait returns at once. (Without the clear, that wake is
 //!   lost and the consumer sleeps until its timeout; the loom model finds this.)
 //!
-//! # Why a futex and not an eventfd
-//! The wake-up word lives in the ring's own shared page: no extra fd to create, pass and keep
-//! per ring, no kernel object to set up at connection time, and the producer pays a system call
-//! only when the flag says the consumer really sleeps. `FUTEX_WAIT` takes a timeout directly, and
-//! the shared (non-`PRIVATE`) futex ops key the word by its page in the memfd, so the two
-//! processes meet on the same wait queue. An eventfd would be pollable by epoll; a transport that
-//! needs that can still sleep in epoll on the peer socket and have the producer write a byte,
-//! keeping this ring unchanged.
+//! # A futex, and an eventfd for event loops
+//! The wake-up word lives in the ring's own shared page: the producer pays a system call only
+//! when the flag says the consumer really waits, and the busy path never makes one.
+//! `FUTEX_WAIT` takes a timeout directly, and the shared (non-`PRIVATE`) futex ops key the word
+//! by its page in the memfd, so the two processes meet on the same wait queue: that is how a
+//! blocking receive sleeps. A futex cannot be polled, so a consumer driven by an event loop
+//! (`poll`, `epoll`, an async reactor) instead *arms* ([`DoorbellConsumer::arm`]): it stores 2
+//! in the same word, with the same fence and re-check, and waits on an eventfd of its own that
+//! the producer holds (passed with `SCM_RIGHTS` at connection setup,
+//! [`DoorbellProducer::set_event_fd`]). The producer's [`notify`](DoorbellProducer::notify)
+//! writes the eventfd when it finds 2 and wakes the futex when it finds 1: one handshake, two
+//! ways to sleep.
 //!
 //! # A faulty or hostile peer
 //! Indices are always computed from this side's local position, so no shared value can steer an
@@ -246,6 +250,8 @@ pub fn heap_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
             head: 0,
             tail_cache: 0,
             cap,
+            #[cfg(not(loom))]
+            event: None,
         },
         DoorbellConsumer {
             owner,
@@ -269,6 +275,9 @@ pub struct DoorbellProducer {
     /// The consumer's `tail` as last read: entries below it are free to overwrite.
     tail_cache: u64,
     cap: u64,
+    /// The consumer's eventfd, signaled when it has armed it (see [`DoorbellConsumer::arm`]).
+    #[cfg(not(loom))]
+    event: Option<Arc<EventFd>>,
 }
 
 // SAFETY: the raw pointers point into memory owned by `owner` (an `Arc`, itself Send + Sync),
@@ -298,7 +307,15 @@ impl DoorbellProducer {
             head: 0,
             tail_cache: 0,
             cap: u64::from(layout.capacity),
+            event: None,
         })
+    }
+
+    /// Signals `event` (the consumer's eventfd, received from its process) whenever
+    /// [`notify`](Self::notify) finds the consumer armed with [`DoorbellConsumer::arm`].
+    #[cfg(not(loom))]
+    pub fn set_event_fd(&mut self, event: Arc<EventFd>) {
+        self.event = Some(event);
     }
 
     /// Publishes `value` if the ring has room. Allocation-free; one `Release` store to the slot,
@@ -342,14 +359,22 @@ impl DoorbellProducer {
     ///
     /// # Errors
     /// [`ShmError::Futex`] if `futex(2)` fails.
+    ///
+    /// The flag's value says how the consumer waits: [`SLEEP_FUTEX`] on the futex, [`SLEEP_ARMED`]
+    /// on its eventfd (through `poll`/`epoll`, after [`DoorbellConsumer::arm`]); the eventfd is
+    /// written only in the second case, the futex woken otherwise.
     #[inline]
     pub fn notify(&self) -> Result<bool, ShmError> {
         fence(Ordering::SeqCst);
         let sleeping = self.ptrs.sleeping();
-        if sleeping.load(Ordering::Relaxed) == 0 || sleeping.swap(0, Ordering::Relaxed) == 0 {
+        if sleeping.load(Ordering::Relaxed) == 0 {
             return Ok(false);
         }
-        self.wake()?;
+        let how = sleeping.swap(0, Ordering::Relaxed);
+        if how == 0 {
+            return Ok(false);
+        }
+        self.wake(how)?;
         Ok(true)
     }
 
@@ -377,12 +402,15 @@ impl DoorbellProducer {
     }
 
     #[cfg(not(loom))]
-    fn wake(&self) -> Result<(), ShmError> {
-        futex::wake(self.ptrs.sleeping())
+    fn wake(&self, how: u32) -> Result<(), ShmError> {
+        match (&self.event, how == SLEEP_ARMED) {
+            (Some(event), true) => event.signal(),
+            _ => futex::wake(self.ptrs.sleeping()),
+        }
     }
 
     #[cfg(loom)]
-    fn wake(&self) -> Result<(), ShmError> {
+    fn wake(&self, _how: u32) -> Result<(), ShmError> {
         let Owner::Heap(ring) = &self.owner;
         ring.futex.wake();
         Ok(())
@@ -521,7 +549,7 @@ impl DoorbellConsumer {
             // producer made (an RMW reads the latest value), which `notify` relies on when it
             // finds the flag set. loom, whose modification order is only partial, needs the
             // RMW to see this; a plain store is also correct under the C++ fence rules.
-            self.ptrs.sleeping().swap(1, Ordering::Relaxed);
+            self.ptrs.sleeping().swap(SLEEP_FUTEX, Ordering::Relaxed);
             fence(Ordering::SeqCst);
             let popped = self.try_pop();
             if !matches!(popped, Ok(None)) {
@@ -548,9 +576,53 @@ impl DoorbellConsumer {
         }
     }
 
+    /// Announces that the consumer is about to wait on its eventfd (in `poll`, `epoll` or an
+    /// async reactor) rather than on the futex: the producer's next [`notify`]
+    /// (DoorbellProducer::notify) signals the eventfd. Returns `true` when an entry is already
+    /// there (take it with [`try_pop`](Self::try_pop) and do not wait), `false` when the wait
+    /// may begin: the entry that ends it signals the eventfd.
+    ///
+    /// The same Dekker handshake as the futex sleep: the flag is set, a `SeqCst` fence, then the
+    /// slot is checked; the producer stores the slot, fences, then reads the flag.
+    ///
+    /// # Errors
+    /// [`ShmError::RingCorrupt`] as for [`try_pop`](Self::try_pop).
+    pub fn arm(&mut self) -> Result<bool, ShmError> {
+        self.ptrs.sleeping().swap(SLEEP_ARMED, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let ready = self.peek()?;
+        if ready {
+            self.ptrs.sleeping().store(0, Ordering::Relaxed);
+        }
+        Ok(ready)
+    }
+
+    /// Whether the next entry is there, without taking it.
+    fn peek(&self) -> Result<bool, ShmError> {
+        let raw = self.ptrs.slot(self.tail).load(Ordering::Acquire);
+        let found = (raw >> 32) as u32;
+        if found == tag(self.tail) {
+            return Ok(true);
+        }
+        let not_yet = if self.tail < self.cap {
+            0
+        } else {
+            tag(self.tail - self.cap)
+        };
+        if found == not_yet {
+            Ok(false)
+        } else {
+            Err(ShmError::RingCorrupt {
+                detail: "slot tag is neither the expected position nor the previous lap",
+                position: self.tail,
+                found: raw,
+            })
+        }
+    }
+
     #[cfg(not(loom))]
     fn futex_wait(&self, timeout: Option<Duration>) -> Result<(), ShmError> {
-        futex::wait(self.ptrs.sleeping(), 1, timeout)
+        futex::wait(self.ptrs.sleeping(), SLEEP_FUTEX, timeout)
     }
 
     #[cfg(loom)]
@@ -573,6 +645,122 @@ impl DoorbellConsumer {
     /// The ring's capacity.
     pub fn capacity(&self) -> u32 {
         self.cap as u32
+    }
+}
+
+/// Value of the `sleeping` word while the consumer sleeps on the futex.
+pub const SLEEP_FUTEX: u32 = 1;
+/// Value of the `sleeping` word while the consumer waits on its eventfd ([`DoorbellConsumer::arm`]).
+pub const SLEEP_ARMED: u32 = 2;
+
+/// A non-blocking eventfd (`eventfd(2)`): the consumer's pollable wake-up, created by the
+/// consumer's process and passed to the producer's (`SCM_RIGHTS`). The producer writes it only
+/// when the consumer armed it, so the busy path never makes a system call.
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub struct EventFd {
+    fd: std::os::fd::OwnedFd,
+}
+
+#[cfg(not(loom))]
+impl EventFd {
+    /// A new eventfd (`EFD_NONBLOCK | EFD_CLOEXEC`, counter 0).
+    ///
+    /// # Errors
+    /// [`ShmError::EventFd`] if `eventfd(2)` fails.
+    pub fn new() -> Result<Self, ShmError> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes no pointers; a non-negative return is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(ShmError::EventFd {
+                op: "create",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+        Ok(Self {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Adopts an fd received from a peer, refusing anything but a non-blocking eventfd (a write
+    /// to a blocking one could hang this process on a counter the peer filled).
+    ///
+    /// # Errors
+    /// [`ShmError::EventFd`] (`"check"`) for another kind of fd or a blocking one.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self, ShmError> {
+        use std::os::fd::AsRawFd;
+        let bad = |why: &str| ShmError::EventFd {
+            op: "check",
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+        };
+        let link =
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
+                ShmError::EventFd {
+                    op: "check",
+                    source: e,
+                }
+            })?;
+        if link.as_os_str() != "anon_inode:[eventfd]" {
+            return Err(bad("the fd is not an eventfd"));
+        }
+        // SAFETY: F_GETFL on an fd we own reads its status flags; no pointers.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 || flags & libc::O_NONBLOCK == 0 {
+            return Err(bad("the eventfd is not non-blocking"));
+        }
+        Ok(Self { fd })
+    }
+
+    /// The fd, for `poll`/`epoll` (readable once signaled) or for passing to the peer.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Adds 1 to the counter (the fd becomes readable). A counter at its maximum (`EAGAIN`)
+    /// is readable already.
+    ///
+    /// # Errors
+    /// [`ShmError::EventFd`] (`"signal"`).
+    pub fn signal(&self) -> Result<(), ShmError> {
+        use std::os::fd::AsRawFd;
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes the 8 bytes of `one`, alive for the call, to an fd we own.
+        let rc = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EAGAIN) {
+                return Err(ShmError::EventFd {
+                    op: "signal",
+                    source: e,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Resets the counter; returns whether it was signaled.
+    ///
+    /// # Errors
+    /// [`ShmError::EventFd`] (`"drain"`).
+    pub fn drain(&self) -> Result<bool, ShmError> {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into `buf`, alive for the call, from an fd we own.
+        let rc = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(false),
+                _ => Err(ShmError::EventFd {
+                    op: "drain",
+                    source: e,
+                }),
+            };
+        }
+        Ok(true)
     }
 }
 

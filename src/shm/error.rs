@@ -126,6 +126,15 @@ pub enum ShmError {
         #[source]
         source: io::Error,
     },
+    /// An eventfd operation failed, or a received fd is not a non-blocking eventfd.
+    #[error("eventfd {op} failed")]
+    EventFd {
+        /// The step: `"create"`, `"check"`, `"signal"` or `"drain"`.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Too many fds for one message.
     #[error("{count} fds requested, at most {max} per message")]
     TooManyFds {

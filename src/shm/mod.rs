@@ -44,8 +44,11 @@ mod region;
 pub(crate) mod sync;
 mod vmread;
 
+#[cfg(not(loom))]
+pub use doorbell::EventFd;
 pub use doorbell::{
-    DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, WaitMode, heap_pair,
+    DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, SLEEP_ARMED, SLEEP_FUTEX,
+    WaitMode, heap_pair,
 };
 pub use error::ShmError;
 pub use fdpass::{MAX_FDS, recv_fds, send_fds};

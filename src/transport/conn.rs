@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Deref;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::rndv::RndvInner;
@@ -76,6 +77,9 @@ pub(super) struct Inner<L> {
     /// Immediates taken from the link while waiting for credits, in arrival order.
     stash: VecDeque<u32>,
     failed: Option<String>,
+    /// The last non-blocking send met back-pressure: [`Connection::arm`] then also asks for a
+    /// credit notice.
+    want_credit: bool,
     /// Rendezvous state (transport/rndv.rs).
     pub(super) rndv: RndvInner,
 }
@@ -93,6 +97,9 @@ pub(super) enum Got<'a, L: Link, T: TargetMemory> {
 /// Received [`Message`]s borrow it, so several can be held at once and released in any order.
 pub struct Connection<L: Link, T: TargetMemory> {
     pub(super) target: T,
+    /// A duplicate of the link's event fd (same open file), outside the `RefCell` so that it can
+    /// be lent out; `None` in busy mode or for a link without one.
+    event: Option<OwnedFd>,
     pub(super) inner: RefCell<Inner<L>>,
 }
 
@@ -113,9 +120,16 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         mode: PollMode,
     ) -> Self {
         let stash_cap = Layout::recv_wqe_bound_for(&recv_layout, &send_layout) as usize;
+        let event = match mode {
+            PollMode::Busy => None,
+            PollMode::Event | PollMode::Adaptive { .. } => {
+                link.event_fd().and_then(|fd| fd.try_clone_to_owned().ok())
+            }
+        };
         let rndv = RndvInner::new(send_layout.max_eager_payload());
         Connection {
             target,
+            event,
             inner: RefCell::new(Inner {
                 link,
                 tx: Sender::new(send_layout),
@@ -123,6 +137,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 mode,
                 stash: VecDeque::with_capacity(stash_cap),
                 failed: None,
+                want_credit: false,
                 rndv,
             }),
         }
@@ -138,6 +153,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         let inner = self.inner.into_inner();
         Connection {
             target: T2::from(self.target),
+            event: self.event,
             inner: RefCell::new(Inner {
                 link: L2::from(inner.link),
                 tx: inner.tx,
@@ -145,6 +161,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 mode: inner.mode,
                 stash: inner.stash,
                 failed: inner.failed,
+                want_credit: inner.want_credit,
                 rndv: inner.rndv,
             }),
         }
@@ -189,7 +206,54 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             return self.send_large(parts);
         }
         let r = inner.send_parts(parts);
+        inner.want_credit = matches!(r, Err(SendError::WouldBlock));
         inner.note(r)
+    }
+
+    /// The file descriptor to wait on in an event loop (`poll`, `epoll`, mio, tokio's
+    /// `AsyncFd`): it becomes readable when a message (or a credit) may have arrived, once
+    /// [`Connection::arm`] returned `false`. Shared memory: an eventfd the peer signals; verbs:
+    /// the completion channel of the receive CQ. `None` in [`PollMode::Busy`] (the peer then
+    /// never signals; create the connection in [`PollMode::Event`] for event loops).
+    ///
+    /// The protocol, from one thread:
+    /// 1. take messages with [`Connection::try_recv`] until it returns `Ok(None)` (and send with
+    ///    [`Connection::try_send`]);
+    /// 2. call [`Connection::arm`]; if it returns `true`, something is already there: go to 1;
+    /// 3. otherwise wait until the fd is readable (level- or edge-triggered both work: `arm`
+    ///    resets it), then go to 1.
+    ///
+    /// A `try_send` that met back-pressure makes the next `arm` also ask the peer for a credit
+    /// notice, so a readable fd may mean "retry the send". Blocking calls (`recv`, `send`)
+    /// may be mixed in; they leave the fd as it was or readable, never missing a wake-up.
+    pub fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.event.as_ref().map(|fd| fd.as_fd())
+    }
+
+    /// Prepares a wait on [`Connection::event_fd`] (see there for the protocol): resets the
+    /// fd, announces the wait to the peer (and, after a `try_send` that met back-pressure,
+    /// asks for a credit notice), then checks once more. Returns `true` when something
+    /// already arrived (do not wait: receive, or retry the send), `false` when the wait may
+    /// begin. Without an event fd (busy mode) it returns `true`.
+    ///
+    /// # Errors
+    /// A failed connection, a peer that went away.
+    pub fn arm(&self) -> Result<bool, TransportError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        if self.event.is_none() || !inner.stash.is_empty() {
+            return Ok(true);
+        }
+        if inner.want_credit {
+            inner.link.want_credit_notice();
+            if inner.credit_news() {
+                return Ok(true);
+            }
+        }
+        match inner.link.arm() {
+            Ok(ready) => Ok(ready),
+            Err(e) => Err(inner.fail(e)),
+        }
     }
 
     /// Sends `msg`, waiting for credits while the receiver holds every partition.
@@ -437,12 +501,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         imm: u32,
         dst: Option<&mut [u8]>,
     ) -> Result<Option<Got<'_, L, T>>, TransportError> {
-        match Immediate(imm).decode()? {
-            ImmediateKind::Credit { .. } => {
+        // The type bits alone pick the path; `on_immediate` decodes (and validates) the rest.
+        match Immediate(imm).kind_bits() {
+            ImmediateKind::CREDIT_TYPE => {
                 inner.tx.handle_credit_notice(imm)?;
                 Ok(None)
             }
-            ImmediateKind::Message { .. } => {
+            _ => {
                 let arrival = inner.rx.on_immediate(imm)?;
                 let header =
                     self.target
@@ -537,13 +602,15 @@ impl<L: Link> Inner<L> {
         kind: MessageKind,
         len: usize,
     ) -> Result<crate::core::Reservation, SendError> {
-        match self.tx.reserve_kind(kind, len) {
+        match self.tx.reserve_first_choice(kind, len) {
             Ok(r) => Ok(r),
             Err(e) => self.reserve_slow(kind, len, e),
         }
     }
 
-    /// The first reservation failed: refresh credits from the mailbox and try once more.
+    /// The first group had no room by the credits the sender knows: refresh them from the
+    /// mailbox (read only here, so the per-message path does not pull the line the peer
+    /// writes), then select again, moving to larger groups if the first still has no room.
     #[cold]
     fn reserve_slow(
         &mut self,
@@ -567,14 +634,14 @@ impl<L: Link> Inner<L> {
     fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), SendError> {
         let len = parts.iter().map(|p| p.len()).sum();
         let res = self.reserve(MessageKind::Data, len)?;
-        self.link.write(res.segment, res.offset, &res.header)?;
-        let mut off = res.payload_offset();
-        for p in parts {
-            self.link.write(res.segment, off, p)?;
-            off += p.len();
-        }
-        self.link
-            .post(res.segment, res.offset, res.wire_len(), res.immediate.get())?;
+        self.link.send_message(
+            res.segment,
+            res.offset,
+            &res.header,
+            parts,
+            res.wire_len(),
+            res.immediate.get(),
+        )?;
         Ok(())
     }
 

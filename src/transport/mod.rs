@@ -21,6 +21,7 @@ pub mod verbs;
 pub use conn::{Connection, ConnectionStats, Counters, GroupCounters, Message, SendError};
 pub use rndv::{Exposure, RndvStats, SendHandle};
 
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use crate::core::{CreditUpdate, ProtocolError, SegmentId};
@@ -158,6 +159,32 @@ pub trait Link {
         imm: u32,
     ) -> Result<(), TransportError>;
 
+    /// One whole message: copies `header` then the concatenation of `parts` to `offset` of the
+    /// source image of `segment` (`wire_len` bytes in all) and posts them with `imm`. The
+    /// default is [`Link::write`] per part then [`Link::post`]; a link overrides it to check the
+    /// range once and touch its segment table once.
+    ///
+    /// # Errors
+    /// As [`Link::write`] and [`Link::post`].
+    #[inline]
+    fn send_message(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        header: &[u8; crate::core::wire::HEADER_LEN],
+        parts: &[&[u8]],
+        wire_len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
+        self.write(segment, offset, header)?;
+        let mut off = offset + header.len();
+        for p in parts {
+            self.write(segment, off, p)?;
+            off += p.len();
+        }
+        self.post(segment, offset, wire_len, imm)
+    }
+
     /// The next immediate from the peer, waiting in `mode` for at most `timeout` (`Some(ZERO)`:
     /// do not wait). `Ok(None)` when nothing came.
     ///
@@ -190,6 +217,24 @@ pub trait Link {
     /// # Errors
     /// [`TransportError::PeerClosed`].
     fn check_peer(&self) -> Result<(), TransportError>;
+
+    /// A file descriptor that becomes readable when an immediate may have arrived, once
+    /// [`Link::arm`] returned `false` (shared memory: this side's eventfd; verbs: the receive
+    /// CQ's completion channel). `None` for a link that cannot be waited on this way.
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Prepares a wait on [`Link::event_fd`]: resets the fd, asks the peer (or the device) to
+    /// signal it for the next immediate, and checks once more. `Ok(true)`: an immediate is
+    /// already there (take it with `next_immediate`, do not wait); `Ok(false)`: the fd becomes
+    /// readable when one arrives. A link without an event fd always returns `Ok(true)`.
+    ///
+    /// # Errors
+    /// A failed link.
+    fn arm(&mut self) -> Result<bool, TransportError> {
+        Ok(true)
+    }
 
     // --- Rendezvous (docs/rendezvous.md). The defaults: no rendezvous on this link. ---
 

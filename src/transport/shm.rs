@@ -41,18 +41,21 @@ use crate::core::{RndvRequest, refuse_reason};
 use crate::shm::{read_peer_memory, socket_peer_pid};
 
 use crate::shm::{
-    CreditMailbox, DoorbellConsumer, DoorbellProducer, MAX_FDS, PeerStatus, PushOutcome,
+    CreditMailbox, DoorbellConsumer, DoorbellProducer, EventFd, MAX_FDS, PeerStatus, PushOutcome,
     RingLayout, ShmRegion, WaitMode, recv_fds, send_fds, socket_peer_status,
 };
 
 const MAGIC: [u8; 4] = *b"RSHM";
-const VERSION: u16 = 1;
+/// Version 2: the fds passed are the control region, the receiver's eventfd, then the segments.
+const VERSION: u16 = 2;
 const HELLO_LEN: usize = 512;
 const LAYOUT_MAX: usize = HELLO_LEN - 16;
 /// Mailbox slots: one per possible segment id, then the "waiting for a credit" word.
 const MAILBOX_SLOTS: usize = 257;
 const WAITER_SLOT: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Fds passed before the segments: the control region and the eventfd.
+const FIXED_FDS: usize = 2;
 
 /// A connection over shared memory.
 pub type ShmConnection = Connection<ShmLink, ShmTarget>;
@@ -197,6 +200,8 @@ impl ControlGeometry {
 /// This side's receiving resources: what it creates and hands to the peer.
 struct Local {
     control: Arc<ShmRegion>,
+    /// Signaled by the peer when we wait in an event loop ([`Connection::arm`]).
+    event: EventFd,
     segments: Vec<ShmRegion>,
 }
 
@@ -209,11 +214,16 @@ impl Local {
             .iter()
             .map(|s| ShmRegion::create(&format!("rsmsg-seg{}", s.id.0), s.bytes() as usize))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Local { control, segments })
+        Ok(Local {
+            control,
+            event: EventFd::new()?,
+            segments,
+        })
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        std::iter::once(self.control.fd())
+        [self.control.fd(), self.event.fd()]
+            .into_iter()
             .chain(self.segments.iter().map(|s| s.fd()))
             .collect()
     }
@@ -222,6 +232,7 @@ impl Local {
 /// The peer's receiving resources, mapped here.
 struct Remote {
     control: Arc<ShmRegion>,
+    event: EventFd,
     segments: Vec<ShmRegion>,
 }
 
@@ -233,25 +244,30 @@ impl Remote {
         peer: &str,
     ) -> Result<Remote, TransportError> {
         let tables = crate::core::Tables::new(recv.clone());
-        if fds.len() != 1 + tables.segments().len() {
+        if fds.len() != FIXED_FDS + tables.segments().len() {
             return Err(hs(
                 peer,
                 format!(
-                    "{} regions passed, expected {}",
+                    "{} fds passed, expected {}",
                     fds.len(),
-                    1 + tables.segments().len()
+                    FIXED_FDS + tables.segments().len()
                 ),
             ));
         }
         let mut fds = fds.into_iter();
         let control = Arc::new(ShmRegion::from_fd(fds.next().expect("counted"), geo.bytes)?);
+        let event = EventFd::from_fd(fds.next().expect("counted"))?;
         let segments = tables
             .segments()
             .iter()
             .zip(fds)
             .map(|(s, fd)| ShmRegion::from_fd(fd, s.bytes() as usize))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Remote { control, segments })
+        Ok(Remote {
+            control,
+            event,
+            segments,
+        })
     }
 }
 
@@ -270,6 +286,8 @@ pub struct ShmLink {
     peer_mailbox: CreditMailbox,
     /// Whether the peer sleeps (event/adaptive): then every push is followed by a wake-up check.
     peer_sleeps: bool,
+    /// Our eventfd (the peer signals it when we armed it).
+    event: EventFd,
     _control: Arc<ShmRegion>,
     _peer_control: Arc<ShmRegion>,
     /// The peer's process id as the kernel saw it connect (`SO_PEERCRED`): whose memory a
@@ -321,6 +339,7 @@ impl ShmLink {
             .ok_or_else(|| TransportError::Failed(format!("no peer segment {}", segment.0)))
     }
 
+    #[inline]
     fn push(&mut self, imm: u32) -> Result<(), TransportError> {
         match self.doorbell.try_push(imm)? {
             PushOutcome::Pushed => {}
@@ -375,6 +394,37 @@ impl Link for ShmLink {
     }
 
     #[inline]
+    fn send_message(
+        &mut self,
+        segment: SegmentId,
+        offset: usize,
+        header: &[u8; crate::core::wire::HEADER_LEN],
+        parts: &[&[u8]],
+        wire_len: usize,
+        imm: u32,
+    ) -> Result<(), TransportError> {
+        // One range check for the whole message, then plain copies into the peer's partitions.
+        let dst = self.segment(segment)?.filling(offset, wire_len)?;
+        let Some((h, mut dst)) = dst.split_first_chunk_mut::<{ crate::core::wire::HEADER_LEN }>()
+        else {
+            return Err(TransportError::Failed(
+                "reserved range shorter than a header".into(),
+            ));
+        };
+        *h = *header;
+        for p in parts {
+            let Some((d, rest)) = dst.split_at_mut_checked(p.len()) else {
+                return Err(TransportError::Failed(
+                    "message parts longer than the reserved range".into(),
+                ));
+            };
+            d.copy_from_slice(p);
+            dst = rest;
+        }
+        self.push(imm)
+    }
+
+    #[inline]
     fn next_immediate(
         &mut self,
         mode: PollMode,
@@ -411,6 +461,16 @@ impl Link for ShmLink {
     #[inline]
     fn credit(&self, segment: SegmentId) -> u64 {
         self.mailbox.load(segment.index()).unwrap_or(0)
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.event.fd())
+    }
+
+    fn arm(&mut self) -> Result<bool, TransportError> {
+        // Reset first: a signal that lands after the reset is one this wait must see.
+        self.event.drain()?;
+        Ok(self.bell.arm()?)
     }
 
     fn check_peer(&self) -> Result<(), TransportError> {
@@ -665,7 +725,11 @@ fn handshake(
     }
     sock.set_read_timeout(Some(left))
         .map_err(io("set the handshake timeout"))?;
-    let fds = recv_frame_fds(&sock, 1 + theirs.layout.segment_count() as usize, peer)?;
+    let fds = recv_frame_fds(
+        &sock,
+        FIXED_FDS + theirs.layout.segment_count() as usize,
+        peer,
+    )?;
     let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
     sock.write_all(&[1]).map_err(io("confirm the handshake"))?;
     sock.set_read_timeout(None)
@@ -719,7 +783,8 @@ fn build(
 ) -> Result<ShmConnection, TransportError> {
     let bell = DoorbellConsumer::new(local.control.clone(), 0, my_geo.ring)?;
     let mailbox = CreditMailbox::new(local.control.clone(), my_geo.mailbox_offset, MAILBOX_SLOTS)?;
-    let doorbell = DoorbellProducer::new(remote.control.clone(), 0, peer_geo.ring)?;
+    let mut doorbell = DoorbellProducer::new(remote.control.clone(), 0, peer_geo.ring)?;
+    doorbell.set_event_fd(Arc::new(remote.event));
     let peer_mailbox = CreditMailbox::new(
         remote.control.clone(),
         peer_geo.mailbox_offset,
@@ -734,6 +799,7 @@ fn build(
         mailbox,
         peer_mailbox,
         peer_sleeps: theirs.mode != PollMode::Busy,
+        event: local.event,
         _control: local.control,
         _peer_control: remote.control,
         peer_pid,
@@ -788,7 +854,11 @@ pub fn connect_path(
         .map_err(io("read the peer's hello"))?;
     let theirs = Hello::decode(&b, &peer)?;
     let peer_geo = ControlGeometry::new(&theirs.layout, &layout)?;
-    let fds = recv_frame_fds(&sock, 1 + theirs.layout.segment_count() as usize, &peer)?;
+    let fds = recv_frame_fds(
+        &sock,
+        FIXED_FDS + theirs.layout.segment_count() as usize,
+        &peer,
+    )?;
     let remote = Remote::open(fds, &theirs.layout, peer_geo, &peer)?;
     let my_geo = ControlGeometry::new(&layout, &theirs.layout)?;
     let local = Local::create(&layout, my_geo)?;

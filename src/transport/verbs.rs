@@ -485,13 +485,41 @@ impl Queues {
 // ---------------------------------------------------------------------------------------------
 // The link
 
-/// Which prepared work request to post.
+/// Which prepared work request (or chain of them, posted with one `ibv_post_send`) to post.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wr {
+    /// A message to peer segment `i`.
     Message(usize),
+    /// The pending credits, then a message to peer segment `i`, in one post.
+    CreditAndMessage(usize),
+    /// The pending credits alone.
     Credit,
-    Notice,
+    /// The pending credits, then a credit notice, in one post.
+    CreditAndNotice,
+    /// The liveness probe.
     Probe,
+}
+
+impl Wr {
+    /// Work requests in the chain.
+    #[inline]
+    fn len(self) -> u64 {
+        match self {
+            Wr::CreditAndMessage(_) | Wr::CreditAndNotice => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Credits written into the staging words but not yet posted: the slot range `lo..=hi`.
+/// Written with one RDMA WRITE of that range (the staging words hold the newest value of every
+/// slot, and the peer's mailbox words are written by nobody else, so rewriting an unchanged
+/// slot is harmless). Kept within the inline limit, so a post copies the words at once and a
+/// later update of the staging words can never race with a DMA read of them.
+#[derive(Debug, Clone, Copy)]
+struct PendingCredits {
+    lo: usize,
+    hi: usize,
 }
 
 /// Why the link stopped working.
@@ -527,14 +555,24 @@ struct SendSide {
     qp: QueuePair,
     cq: CompletionQueue,
     wcs: [WorkCompletion; SEND_BATCH],
-    /// One WRITE_WITH_IMM per peer segment, SGE on its source image.
-    msg_wrs: Vec<SendWr>,
+    /// Per peer segment: `[credit WRITE, message WRITE_WITH_IMM]`, posted as a chain when
+    /// credits are pending (the credit rides on the message's post) or the message alone.
+    msg_wrs: Vec<[SendWr; 2]>,
     /// Peer target segments: base address and key.
     remote: Vec<(u64, Rkey)>,
     credit_stage: SourceImage,
-    credit_wr: SendWr,
-    notice_wr: SendWr,
+    /// `[credit WRITE, credit notice WRITE_WITH_IMM]`.
+    credit_wrs: [SendWr; 2],
     probe_wr: SendWr,
+    /// Credits staged but not posted yet.
+    pending: Option<PendingCredits>,
+    /// Per slot: the value last posted (a credit is posted at once when it moves this far).
+    posted_credit: Vec<u64>,
+    /// Per slot: how far a credit must move past the posted value to be posted at once
+    /// (a quarter of the segment), instead of riding on the next post.
+    urgent: Vec<u64>,
+    /// Most staging bytes one credit write carries (inline).
+    credit_span: usize,
     peer_mailbox: (u64, Rkey),
     depth: u64,
     signal_every: u64,
@@ -580,34 +618,55 @@ impl SendSide {
 
     fn post(&mut self, which: Wr) -> Result<(), TransportError> {
         self.check()?;
-        if self.outstanding() >= self.depth / 2 {
+        let n = which.len();
+        if self.outstanding() + n > self.depth / 2 {
             self.reap()?;
         }
+        if matches!(
+            which,
+            Wr::CreditAndMessage(_) | Wr::Credit | Wr::CreditAndNotice
+        ) {
+            self.prepare_credit(which)?;
+        }
+        let mut done = 0u64;
         loop {
             // A full send queue is back-pressure: signaled work requests complete (or fail) in
             // bounded time, bounded by the QP's retry limits.
-            while self.outstanding() >= self.depth {
+            while self.outstanding() + (n - done) > self.depth {
                 self.reap()?;
                 std::hint::spin_loop();
             }
             let seq = self.posted;
-            let signaled = which == Wr::Probe || seq % self.signal_every == self.signal_every - 1;
-            let wr = match which {
-                Wr::Message(i) => &mut self.msg_wrs[i],
-                Wr::Credit => &mut self.credit_wr,
-                Wr::Notice => &mut self.notice_wr,
-                Wr::Probe => &mut self.probe_wr,
+            // Selective signaling: the chain's last work request is signaled when the chain
+            // covers a multiple of `signal_every` (a signaled completion completes every earlier
+            // work request), or when it is the probe.
+            let k = self.signal_every;
+            let last = seq + (n - done) - 1;
+            let signaled = which == Wr::Probe || (last + 1) / k != seq / k;
+            let wrs: &mut [SendWr] = match which {
+                Wr::Message(i) => &mut self.msg_wrs[i][1..],
+                Wr::CreditAndMessage(i) => &mut self.msg_wrs[i][done as usize..],
+                Wr::Credit => &mut self.credit_wrs[..1],
+                Wr::CreditAndNotice => &mut self.credit_wrs[done as usize..],
+                Wr::Probe => std::slice::from_mut(&mut self.probe_wr),
             };
-            wr.set_wr_id(WrId(seq)).set_signaled(signaled);
-            match self.qp.post_send(wr) {
+            let count = wrs.len();
+            for (j, wr) in wrs.iter_mut().enumerate() {
+                wr.set_wr_id(WrId(seq + j as u64))
+                    .set_signaled(signaled && j + 1 == count);
+            }
+            match self.qp.post_send_batch(wrs) {
                 Ok(()) => {
-                    self.posted += 1;
+                    self.posted += count as u64;
                     if which == Wr::Probe {
                         self.probe_pending = Some(seq);
                     }
                     return Ok(());
                 }
-                Err(VerbsError::SendQueueFull { .. }) => {
+                Err(VerbsError::SendQueueFull { index }) => {
+                    // The work requests before `index` were posted (unsignaled unless last).
+                    self.posted += index as u64;
+                    done += index as u64;
                     self.reap()?;
                     std::hint::spin_loop();
                 }
@@ -621,6 +680,63 @@ impl SendSide {
                 }
             }
         }
+    }
+
+    /// Points the credit work request of `which` at the pending slots and clears them.
+    fn prepare_credit(&mut self, which: Wr) -> Result<(), TransportError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let off = p.lo * 8;
+        let len = (p.hi - p.lo + 1) * 8;
+        let (addr, rkey) = self.peer_mailbox;
+        let wr = match which {
+            Wr::CreditAndMessage(i) => &mut self.msg_wrs[i][0],
+            _ => &mut self.credit_wrs[0],
+        };
+        wr.set_sge(0, off, len)?;
+        wr.set_remote(addr + off as u64, rkey)?;
+        for slot in p.lo..=p.hi {
+            let word = self.credit_stage.filling(slot * 8, 8)?;
+            let v = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+            if let Some(posted) = self.posted_credit.get_mut(slot) {
+                *posted = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages a credit; returns whether it must be posted now (it moved a quarter segment past
+    /// the value last posted) rather than ride on the next post.
+    fn stage_credit(&mut self, credit: CreditUpdate) -> Result<bool, TransportError> {
+        let slot = credit.segment.index();
+        if let Some(p) = self.pending
+            && (slot.max(p.hi) - slot.min(p.lo) + 1) * 8 > self.credit_span
+        {
+            // The range would outgrow one inline write: post what is pending first.
+            self.post(Wr::Credit)?;
+        }
+        self.credit_stage
+            .write(slot * 8, &credit.freed.to_le_bytes())?;
+        self.pending = Some(match self.pending {
+            Some(p) => PendingCredits {
+                lo: p.lo.min(slot),
+                hi: p.hi.max(slot),
+            },
+            None => PendingCredits { lo: slot, hi: slot },
+        });
+        let posted = self.posted_credit.get(slot).copied().unwrap_or(0);
+        let urgent = self.urgent.get(slot).copied().unwrap_or(1);
+        Ok(credit.freed.saturating_sub(posted) >= urgent)
+    }
+
+    /// Posts the pending credits on their own, if any.
+    #[inline]
+    fn flush_credits(&mut self) -> Result<(), TransportError> {
+        if self.pending.is_some() {
+            self.post(Wr::Credit)?;
+        }
+        Ok(())
     }
 }
 
@@ -766,11 +882,16 @@ impl Link for VerbsLink {
             .remote
             .get(i)
             .ok_or_else(|| TransportError::Failed(format!("no peer segment {}", segment.0)))?;
-        let wr = &mut tx.msg_wrs[i];
+        let wr = &mut tx.msg_wrs[i][1];
         wr.set_sge(0, offset, len)?;
         wr.set_remote(base + offset as u64, rkey)?;
         wr.set_imm(imm)?;
-        tx.post(Wr::Message(i))
+        // Credits released since the last post ride on this one: one `ibv_post_send`.
+        if tx.pending.is_some() {
+            tx.post(Wr::CreditAndMessage(i))
+        } else {
+            tx.post(Wr::Message(i))
+        }
     }
 
     fn next_immediate(
@@ -783,6 +904,7 @@ impl Link for VerbsLink {
         }
         let tx = self.tx.get_mut();
         tx.check()?;
+        let mut first = true;
         // The clock is read only once the first poll found nothing, and then every
         // `CLOCK_EVERY` polls while spinning: a clock read costs as much as a poll.
         const CLOCK_EVERY: u32 = 64;
@@ -793,6 +915,12 @@ impl Link for VerbsLink {
             self.rx.poll(tx, true)?;
             if let Some(imm) = self.rx.queue.pop_front() {
                 return Ok(Some(imm));
+            }
+            if first {
+                // Nothing to receive: this side goes idle, so credits that were waiting to
+                // ride on a post are written now (the peer may need them to send again).
+                first = false;
+                tx.flush_credits()?;
             }
             if timeout == Some(Duration::ZERO) {
                 return Ok(None);
@@ -842,18 +970,17 @@ impl Link for VerbsLink {
 
     fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
         let tx = self.tx.get_mut();
-        let slot = credit.segment.index();
-        let off = slot * 8;
-        tx.credit_stage.write(off, &credit.freed.to_le_bytes())?;
-        let (addr, rkey) = tx.peer_mailbox;
-        tx.credit_wr.set_sge(0, off, 8)?;
-        tx.credit_wr.set_remote(addr + off as u64, rkey)?;
-        tx.post(Wr::Credit)?;
+        let urgent = tx.stage_credit(credit)?;
         if self.peer_sleeps {
-            tx.notice_wr.set_imm(credit.notice().get())?;
-            tx.post(Wr::Notice)?;
+            // The peer may sleep for this credit: write it now, with its notice, in one post.
+            tx.credit_wrs[1].set_imm(credit.notice().get())?;
+            tx.post(Wr::CreditAndNotice)
+        } else if urgent {
+            tx.post(Wr::Credit)
+        } else {
+            // Rides on our next post, or is written when we next find nothing to receive.
+            Ok(())
         }
-        Ok(())
     }
 
     fn want_credit_notice(&mut self) {
@@ -870,12 +997,41 @@ impl Link for VerbsLink {
             .unwrap_or(0)
     }
 
+    fn event_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.rx.channel.as_fd())
+    }
+
+    fn arm(&mut self) -> Result<bool, TransportError> {
+        if !self.rx.queue.is_empty() {
+            return Ok(true);
+        }
+        let tx = self.tx.get_mut();
+        tx.check()?;
+        // Going idle: credits waiting for a post are written now.
+        tx.flush_credits()?;
+        // Reset the fd: read and acknowledge the events that made it readable (each disarms
+        // the CQ), then arm the CQ and poll once more, since a completion that came before
+        // arming raises no event.
+        while let Some(ev) = self.rx.channel.get_event()? {
+            drop(ev);
+            self.rx.armed = false;
+        }
+        if !self.rx.armed {
+            self.rx.cq.req_notify(false)?;
+            self.rx.armed = true;
+        }
+        self.rx.poll(tx, true)?;
+        Ok(!self.rx.queue.is_empty())
+    }
+
     fn check_peer(&self) -> Result<(), TransportError> {
         let Ok(mut tx) = self.tx.try_borrow_mut() else {
             return Ok(());
         };
         tx.check()?;
         tx.reap()?;
+        tx.flush_credits()?;
         let now = Instant::now();
         if now.duration_since(self.last_probe.get()) >= PROBE_INTERVAL {
             self.last_probe.set(now);
@@ -1014,6 +1170,12 @@ fn finish(
     let mut sources = Vec::with_capacity(send_tables.segments().len());
     let mut msg_wrs = Vec::with_capacity(send_tables.segments().len());
     let mut remote = Vec::with_capacity(send_tables.segments().len());
+    let credit_stage = SourceImage::new(pd, MAILBOX_SLOTS * 8)?;
+    let credit_wr = || -> Result<SendWr, TransportError> {
+        let mut wr = credit_stage.send_wr(SendOp::RdmaWrite, WrId(0), 0, 8)?;
+        wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
+        Ok(wr)
+    };
     for (e, d) in send_tables.segments().iter().zip(&peer.segments) {
         let img = SourceImage::new(pd, e.bytes() as usize)?;
         let mut wr = img.send_wr(
@@ -1023,15 +1185,23 @@ fn finish(
             e.partition_size as usize,
         )?;
         wr.set_remote(d.addr, Rkey(d.rkey))?;
-        msg_wrs.push(wr);
+        msg_wrs.push([credit_wr()?, wr]);
         sources.push(img);
         remote.push((d.addr, Rkey(d.rkey)));
     }
-    let credit_stage = SourceImage::new(pd, MAILBOX_SLOTS * 8)?;
-    let mut credit_wr = credit_stage.send_wr(SendOp::RdmaWrite, WrId(0), 0, 8)?;
-    credit_wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
     let mut notice_wr = SendWr::new(SendOp::RdmaWriteWithImm, WrId(0));
     notice_wr.set_remote(peer.mailbox.addr, Rkey(peer.mailbox.rkey))?;
+    let credit_wrs = [credit_wr()?, notice_wr];
+    // Credits we publish are for the segments of our receive layout.
+    let recv_tables = Tables::new(recv_layout.clone());
+    let urgent: Vec<u64> = recv_tables
+        .segments()
+        .iter()
+        .map(|s| u64::from((s.partitions / 4).max(1)))
+        .collect();
+    let posted_credit = vec![0; urgent.len()];
+    let credit_span =
+        (queues.qp.caps().max_inline_data as usize).clamp(8, MAILBOX_SLOTS * 8) / 8 * 8;
     // The probe writes 8 bytes (inline) into the peer's spare mailbox word, which nobody reads:
     // a transfer with payload always needs the peer's acknowledgement.
     let spare = (MAILBOX_SLOTS - 1) * 8;
@@ -1045,9 +1215,12 @@ fn finish(
         msg_wrs,
         remote,
         credit_stage,
-        credit_wr,
-        notice_wr,
+        credit_wrs,
         probe_wr,
+        pending: None,
+        posted_credit,
+        urgent,
+        credit_span,
         peer_mailbox: (peer.mailbox.addr, Rkey(peer.mailbox.rkey)),
         depth,
         signal_every: (depth / 4).max(1),

@@ -355,6 +355,15 @@ impl Sender {
         kind: MessageKind,
         len: usize,
     ) -> Result<Reservation, ReserveError> {
+        let r = self.first_choice(kind, len);
+        if let Err(ReserveError::NeedsRendezvous { .. }) = r {
+            self.stats.rendezvous_needed += 1;
+        }
+        r
+    }
+
+    #[inline]
+    fn first_choice(&mut self, kind: MessageKind, len: usize) -> Result<Reservation, ReserveError> {
         let wire = self.wire_len(len)?;
         // The common case: a length like the last one, room in the group's first segment.
         if let Some(f) = self.fast

@@ -12,11 +12,18 @@
 //! - [`bootstrap`]: the manager where receivers register segment descriptors and senders obtain them.
 //! - [`transport`]: drivers that join the core to verbs or shared memory.
 //! - [`endpoint`]: listen and connect by name, with the transport chosen per peer.
+//! - [`mesh`]: jobs of N ranks started by mpirun, srun or a PMI launcher: full mesh, barrier.
+//! - [`capi`]: the C ABI (`include/rsmsg.h`).
 
 pub mod bootstrap;
+#[cfg(not(loom))]
+#[allow(non_camel_case_types)]
+pub mod capi;
 pub mod core;
 #[cfg(not(loom))]
 pub mod endpoint;
+#[cfg(not(loom))]
+pub mod mesh;
 pub mod shm;
 pub mod transport;
 pub mod verbs;

@@ -160,7 +160,7 @@ int rsmsg_config_set_transport(struct rsmsg_config cfg, const char *name);
 // Thread safety: any thread; calls on one configuration are serialized.
 int rsmsg_config_set_groups(struct rsmsg_config cfg, const char *spec);
 
-// Sets the poll mode: "busy", "event" or "adaptive[:SPINS]".
+// Sets the poll mode: `"busy"`, `"event"` or `"adaptive[:SPINS]"`.
 //
 // Thread safety: any thread; calls on one configuration are serialized.
 int rsmsg_config_set_poll(struct rsmsg_config cfg, const char *mode);

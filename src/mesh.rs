@@ -151,7 +151,7 @@ impl MeshSetup {
     /// As [`MeshSetup::from_env`].
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<MeshSetup, MeshError> {
         let var = |n: &str| get(n).filter(|v| !v.trim().is_empty());
-        let job = job_name_from_vars(&var, MAX_JOB_LEN).unwrap_or_else(|| DEFAULT_JOB.to_string());
+        let job = job_name_from_vars(var, MAX_JOB_LEN).unwrap_or_else(|| DEFAULT_JOB.to_string());
         let timeout = match var("RSMSG_MESH_TIMEOUT") {
             None => DEFAULT_TIMEOUT,
             Some(v) => match v.trim().parse::<u64>() {

@@ -53,7 +53,11 @@ fn all_to_all(mesh: &Mesh) {
             let src = (me + size - k) % size;
             let m = mesh.recv(src, Wait::Forever).unwrap().unwrap();
             let len = len.min(mesh.max_message(src).unwrap());
-            assert_eq!(&*m, &payload(src, me, round, len)[..], "round {round} from {src}");
+            assert_eq!(
+                &*m,
+                &payload(src, me, round, len)[..],
+                "round {round} from {src}"
+            );
         }
         mesh.barrier().unwrap();
     }
@@ -86,8 +90,14 @@ fn data_sent_before_a_barrier_survives_it() {
         }
         // Misuse: our own rank, a rank outside the job.
         for bad in [me, mesh.size()] {
-            assert!(matches!(mesh.send(bad, b"x"), Err(MeshError::BadRank { .. })));
-            assert!(matches!(mesh.recv(bad, Wait::No), Err(MeshError::BadRank { .. })));
+            assert!(matches!(
+                mesh.send(bad, b"x"),
+                Err(MeshError::BadRank { .. })
+            ));
+            assert!(matches!(
+                mesh.recv(bad, Wait::No),
+                Err(MeshError::BadRank { .. })
+            ));
         }
         assert!(matches!(
             mesh.recv((me + 1) % mesh.size(), Wait::For(Duration::from_millis(10))),

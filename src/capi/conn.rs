@@ -175,7 +175,7 @@ pub extern "C" fn rsmsg_config_set_groups(cfg: rsmsg_config, spec: *const c_char
     })
 }
 
-/// Sets the poll mode: "busy", "event" or "adaptive[:SPINS]".
+/// Sets the poll mode: `"busy"`, `"event"` or `"adaptive[:SPINS]"`.
 ///
 /// Thread safety: any thread; calls on one configuration are serialized.
 #[unsafe(no_mangle)]

@@ -279,7 +279,10 @@ fn endpoint_code(e: &EndpointError) -> c_int {
     match e {
         EndpointError::Config { .. } | EndpointError::Layout(_) => RSMSG_ERR_CONFIG,
         EndpointError::Bootstrap(_) => RSMSG_ERR_BOOTSTRAP,
-        EndpointError::Transport(t) => transport_code(t),
+        EndpointError::Transport(t) | EndpointError::PeerFailed { source: t, .. } => {
+            transport_code(t)
+        }
+        EndpointError::ConnSend(s) | EndpointError::Send { source: s, .. } => send_code(s),
         _ => RSMSG_ERR_TRANSPORT,
     }
 }

@@ -583,3 +583,143 @@ impl<L: Link, T: TargetMemory> Drop for Message<'_, L, T> {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Readiness and counters for callers that drive several connections (the endpoint layer).
+
+/// Counters of one connection, read in place without allocating (see
+/// [`Connection::counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counters {
+    /// Data and control messages sent.
+    pub messages_sent: u64,
+    /// Payload bytes sent.
+    pub bytes_sent: u64,
+    /// Data and control messages received.
+    pub messages_received: u64,
+    /// Payload bytes received.
+    pub bytes_received: u64,
+    /// Sends that found no free partition (back-pressure), each counted once per attempt.
+    pub credit_stalls: u64,
+    /// Partitions of the peer's target segments this side has filled and the peer has not yet
+    /// credited back (messages in flight or held by the peer's application).
+    pub partitions_in_flight: u64,
+    /// Partitions of this side's target segments not yet returned to the peer (messages
+    /// delivered and not released, or released out of order).
+    pub partitions_held: u64,
+    /// Sends larger than any segment group (they need the rendezvous protocol, which is refused
+    /// as [`SendError::TooLarge`] today).
+    pub rendezvous_needed: u64,
+}
+
+/// Counters of one segment group of a connection (see [`Connection::group_counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupCounters {
+    /// Messages sent through the group (the peer's receive layout).
+    pub messages_sent: u64,
+    /// Payload bytes of those messages.
+    pub bytes_sent: u64,
+    /// Messages received through the group (this side's receive layout).
+    pub messages_received: u64,
+    /// Payload bytes of those messages.
+    pub bytes_received: u64,
+    /// Partitions of the group's sending segments not yet credited back.
+    pub partitions_in_flight: u64,
+    /// Partitions of the group's receiving segments not yet returned.
+    pub partitions_held: u64,
+}
+
+impl<L: Link, T: TargetMemory> Connection<L, T> {
+    /// Whether a message is ready: takes what has arrived from the link without waiting,
+    /// applies credit notices, and keeps a message for the next receive. `Ok(true)` means the
+    /// next [`try_recv`](Connection::try_recv) returns a message or an error, never `None`.
+    ///
+    /// This lets one thread watch several connections without taking a message it cannot
+    /// return yet.
+    ///
+    /// # Errors
+    /// A failed link or a protocol violation (the connection is then failed).
+    pub fn poll_ready(&self) -> Result<bool, TransportError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        loop {
+            // The stash holds message immediates only (credit notices are applied on arrival).
+            if !inner.stash.is_empty() {
+                return Ok(true);
+            }
+            let mode = inner.mode;
+            let imm = match inner.link.next_immediate(mode, Some(Duration::ZERO)) {
+                Ok(Some(imm)) => imm,
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(inner.fail(e)),
+            };
+            let r = match Immediate(imm).decode() {
+                Ok(ImmediateKind::Credit { .. }) => inner
+                    .tx
+                    .handle_credit_notice(imm)
+                    .map(|_| ())
+                    .map_err(TransportError::from),
+                Ok(ImmediateKind::Message { .. }) => {
+                    inner.stash.push_back(imm);
+                    Ok(())
+                }
+                Err(e) => Err(TransportError::from(e)),
+            };
+            if let Err(e) = r {
+                return Err(inner.fail(e));
+            }
+        }
+    }
+
+    /// `Err` once the peer is known to be gone (its process died, or for verbs an unanswered
+    /// probe); cheap enough to call every few milliseconds while idle.
+    ///
+    /// # Errors
+    /// [`TransportError::PeerClosed`], or the earlier failure of the connection.
+    pub fn check_peer(&self) -> Result<(), TransportError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        match inner.link.check_peer() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(inner.fail(e)),
+        }
+    }
+
+    /// The connection's counters, read in place (no allocation).
+    pub fn counters(&self) -> Counters {
+        let inner = self.inner.borrow();
+        let (s, r) = (inner.tx.stats(), inner.rx.stats());
+        Counters {
+            messages_sent: s.messages,
+            bytes_sent: s.bytes,
+            messages_received: r.messages,
+            bytes_received: r.bytes,
+            credit_stalls: s.credit_stalls,
+            partitions_in_flight: inner.tx.total_partitions_in_use(),
+            partitions_held: inner.rx.total_partitions_in_use(),
+            rendezvous_needed: s.rendezvous_needed,
+        }
+    }
+
+    /// The counters of segment group `group` (its index in the layouts), `None` when neither
+    /// direction has such a group.
+    pub fn group_counters(&self, group: usize) -> Option<GroupCounters> {
+        let inner = self.inner.borrow();
+        let g = u8::try_from(group).ok().map(crate::core::GroupId)?;
+        let sent = inner.tx.stats().per_group.get(group);
+        let received = inner.rx.stats().per_group.get(group);
+        if sent.is_none() && received.is_none() {
+            return None;
+        }
+        Some(GroupCounters {
+            messages_sent: sent.map_or(0, |s| s.messages),
+            bytes_sent: sent.map_or(0, |s| s.bytes),
+            messages_received: received.map_or(0, |s| s.messages),
+            bytes_received: received.map_or(0, |s| s.bytes),
+            partitions_in_flight: inner.tx.group_partitions_in_use(g).unwrap_or(0),
+            partitions_held: inner.rx.group_partitions_in_use(g).unwrap_or(0),
+        })
+    }
+}

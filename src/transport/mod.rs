@@ -17,7 +17,7 @@ mod conn;
 pub mod shm;
 pub mod verbs;
 
-pub use conn::{Connection, ConnectionStats, Message, SendError};
+pub use conn::{Connection, ConnectionStats, Counters, GroupCounters, Message, SendError};
 
 use std::time::Duration;
 

@@ -1,0 +1,339 @@
+//! The listener: one name, accepting over shared memory and verbs at once.
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::{Config, Conn, EndpointError, MANAGER_TIMEOUT, Transport, TransportChoice, host_id};
+use crate::bootstrap::{EndpointInfo, EndpointName, Registration, TransportSet};
+use crate::transport::TransportError;
+use crate::transport::shm::ShmListener;
+use crate::transport::verbs::VerbsListener;
+
+/// How long the verbs accept thread waits on the manager before it looks at the stop flag.
+const VERBS_ACCEPT_SLICE: Duration = Duration::from_millis(100);
+/// Connections accepted and not yet taken, per listener.
+const BACKLOG: usize = 64;
+
+/// A connection a [`Listener`] accepted, with the transport it came over.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Accepted {
+    /// The connection.
+    pub conn: Conn,
+    /// Its transport.
+    pub transport: Transport,
+}
+
+type Item = Result<Accepted, EndpointError>;
+
+/// A listening endpoint: one name, published through the bootstrap manager when one is
+/// configured, accepting over every transport the configuration allows.
+///
+/// - shared memory (unless `RSMSG_TRANSPORT=verbs`): a Unix socket in the socket directory
+///   ([`crate::transport::shm::socket_dir`]) for peers on this host;
+/// - verbs (unless `RSMSG_TRANSPORT=shm`, and only with a manager): connection requests through
+///   the manager. Under `auto` a host without a usable RDMA device listens on shared memory
+///   only; under `verbs` that is an error.
+///
+/// Both are registered under the one name (with the host id), so a connector picks shared memory
+/// when it runs on the same host and verbs otherwise. Each transport accepts on a background
+/// thread that completes the handshake, so a slow peer delays no one; [`Listener::accept`]
+/// takes the next finished connection. Dropping the listener stops those threads and
+/// unregisters the name.
+///
+/// `Listener` is `Send` and `Sync`: any thread may accept.
+#[derive(Debug)]
+pub struct Listener {
+    name: String,
+    shm: bool,
+    verbs: bool,
+    shm_path: Option<std::path::PathBuf>,
+    rx: Mutex<Option<Receiver<Item>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Listens under `name` (1-64 bytes of `[A-Za-z0-9._-]`).
+    ///
+    /// # Errors
+    /// An invalid configuration, a bad or taken name, a manager that cannot be reached or
+    /// refuses the name, no usable RDMA device under `RSMSG_TRANSPORT=verbs`.
+    pub fn bind(config: &Config, name: &str) -> Result<Listener, EndpointError> {
+        config.validate()?;
+        let ep_name = EndpointName::new(name).map_err(|e| EndpointError::Config {
+            name: "endpoint name",
+            reason: e.to_string(),
+        })?;
+        let want_shm = config.transport != TransportChoice::Verbs;
+        let manager = config.manager_parts();
+        // Verbs needs a manager (validated) and a device; under `auto` a missing device means
+        // shared memory only.
+        let mut verbs_opts = config.verbs.clone();
+        let want_verbs = match (config.transport, manager) {
+            (TransportChoice::Shm, _) | (_, None) => false,
+            (choice, Some(_)) => match verbs_opts
+                .context
+                .clone()
+                .map_or_else(
+                    || crate::verbs::Context::open(verbs_opts.device.as_deref()),
+                    Ok,
+                )
+                .and_then(|ctx| ctx.active_port(verbs_opts.port).map(|_| ctx))
+            {
+                Ok(ctx) => {
+                    verbs_opts.context = Some(ctx);
+                    true
+                }
+                Err(e) if choice == TransportChoice::Auto => {
+                    tracing::info!(error = %e, "no usable RDMA device: listening on shared memory only");
+                    false
+                }
+                Err(e) => return Err(EndpointError::Transport(TransportError::Verbs(e))),
+            },
+        };
+        let shm = if want_shm {
+            Some(ShmListener::bind(name, config.layout.clone(), config.poll)?)
+        } else {
+            None
+        };
+        let registration = match manager {
+            Some((addr, token)) => {
+                let transports = match (shm.is_some(), want_verbs) {
+                    (true, true) => TransportSet::from_bits(
+                        TransportSet::SHM.bits() | TransportSet::VERBS.bits(),
+                    )
+                    .map_err(|e| EndpointError::Config {
+                        name: "transports",
+                        reason: e.to_string(),
+                    })?,
+                    (false, true) => TransportSet::VERBS,
+                    _ => TransportSet::SHM,
+                };
+                let info = EndpointInfo {
+                    name: ep_name,
+                    host_id: host_id()?,
+                    transports,
+                    shm_socket: shm
+                        .as_ref()
+                        .map(|s| s.path().to_string_lossy().into_owned()),
+                };
+                Some(Registration::new(
+                    addr,
+                    token.clone(),
+                    info,
+                    MANAGER_TIMEOUT,
+                )?)
+            }
+            None => None,
+        };
+        let (tx, rx) = sync_channel(BACKLOG);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let shm_path = shm.as_ref().map(|s| s.path().to_path_buf());
+        let verbs = match (want_verbs, registration) {
+            (true, Some(reg)) => {
+                let vl = VerbsListener::with_registration(
+                    reg,
+                    config.layout.clone(),
+                    config.poll,
+                    verbs_opts,
+                )?;
+                threads.push(spawn_verbs(vl, tx.clone(), stop.clone())?);
+                true
+            }
+            (_, reg) => {
+                // Shared memory only: the registration lives as long as the accept thread.
+                if let Some(l) = shm {
+                    threads.push(spawn_shm(l, reg, tx.clone(), stop.clone())?);
+                }
+                return Ok(Listener {
+                    name: name.to_string(),
+                    shm: shm_path.is_some(),
+                    verbs: false,
+                    shm_path,
+                    rx: Mutex::new(Some(rx)),
+                    stop,
+                    threads,
+                });
+            }
+        };
+        if let Some(l) = shm {
+            threads.push(spawn_shm(l, None, tx, stop.clone())?);
+        }
+        Ok(Listener {
+            name: name.to_string(),
+            shm: shm_path.is_some(),
+            verbs,
+            shm_path,
+            rx: Mutex::new(Some(rx)),
+            stop,
+            threads,
+        })
+    }
+
+    /// The name listened under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this listener accepts over `transport`.
+    pub fn accepts(&self, transport: Transport) -> bool {
+        match transport {
+            Transport::Shm => self.shm,
+            Transport::Verbs => self.verbs,
+        }
+    }
+
+    /// Waits for the next connection.
+    ///
+    /// # Errors
+    /// A peer whose handshake failed (the listener stays usable: call again).
+    pub fn accept(&self) -> Result<Conn, EndpointError> {
+        loop {
+            if let Some(a) = self.next(Some(Duration::from_secs(3600)))? {
+                return Ok(a.conn);
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for the next connection; `Ok(None)` when none came.
+    ///
+    /// # Errors
+    /// As [`Listener::accept`].
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Conn>, EndpointError> {
+        Ok(self.next(Some(timeout))?.map(|a| a.conn))
+    }
+
+    /// The next connection if one is ready, never waiting.
+    ///
+    /// # Errors
+    /// As [`Listener::accept`].
+    pub fn try_accept(&self) -> Result<Option<Conn>, EndpointError> {
+        Ok(self.next(None)?.map(|a| a.conn))
+    }
+
+    /// The next connection with its transport, waiting at most `timeout` (`None`: not at all).
+    ///
+    /// # Errors
+    /// As [`Listener::accept`].
+    pub fn next(&self, timeout: Option<Duration>) -> Result<Option<Accepted>, EndpointError> {
+        let guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rx) = guard.as_ref() else {
+            return Err(closed());
+        };
+        match timeout {
+            None => match rx.try_recv() {
+                Ok(item) => item.map(Some),
+                Err(TryRecvError::Empty) => Ok(None),
+                Err(TryRecvError::Disconnected) => Err(closed()),
+            },
+            Some(t) => match rx.recv_timeout(t) {
+                Ok(item) => item.map(Some),
+                Err(RecvTimeoutError::Timeout) => Ok(None),
+                Err(RecvTimeoutError::Disconnected) => Err(closed()),
+            },
+        }
+    }
+}
+
+fn closed() -> EndpointError {
+    EndpointError::Transport(TransportError::Failed(
+        "the listener's accept threads have stopped".into(),
+    ))
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Unblock accept threads waiting to hand over a connection.
+        self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Wake the shared-memory accept (blocked in accept(2)) with a connection of our own.
+        if let Some(p) = &self.shm_path {
+            let _ = UnixStream::connect(p);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, EndpointError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| {
+            EndpointError::Transport(TransportError::Io {
+                step: "start an accept thread",
+                source,
+            })
+        })
+}
+
+fn spawn_shm(
+    listener: ShmListener,
+    registration: Option<Registration>,
+    tx: SyncSender<Item>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, EndpointError> {
+    spawn("rsmsg-accept-shm", move || {
+        let _registration = registration;
+        loop {
+            let r = listener.accept();
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let item = match r {
+                Ok(c) => Ok(Accepted {
+                    conn: c.convert(),
+                    transport: Transport::Shm,
+                }),
+                Err(e) => {
+                    tracing::debug!(error = %e, "shared-memory accept failed");
+                    // Do not spin on a persistent error (e.g. out of descriptors).
+                    std::thread::sleep(Duration::from_millis(10));
+                    Err(EndpointError::Transport(e))
+                }
+            };
+            if tx.send(item).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+fn spawn_verbs(
+    mut listener: VerbsListener,
+    tx: SyncSender<Item>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, EndpointError> {
+    spawn("rsmsg-accept-verbs", move || {
+        while !stop.load(Ordering::SeqCst) {
+            let item = match listener.accept_timeout(VERBS_ACCEPT_SLICE) {
+                Ok(None) => continue,
+                Ok(Some(c)) => Ok(Accepted {
+                    conn: c.convert(),
+                    transport: Transport::Verbs,
+                }),
+                Err(TransportError::Bootstrap(e)) if e.is_unreachable() => {
+                    // The registration comes back with the manager.
+                    tracing::debug!(error = %e, "manager unreachable; retrying");
+                    std::thread::sleep(VERBS_ACCEPT_SLICE);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "verbs accept failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                    Err(EndpointError::Transport(e))
+                }
+            };
+            if tx.send(item).is_err() {
+                break;
+            }
+        }
+    })
+}

@@ -1,0 +1,93 @@
+//! Listener lifecycle over shared memory: timeouts, a peer that fails its handshake, the name
+//! freed on drop; an endpoint with nobody to receive from.
+
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use rsmsg::Endpoint;
+use rsmsg::endpoint::{Config, EndpointError, Listener, Transport};
+use rsmsg::transport::shm::socket_path;
+
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+fn name(tag: &str) -> String {
+    format!("ep-life-{tag}-{}", std::process::id())
+}
+
+#[test]
+fn accept_times_out_survives_a_bad_handshake_and_frees_the_name_on_drop() {
+    let n = name("a");
+    let l = Listener::bind(&Config::default(), &n).unwrap();
+    assert_eq!(l.name(), n);
+    assert!(l.try_accept().unwrap().is_none());
+    assert!(
+        l.accept_timeout(Duration::from_millis(20))
+            .unwrap()
+            .is_none()
+    );
+    // The name is taken while the listener lives.
+    assert!(Listener::bind(&Config::default(), &n).is_err());
+
+    // A peer that connects and hangs up before its hello fails its handshake (so does the
+    // probe of the second bind above, which checked that the name is live); the listener goes
+    // on and the next real connector gets through.
+    drop(UnixStream::connect(socket_path(&n).unwrap()).unwrap());
+    let c = rsmsg::connect(&Config::default(), &n).unwrap();
+    let mut failed = 0;
+    let a = loop {
+        match l.next(Some(HANG_GUARD)) {
+            Ok(Some(a)) => break a,
+            Ok(None) => panic!("nothing accepted in {HANG_GUARD:?}"),
+            Err(EndpointError::Transport(_)) => failed += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(failed, 2, "the probe and the hang-up");
+    assert_eq!(a.transport, Transport::Shm);
+    c.send(b"after the bad one").unwrap();
+    assert_eq!(
+        &*a.conn.recv_timeout(HANG_GUARD).unwrap(),
+        b"after the bad one"
+    );
+
+    drop(l);
+    // Dropped: the name is free again at once.
+    let again = Listener::bind(&Config::default(), &n).unwrap();
+    drop(again);
+}
+
+#[test]
+fn an_endpoint_counts_failed_setups_and_keeps_accepting() {
+    let n = name("b");
+    let mut ep = Endpoint::bind(Config::default(), &n).unwrap();
+    // Connects and hangs up before its hello.
+    drop(UnixStream::connect(socket_path(&n).unwrap()).unwrap());
+    let c = rsmsg::connect(&Config::default(), &n).unwrap();
+    c.send(b"x").unwrap();
+    let m = ep.recv_timeout(HANG_GUARD).unwrap().expect("message");
+    assert_eq!(&*m, b"x");
+    assert!(m.peer_info().accepted);
+    drop(m);
+    assert_eq!(ep.accept_failures(), 1);
+    assert_eq!(ep.len(), 1);
+}
+
+#[test]
+fn an_endpoint_without_peers_or_listener_says_so() {
+    let mut ep = Endpoint::new(Config::default()).unwrap();
+    assert!(matches!(ep.recv(), Err(EndpointError::NoPeers)));
+    assert!(matches!(ep.try_recv(), Err(EndpointError::NoPeers)));
+    assert!(matches!(
+        ep.accept(Duration::from_millis(1)),
+        Err(EndpointError::Config { .. })
+    ));
+    // With a listener and nobody there, a receive times out instead.
+    let mut lonely = Endpoint::bind(Config::default(), &name("c")).unwrap();
+    assert!(
+        lonely
+            .recv_timeout(Duration::from_millis(30))
+            .unwrap()
+            .is_none()
+    );
+    assert!(lonely.try_recv().unwrap().is_none());
+}

@@ -77,7 +77,7 @@ pub enum MeshError {
         step: String,
         /// The cause.
         #[source]
-        source: EndpointError,
+        source: Box<EndpointError>,
     },
     /// The embedded manager could not start.
     #[error("starting the embedded manager: {0}")]
@@ -283,7 +283,10 @@ pub enum Wait {
 
 fn step(s: impl Into<String>) -> impl FnOnce(EndpointError) -> MeshError {
     let step = s.into();
-    move |source| MeshError::Endpoint { step, source }
+    move |source| MeshError::Endpoint {
+        step,
+        source: Box::new(source),
+    }
 }
 
 /// Whether an error means "the peer (or the manager) is not there yet": worth retrying until

@@ -1,6 +1,10 @@
 //! The `rsmsg` command line. Each subcommand lives in its own module under `src/bin/rsmsg/`.
+//!
+//! Logging goes through `tracing` to stderr. The filter comes from `--log FILTER`, else from
+//! `$RSMSG_LOG`, else `warn`; FILTER uses the `EnvFilter` syntax (`info`, `rsmsg::bootstrap=debug`).
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 // Crate-root modules resolve relative to src/bin/, so each subcommand names its file.
 #[path = "rsmsg/info.rs"]
@@ -14,13 +18,17 @@ mod perf;
 #[derive(Debug, Parser)]
 #[command(name = "rsmsg", version, about)]
 struct Cli {
+    /// Log filter (EnvFilter syntax, e.g. `info` or `rsmsg::bootstrap=debug`); logs go to stderr.
+    /// Default: $RSMSG_LOG, else `warn`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// List RDMA devices, ports and GID tables.
+    /// List RDMA devices, ports and GID tables, and which transports are usable here.
     Info(info::Args),
     /// Measure latency, bandwidth and message rate (default: two processes of this host over
     /// shared memory).
@@ -29,12 +37,34 @@ enum Command {
     Manager(manager::Args),
 }
 
+/// The log filter: `--log`, else `$RSMSG_LOG`, else `warn`. A malformed filter is an error.
+fn log_filter(cli: Option<&str>) -> Result<EnvFilter, String> {
+    let (spec, from) = match cli {
+        Some(s) => (s.to_string(), "--log"),
+        None => match std::env::var("RSMSG_LOG") {
+            Ok(s) if !s.trim().is_empty() => (s, "RSMSG_LOG"),
+            _ => ("warn".to_string(), "default"),
+        },
+    };
+    EnvFilter::builder()
+        .parse(&spec)
+        .map_err(|e| format!("bad log filter {spec:?} ({from}): {e}"))
+}
+
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = match log_filter(cli.log.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("rsmsg: error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
         Command::Perf(args) => perf::run(&args),
@@ -43,6 +73,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            tracing::debug!(error = ?e, "command failed");
             eprintln!("rsmsg: error: {e:#}");
             std::process::ExitCode::FAILURE
         }

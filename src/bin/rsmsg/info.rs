@@ -1,4 +1,5 @@
-//! `rsmsg info`: RDMA devices, ports and GID tables, like a short `ibv_devinfo -v`.
+//! `rsmsg info`: which transports are usable here, and the RDMA devices, ports and GID tables,
+//! like a short `ibv_devinfo -v`.
 
 use std::process::ExitCode;
 
@@ -194,36 +195,142 @@ fn print_text(infos: &[DeviceInfo]) {
     }
 }
 
-/// Run `rsmsg info`. Exits non-zero, with the reason on stderr, when there is no RDMA device.
-pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let devs = match devices() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!(
-                "rsmsg info: no RDMA devices: {}",
-                anyhow::Error::from(e)
-                    .chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            );
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    if devs.is_empty() {
-        eprintln!("rsmsg info: no RDMA devices found (ibv_get_device_list returned an empty list)");
-        return Ok(ExitCode::FAILURE);
+/// Whether one transport can be used on this host, and why not.
+#[derive(Debug, Serialize)]
+struct Usable {
+    usable: bool,
+    /// What was checked (when usable) or what is missing (when not).
+    reason: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Transports {
+    shm: Usable,
+    verbs: Usable,
+}
+
+/// The whole report of `rsmsg info --json`.
+#[derive(Debug, Serialize)]
+struct Report {
+    transports: Transports,
+    devices: Vec<DeviceInfo>,
+    /// Why the device list could not be read, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    devices_error: Option<String>,
+}
+
+/// Shared memory needs memfd (the segments) and a writable socket directory (the handshake):
+/// probe both by creating a one-page memfd and binding a throw-away endpoint.
+fn shm_usable() -> Usable {
+    if let Err(e) = rsmsg::shm::ShmRegion::create("rsmsg-info-probe", 4096) {
+        return Usable {
+            usable: false,
+            reason: format!("memfd: {}", chain(&anyhow::Error::from(e))),
+        };
     }
+    let dir = rsmsg::transport::shm::socket_dir();
+    let name = format!("rsmsg-info-probe-{}", std::process::id());
+    match rsmsg::transport::shm::ShmListener::bind(
+        &name,
+        rsmsg::core::Layout::default(),
+        Default::default(),
+    ) {
+        Ok(l) => {
+            drop(l);
+            Usable {
+                usable: true,
+                reason: format!(
+                    "memfd works; socket directory {} is writable",
+                    dir.display()
+                ),
+            }
+        }
+        Err(e) => Usable {
+            usable: false,
+            reason: format!(
+                "socket directory {} (set RSMSG_SHM_DIR): {}",
+                dir.display(),
+                chain(&anyhow::Error::from(e))
+            ),
+        },
+    }
+}
+
+/// Verbs needs a device with at least one ACTIVE port.
+fn verbs_usable(infos: &[DeviceInfo], list_error: Option<&str>) -> Usable {
+    if let Some(e) = list_error {
+        return Usable {
+            usable: false,
+            reason: format!("no RDMA devices: {e}"),
+        };
+    }
+    if infos.is_empty() {
+        return Usable {
+            usable: false,
+            reason: "no RDMA devices".into(),
+        };
+    }
+    let active: Vec<String> = infos
+        .iter()
+        .flat_map(|d| {
+            d.ports
+                .iter()
+                .filter(|p| p.state == "PORT_ACTIVE")
+                .map(move |p| format!("{} port {}", d.name, p.port))
+        })
+        .collect();
+    if active.is_empty() {
+        Usable {
+            usable: false,
+            reason: "no device has an ACTIVE port".into(),
+        }
+    } else {
+        Usable {
+            usable: true,
+            reason: format!("ACTIVE: {}", active.join(", ")),
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn print_transports(t: &Transports) {
+    println!("transports");
+    for (name, u) in [("shm", &t.shm), ("verbs", &t.verbs)] {
+        println!(
+            "  {name:<6} {:<10} {}",
+            if u.usable { "usable" } else { "unusable" },
+            u.reason
+        );
+    }
+}
+
+/// Run `rsmsg info`. Without RDMA devices it still reports the transports and succeeds; an
+/// unknown `--device` is an error.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let (devs, list_error) = match devices() {
+        Ok(d) => (d, None),
+        Err(e) => (Vec::new(), Some(chain(&anyhow::Error::from(e)))),
+    };
+    tracing::debug!(count = devs.len(), error = ?list_error, "RDMA device list");
     let selected: Vec<&Device> = match &args.device {
         Some(n) => devs.iter().filter(|d| &d.name() == n).collect(),
         None => devs.iter().collect(),
     };
-    if selected.is_empty() {
+    if let (Some(n), true) = (&args.device, selected.is_empty()) {
         let names: Vec<String> = devs.iter().map(Device::name).collect();
         eprintln!(
-            "rsmsg info: no RDMA device named {:?} (present: {})",
-            args.device.as_deref().unwrap_or(""),
-            names.join(", ")
+            "rsmsg info: no RDMA device named {n:?} (present: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
         );
         return Ok(ExitCode::FAILURE);
     }
@@ -231,10 +338,29 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         .into_iter()
         .map(device_info)
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let report = Report {
+        transports: Transports {
+            shm: shm_usable(),
+            verbs: verbs_usable(&infos, list_error.as_deref()),
+        },
+        devices: infos,
+        devices_error: list_error,
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&infos)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_text(&infos);
+        print_transports(&report.transports);
+        if report.devices.is_empty() {
+            println!(
+                "no RDMA devices{}",
+                report
+                    .devices_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        print_text(&report.devices);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -31,8 +31,12 @@ pub struct Args {
     #[arg(short, long)]
     size: Option<String>,
     /// Iterations per size (messages for bw and rate, round trips for lat).
-    #[arg(short = 'n', long)]
+    #[arg(short = 'n', long, conflicts_with = "duration")]
     iters: Option<u64>,
+    /// Fewer iterations for large sizes: at most this many bytes per size and direction
+    /// (`iterations x size`, e.g. `64m`), but at least 10 iterations.
+    #[arg(long, value_name = "BYTES", conflicts_with = "duration")]
+    max_bytes: Option<String>,
     /// Run each size for this many seconds instead of a fixed iteration count.
     #[arg(short = 'D', long)]
     duration: Option<f64>,
@@ -61,6 +65,10 @@ pub struct Args {
     /// Print results as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Show a progress line on stderr during each measurement (default: only when stderr is a
+    /// terminal).
+    #[arg(long)]
+    progress: bool,
     /// Serve one client, then exit (server mode).
     #[arg(long, hide = true)]
     once: bool,
@@ -134,6 +142,14 @@ fn parse_size(s: &str) -> Result<usize> {
 }
 
 fn parse_sizes(spec: &str) -> Result<Vec<usize>> {
+    let v = parse_sizes_raw(spec)?;
+    if v.is_empty() || v.contains(&0) {
+        bail!("bad --size {spec:?}: sizes must be at least 1 byte");
+    }
+    Ok(v)
+}
+
+fn parse_sizes_raw(spec: &str) -> Result<Vec<usize>> {
     if let Some((lo, hi)) = spec.split_once("..") {
         let (lo, hi) = (parse_size(lo)?, parse_size(hi)?);
         if lo == 0 || lo > hi {
@@ -163,9 +179,70 @@ fn layout(args: &Args) -> Result<Layout> {
     }
 }
 
+/// Refuses option combinations that would be silently ignored or cannot work.
+fn validate(args: &Args) -> Result<()> {
+    let role = if args.server {
+        "server"
+    } else if args.client {
+        "client"
+    } else {
+        "local"
+    };
+    if args.server {
+        let client_only = [
+            ("--test", args.test != "all"),
+            ("--size", args.size.is_some()),
+            ("--iters", args.iters.is_some()),
+            ("--duration", args.duration.is_some()),
+            ("--max-bytes", args.max_bytes.is_some()),
+            ("--json", args.json),
+            ("--progress", args.progress),
+        ];
+        if let Some((opt, _)) = client_only.iter().find(|(_, set)| *set) {
+            bail!("{opt} is a client option: the server follows the plan its client sends");
+        }
+    } else if args.once {
+        bail!("--once applies to --server only");
+    }
+    if args.transport == "shm" && args.manager.is_some() {
+        bail!("--manager applies to --transport verbs (shared memory needs no manager)");
+    }
+    if role == "local" && args.manager.is_some() {
+        bail!(
+            "--manager applies to --server and --client; the local mode runs its own private manager"
+        );
+    }
+    if role == "local" && args.name != "rsmsg-perf" {
+        bail!("--name applies to --server and --client; the local mode picks a private name");
+    }
+    if args.iters == Some(0) {
+        bail!("--iters must be at least 1");
+    }
+    if let Some(d) = args.duration
+        && !(d.is_finite() && d > 0.0 && d <= 86_400.0)
+    {
+        bail!("--duration must be a number of seconds in (0, 86400], got {d}");
+    }
+    if let Some(s) = &args.size {
+        parse_sizes(s)?;
+    }
+    if let Some(b) = &args.max_bytes {
+        let n = parse_size(b).map_err(|e| anyhow::anyhow!("--max-bytes: {e}"))?;
+        if n == 0 {
+            bail!("--max-bytes must be at least 1");
+        }
+    }
+    if args.transport == "shm" {
+        shm::socket_path(&args.name).map_err(|e| anyhow::anyhow!("--name {:?}: {e}", args.name))?;
+    }
+    Ok(())
+}
+
 /// Runs `rsmsg perf`.
 pub fn run(args: &Args) -> Result<std::process::ExitCode> {
+    validate(args)?;
     let layout = layout(args)?;
+    tracing::debug!(transport = %args.transport, test = %args.test, layout = %layout, "perf");
     if args.transport == "verbs" {
         return run_verbs(args, layout);
     }
@@ -411,6 +488,93 @@ fn default_iters(test: Test, size: usize) -> u64 {
     }
 }
 
+/// How often the progress line may change.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// The progress line on stderr: rewritten in place at most every [`PROGRESS_EVERY`], erased by
+/// [`Progress::clear`].
+struct Progress {
+    on: bool,
+    shown: bool,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    fn new(on: bool) -> Self {
+        Progress {
+            on,
+            shown: false,
+            last: None,
+        }
+    }
+
+    fn update(&mut self, test: Test, size: usize, done: u64, goal: Goal, elapsed: Duration) {
+        if !self.on || self.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let of = match goal {
+            Goal::Iters(n) => format!(
+                "{done}/{n} iterations ({:.0}%)",
+                done as f64 * 100.0 / n as f64
+            ),
+            Goal::Time(d) => format!(
+                "{done} iterations, {:.0}% of {:.1} s",
+                (elapsed.as_secs_f64() * 100.0 / d.as_secs_f64()).min(100.0),
+                d.as_secs_f64()
+            ),
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r\x1b[K  {} {} B: {of}, {:.1} s",
+            test.name(),
+            size,
+            elapsed.as_secs_f64()
+        );
+        let _ = err.flush();
+        self.shown = true;
+    }
+
+    fn clear(&mut self) {
+        if self.shown {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K");
+            let _ = err.flush();
+            self.shown = false;
+        }
+    }
+}
+
+/// When a measurement ends: after a number of iterations or after a time.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    Iters(u64),
+    Time(Duration),
+}
+
+/// Iterations of the next plan: the rest of a fixed count in one plan when no progress is shown
+/// (the measurement is then one uninterrupted stream); otherwise about [`PROGRESS_EVERY`] worth
+/// at the speed seen so far, so that the line moves and a timed run ends near its deadline.
+fn next_chunk(goal: Goal, progress: bool, done: u64, elapsed: Duration, per_iter: f64) -> u64 {
+    let per_iter = per_iter.max(1e-9);
+    let slice = (PROGRESS_EVERY.as_secs_f64() / per_iter).clamp(1.0, 1e9) as u64;
+    match goal {
+        Goal::Iters(n) if !progress => n - done,
+        Goal::Iters(n) => slice.min(n - done),
+        Goal::Time(d) => {
+            let left = (d.saturating_sub(elapsed).as_secs_f64() / per_iter).ceil() as u64;
+            slice.min(left.max(1))
+        }
+    }
+}
+
+/// `iters`, lowered so that `iters x size <= max_bytes`, but not below 10 (nor above `iters`).
+fn capped_iters(iters: u64, max_bytes: usize, size: usize) -> u64 {
+    let cap = (max_bytes / size.max(1)) as u64;
+    iters.min(cap.max(10))
+}
+
 /// Runs one test at one size: a warm-up plan, then the measured plan(s).
 fn measure<L: Link, T: TargetMemory>(
     args: &Args,
@@ -418,41 +582,51 @@ fn measure<L: Link, T: TargetMemory>(
     test: Test,
     size: usize,
 ) -> Result<Row> {
-    let iters = args.iters.unwrap_or_else(|| default_iters(test, size));
-    let warm = (iters / 10).clamp(10, 10_000);
-    run_plan(conn, test, size, warm, &mut None)?;
+    let goal = match args.duration {
+        Some(d) => Goal::Time(Duration::from_secs_f64(d)),
+        None => {
+            let n = args.iters.unwrap_or_else(|| default_iters(test, size));
+            Goal::Iters(match &args.max_bytes {
+                Some(b) => capped_iters(n, parse_size(b)?, size),
+                None => n,
+            })
+        }
+    };
+    let warm = match goal {
+        Goal::Iters(n) => (n / 10).clamp(2, 10_000),
+        Goal::Time(_) => 10,
+    };
+    let warm_time = run_plan(conn, test, size, warm, &mut None)?;
+    let mut per_iter = warm_time.as_secs_f64() / warm as f64;
+    let show = args.progress || std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut progress = Progress::new(show);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut done = 0u64;
     let mut elapsed = Duration::ZERO;
-    let deadline = args.duration.map(Duration::from_secs_f64);
-    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     loop {
-        let chunk = match deadline {
-            Some(_) => iters.min(10_000),
-            None => iters - done,
-        };
+        let chunk = next_chunk(goal, show, done, elapsed, per_iter);
         let mut h = Some(&mut hist);
-        elapsed += run_plan(conn, test, size, chunk, &mut h)?;
-        done += chunk;
-        let more = match deadline {
-            Some(d) => elapsed < d,
-            None => done < iters,
+        let took = run_plan(conn, test, size, chunk, &mut h);
+        let took = match took {
+            Ok(t) => t,
+            Err(e) => {
+                progress.clear();
+                return Err(e);
+            }
         };
-        if progress && deadline.is_some() {
-            eprint!(
-                "\r  {} {} B: {done} iterations, {:.1} s",
-                test.name(),
-                size,
-                elapsed.as_secs_f64()
-            );
-        }
+        elapsed += took;
+        done += chunk;
+        per_iter = elapsed.as_secs_f64() / done as f64;
+        let more = match goal {
+            Goal::Time(d) => elapsed < d,
+            Goal::Iters(n) => done < n,
+        };
         if !more {
             break;
         }
+        progress.update(test, size, done, goal, elapsed);
     }
-    if progress && deadline.is_some() {
-        eprint!("\r\x1b[K");
-    }
+    progress.clear();
     let secs = elapsed.as_secs_f64().max(1e-9);
     let us = |ns: u64| ns as f64 / 2000.0;
     Ok(Row {
@@ -558,5 +732,13 @@ mod tests {
         assert!(parse_sizes("0..8").is_err());
         assert!(parse_sizes("x").is_err());
         assert!(parse_sizes("9..8").is_err());
+    }
+
+    #[test]
+    fn capped_iterations() {
+        assert_eq!(capped_iters(1000, 1 << 20, 64), 1000);
+        assert_eq!(capped_iters(1000, 1 << 20, 4096), 256);
+        assert_eq!(capped_iters(1000, 1 << 20, 4 << 20), 10);
+        assert_eq!(capped_iters(5, 1 << 20, 4 << 20), 5);
     }
 }

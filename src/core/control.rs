@@ -8,6 +8,7 @@
 //! | 1 | rendezvous request | id u64, addr u64, len u64, rkey u32 | 32 |
 //! | 2 | rendezvous done | id u64 | 12 |
 //! | 3 | close | reason u32 | 8 |
+//! | 4 | rendezvous refused | id u64, reason u32 | 16 |
 
 use super::error::ProtocolError;
 
@@ -17,6 +18,7 @@ pub const MAX_CONTROL_LEN: usize = 32;
 const TYPE_RDV_REQUEST: u8 = 1;
 const TYPE_RDV_DONE: u8 = 2;
 const TYPE_CLOSE: u8 = 3;
+const TYPE_RDV_REFUSED: u8 = 4;
 
 /// Reason codes of [`ControlMessage::Close`].
 pub mod close_reason {
@@ -26,6 +28,30 @@ pub mod close_reason {
     pub const PROTOCOL_ERROR: u32 = 1;
     /// The application aborted.
     pub const ABORT: u32 = 2;
+}
+
+/// Reason codes of [`ControlMessage::RendezvousRefused`].
+pub mod refuse_reason {
+    /// The message is longer than the receiver accepts (its configured limit).
+    pub const TOO_LARGE: u32 = 1;
+    /// The receiver cannot reach the sender's buffer (e.g. shared memory without permission to
+    /// read the sender's address space).
+    pub const NO_ACCESS: u32 = 2;
+    /// The destination the receiving application offered is shorter than the message.
+    pub const NO_ROOM: u32 = 3;
+    /// The request is malformed (bad key or address for this transport).
+    pub const MALFORMED: u32 = 4;
+
+    /// A human-readable name of a reason code (`"unknown"` for codes this version does not know).
+    pub fn describe(reason: u32) -> &'static str {
+        match reason {
+            TOO_LARGE => "longer than the receiver accepts",
+            NO_ACCESS => "the receiver cannot read the sender's buffer",
+            NO_ROOM => "the receiver's buffer is too short",
+            MALFORMED => "malformed request",
+            _ => "unknown reason",
+        }
+    }
 }
 
 /// A control message.
@@ -47,6 +73,14 @@ pub enum ControlMessage {
     RendezvousDone {
         /// The request's identifier.
         id: u64,
+    },
+    /// The receiver will not read the buffer of request `id`; the sender may reuse it and
+    /// reports the failure.
+    RendezvousRefused {
+        /// The request's identifier.
+        id: u64,
+        /// A [`refuse_reason`] code.
+        reason: u32,
     },
     /// The peer closes the connection.
     Close {
@@ -76,6 +110,7 @@ impl ControlMessage {
             ControlMessage::RendezvousRequest { .. } => 32,
             ControlMessage::RendezvousDone { .. } => 12,
             ControlMessage::Close { .. } => 8,
+            ControlMessage::RendezvousRefused { .. } => 16,
         }
     }
 
@@ -102,6 +137,11 @@ impl ControlMessage {
             ControlMessage::Close { reason } => {
                 b[0] = TYPE_CLOSE;
                 b[4..8].copy_from_slice(&reason.to_le_bytes());
+            }
+            ControlMessage::RendezvousRefused { id, reason } => {
+                b[0] = TYPE_RDV_REFUSED;
+                b[4..12].copy_from_slice(&id.to_le_bytes());
+                b[12..16].copy_from_slice(&reason.to_le_bytes());
             }
         }
         ControlBuf {
@@ -172,9 +212,135 @@ impl ControlMessage {
                 }
                 (ControlMessage::Close { reason: u32_at(4) }, 8)
             }
+            TYPE_RDV_REFUSED => {
+                if body.len() != 16 {
+                    return Err(bad("rendezvous refused must be 16 bytes"));
+                }
+                (
+                    ControlMessage::RendezvousRefused {
+                        id: u64_at(4),
+                        reason: u32_at(12),
+                    },
+                    16,
+                )
+            }
             _ => return Err(bad("unknown control type")),
         };
         debug_assert_eq!(want, msg.encoded_len());
         Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<ControlMessage> {
+        vec![
+            ControlMessage::RendezvousRequest {
+                id: 7,
+                addr: 0x7f00_0000_1000,
+                len: 1 << 26,
+                rkey: 0xdead_beef,
+            },
+            ControlMessage::RendezvousDone { id: u64::MAX },
+            ControlMessage::RendezvousRefused {
+                id: 3,
+                reason: refuse_reason::TOO_LARGE,
+            },
+            ControlMessage::Close {
+                reason: close_reason::ABORT,
+            },
+        ]
+    }
+
+    #[test]
+    fn roundtrip_every_type() {
+        for m in all() {
+            let b = m.encode();
+            assert_eq!(b.as_slice().len(), m.encoded_len());
+            assert_eq!(ControlMessage::decode(b.as_slice()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn every_other_length_is_refused() {
+        for m in all() {
+            let b = m.encode();
+            let exact = b.as_slice().len();
+            let mut long = [0u8; MAX_CONTROL_LEN + 8];
+            long[..exact].copy_from_slice(b.as_slice());
+            for n in 0..long.len() {
+                if n == exact {
+                    continue;
+                }
+                assert!(
+                    ControlMessage::decode(&long[..n]).is_err(),
+                    "{m:?} accepted with {n} bytes"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reserved_bytes_and_unknown_types_are_refused() {
+        for m in all() {
+            for i in 1..4 {
+                let mut b = m.encode().as_slice().to_vec();
+                b[i] = 1;
+                assert!(ControlMessage::decode(&b).is_err());
+            }
+        }
+        for ty in [0u8, 5, 6, 0x80, 0xff] {
+            let mut b = [0u8; 16];
+            b[0] = ty;
+            for n in [4, 8, 12, 16] {
+                assert!(
+                    ControlMessage::decode(&b[..n]).is_err(),
+                    "type {ty} len {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn request_with_zero_length_or_wrapping_range_is_refused() {
+        let zero = ControlMessage::RendezvousRequest {
+            id: 1,
+            addr: 4096,
+            len: 0,
+            rkey: 1,
+        };
+        assert!(ControlMessage::decode(zero.encode().as_slice()).is_err());
+        let wrap = ControlMessage::RendezvousRequest {
+            id: 1,
+            addr: u64::MAX - 10,
+            len: 11,
+            rkey: 1,
+        };
+        assert!(ControlMessage::decode(wrap.encode().as_slice()).is_err());
+        let edge = ControlMessage::RendezvousRequest {
+            id: 1,
+            addr: u64::MAX - 10,
+            len: 10,
+            rkey: 1,
+        };
+        assert_eq!(
+            ControlMessage::decode(edge.encode().as_slice()).unwrap(),
+            edge
+        );
+    }
+
+    #[test]
+    fn refuse_reasons_have_names() {
+        for r in [
+            refuse_reason::TOO_LARGE,
+            refuse_reason::NO_ACCESS,
+            refuse_reason::NO_ROOM,
+            refuse_reason::MALFORMED,
+        ] {
+            assert_ne!(refuse_reason::describe(r), "unknown reason");
+        }
+        assert_eq!(refuse_reason::describe(99), "unknown reason");
     }
 }

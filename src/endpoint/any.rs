@@ -145,6 +145,30 @@ impl Link for AnyLink {
     fn check_peer(&self) -> Result<(), TransportError> {
         each_link!(self, l => l.check_peer())
     }
+    // Rendezvous (transport/rndv.rs): forwarded.
+    fn rndv_expose<'b>(
+        &mut self,
+        buf: &'b [u8],
+    ) -> Result<Option<crate::transport::Exposure<'b>>, TransportError> {
+        each_link!(self, l => l.rndv_expose(buf))
+    }
+    fn rndv_read(
+        &mut self,
+        req: &crate::core::RndvRequest,
+        dst: &mut [u8],
+        cacheable: bool,
+    ) -> Result<Result<(), u32>, TransportError> {
+        each_link!(self, l => l.rndv_read(req, dst, cacheable))
+    }
+    fn rndv_set_cache_cap(&mut self, bytes: usize) {
+        each_link!(self, l => l.rndv_set_cache_cap(bytes))
+    }
+    fn rndv_cache_stats(&self) -> Option<crate::verbs::RegCacheStats> {
+        each_link!(self, l => l.rndv_cache_stats())
+    }
+    fn rndv_invalidate(&mut self, addr: u64, len: usize) -> usize {
+        each_link!(self, l => l.rndv_invalidate(addr, len))
+    }
 }
 
 impl TargetMemory for AnyTarget {

@@ -42,6 +42,7 @@ mod loom_models;
 mod mailbox;
 mod region;
 pub(crate) mod sync;
+mod vmread;
 
 pub use doorbell::{
     DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, WaitMode, heap_pair,
@@ -51,3 +52,4 @@ pub use fdpass::{MAX_FDS, recv_fds, send_fds};
 pub use liveness::{PeerStatus, PidWatch, socket_peer_pid, socket_peer_status};
 pub use mailbox::CreditMailbox;
 pub use region::{REQUIRED_SEALS, RegionView, ShmRegion};
+pub use vmread::{may_read_peer, read_peer_memory};

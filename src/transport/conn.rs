@@ -6,6 +6,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
+use super::rndv::RndvInner;
 use super::{Link, PollMode, TargetMemory, TransportError};
 use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind};
 use crate::core::{
@@ -15,7 +16,7 @@ use crate::core::{
 
 /// How long a receive may wait.
 #[derive(Debug, Clone, Copy)]
-enum Wait {
+pub(super) enum Wait {
     /// Not at all.
     No,
     /// Until something arrives.
@@ -35,13 +36,23 @@ pub enum SendError {
     /// back-pressure. Nothing was written; retry later, or use a blocking send.
     #[error("no free partitions for now (back-pressure)")]
     WouldBlock,
-    /// The message is larger than any segment group carries eagerly.
+    /// The message is larger than any segment group carries eagerly and cannot go by rendezvous
+    /// (filled in place with [`Connection::send_with`], or a link without rendezvous).
     #[error("message of {len} bytes exceeds the largest eager message of {max} bytes")]
     TooLarge {
         /// Payload length.
         len: usize,
         /// Largest payload the groups carry.
         max: usize,
+    },
+    /// The receiver refused a rendezvous message (longer than it accepts, its buffer too short,
+    /// or it cannot read ours); the connection stays usable and the buffer is ours again.
+    #[error("the receiver refused the message of {len} bytes: {}", crate::core::refuse_reason::describe(*.reason))]
+    Refused {
+        /// Payload length.
+        len: usize,
+        /// A [`crate::core::refuse_reason`] code.
+        reason: u32,
     },
     /// The connection failed.
     #[error(transparent)]
@@ -57,14 +68,22 @@ pub struct ConnectionStats {
     pub receiver: ReceiverStats,
 }
 
-struct Inner<L> {
-    link: L,
-    tx: Sender,
-    rx: Receiver,
+pub(super) struct Inner<L> {
+    pub(super) link: L,
+    pub(super) tx: Sender,
+    pub(super) rx: Receiver,
     mode: PollMode,
     /// Immediates taken from the link while waiting for credits, in arrival order.
     stash: VecDeque<u32>,
     failed: Option<String>,
+    /// Rendezvous state (transport/rndv.rs).
+    pub(super) rndv: RndvInner,
+}
+
+/// What a receive produced: a message, or (rendezvous into a caller's buffer) a length.
+pub(super) enum Got<'a, L: Link, T: TargetMemory> {
+    Msg(Message<'a, L, T>),
+    Landed(usize),
 }
 
 /// A connection to one peer over a transport: bidirectional, messages in order.
@@ -73,8 +92,8 @@ struct Inner<L> {
 /// A connection is `Send` (when its link is) but not `Sync`: use it from one thread at a time.
 /// Received [`Message`]s borrow it, so several can be held at once and released in any order.
 pub struct Connection<L: Link, T: TargetMemory> {
-    target: T,
-    inner: RefCell<Inner<L>>,
+    pub(super) target: T,
+    pub(super) inner: RefCell<Inner<L>>,
 }
 
 impl<L: Link, T: TargetMemory> fmt::Debug for Connection<L, T> {
@@ -94,6 +113,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         mode: PollMode,
     ) -> Self {
         let stash_cap = Layout::recv_wqe_bound_for(&recv_layout, &send_layout) as usize;
+        let rndv = RndvInner::new(send_layout.max_eager_payload());
         Connection {
             target,
             inner: RefCell::new(Inner {
@@ -103,6 +123,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 mode,
                 stash: VecDeque::with_capacity(stash_cap),
                 failed: None,
+                rndv,
             }),
         }
     }
@@ -124,11 +145,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 mode: inner.mode,
                 stash: inner.stash,
                 failed: inner.failed,
+                rndv: inner.rndv,
             }),
         }
     }
 
-    /// The largest payload one message can carry.
+    /// The largest payload one message carries eagerly (through partitions). Longer messages
+    /// go by rendezvous on links that have it (see [`Connection::switch_point`]).
     pub fn max_message(&self) -> usize {
         self.inner.borrow().tx.max_eager_payload()
     }
@@ -142,7 +165,9 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
     }
 
-    /// Sends `msg` if partitions are free now; never waits.
+    /// Sends `msg` if partitions are free now; never waits for credits. A message above the
+    /// [switch point](Connection::switch_point) goes by rendezvous, which waits for the receiver
+    /// to read it ([`Connection::send_start`] is the non-blocking form).
     ///
     /// # Errors
     /// [`SendError::WouldBlock`] under back-pressure, [`SendError::TooLarge`],
@@ -158,6 +183,11 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     pub fn try_send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        // ---- rendezvous branch (transport/rndv.rs): above the switch point ----
+        if parts.iter().map(|p| p.len()).sum::<usize>() > inner.rndv.switch {
+            drop(inner);
+            return self.send_large(parts);
+        }
         let r = inner.send_parts(parts);
         inner.note(r)
     }
@@ -168,8 +198,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// only ever block in `send` towards each other can wait forever; interleave `try_send` and
     /// receives for such patterns.
     ///
+    /// A message above the [switch point](Connection::switch_point) goes by rendezvous: the
+    /// receiver reads it straight from `msg`, and `send` returns once it has (the buffer may
+    /// then be freed or reused). The receiving application must be receiving for that to happen.
+    ///
     /// # Errors
-    /// [`SendError::TooLarge`], [`SendError::Transport`] (including a peer that went away).
+    /// [`SendError::TooLarge`] (only on a link without rendezvous), [`SendError::Refused`],
+    /// [`SendError::Transport`] (including a peer that went away).
     pub fn send(&self, msg: &[u8]) -> Result<(), SendError> {
         self.send_vectored(&[msg])
     }
@@ -181,8 +216,37 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     pub fn send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        // ---- rendezvous branch (transport/rndv.rs): above the switch point ----
+        if parts.iter().map(|p| p.len()).sum::<usize>() > inner.rndv.switch {
+            drop(inner);
+            return self.send_large(parts);
+        }
+        // ---- eager ----
         loop {
             match inner.send_parts(parts) {
+                Err(SendError::WouldBlock) => {
+                    let r = inner.wait_credit();
+                    inner.note(r.map_err(SendError::from))?;
+                }
+                r => return inner.note(r),
+            }
+        }
+    }
+
+    /// A message above the switch point: one buffer goes by rendezvous from where it is; several
+    /// parts are gathered into one buffer first (one copy).
+    fn send_large(&self, parts: &[&[u8]]) -> Result<(), SendError> {
+        match parts {
+            [one] => self.send_rndv(one),
+            _ => self.send_rndv(&parts.concat()),
+        }
+    }
+
+    /// The eager path of [`Connection::send`], whatever the switch point says.
+    pub(super) fn send_eager(&self, msg: &[u8]) -> Result<(), SendError> {
+        let mut inner = self.inner.borrow_mut();
+        loop {
+            match inner.send_parts(&[msg]) {
                 Err(SendError::WouldBlock) => {
                     let r = inner.wait_credit();
                     inner.note(r.map_err(SendError::from))?;
@@ -226,7 +290,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// A protocol violation by the peer (the connection is then failed), a peer that closed.
     pub fn try_recv(&self) -> Result<Option<Message<'_, L, T>>, TransportError> {
-        self.recv_until(Wait::No)
+        self.recv_msg(Wait::No)
     }
 
     /// Waits for the next message.
@@ -234,7 +298,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// As [`Connection::try_recv`].
     pub fn recv(&self) -> Result<Message<'_, L, T>, TransportError> {
-        match self.recv_until(Wait::Forever)? {
+        match self.recv_msg(Wait::Forever)? {
             Some(m) => Ok(m),
             None => Err(TransportError::Failed(
                 "receive ended without a message".into(),
@@ -247,19 +311,30 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// [`TransportError::Timeout`] when nothing came, otherwise as [`Connection::try_recv`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Message<'_, L, T>, TransportError> {
-        match self.recv_until(Wait::For(timeout))? {
+        match self.recv_msg(Wait::For(timeout))? {
             Some(m) => Ok(m),
             None => Err(TransportError::Timeout(timeout)),
         }
     }
 
-    /// Receives the next message into `buf` (copying) and releases its partitions at once.
-    /// Returns the message length.
+    /// Receives the next message into `buf` and releases its partitions at once. Returns the
+    /// message length. An eager message is copied; a rendezvous message is read straight into
+    /// `buf` (zero copy).
     ///
     /// # Errors
-    /// As [`Connection::recv`]; a message longer than `buf` is an error and is released.
+    /// As [`Connection::recv`]; a message longer than `buf` is an error and is released (a
+    /// rendezvous message is refused: [`TransportError::RendezvousRefused`], and its sender
+    /// told).
     pub fn recv_into(&self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        let m = self.recv()?;
+        let m = match self.recv_until(Wait::Forever, Some(&mut *buf))? {
+            Some(Got::Msg(m)) => m,
+            Some(Got::Landed(n)) => return Ok(n),
+            None => {
+                return Err(TransportError::Failed(
+                    "receive ended without a message".into(),
+                ));
+            }
+        };
         let n = m.len();
         if n > buf.len() {
             return Err(TransportError::Failed(format!(
@@ -282,19 +357,40 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
     }
 
-    fn recv_until(&self, deadline: Wait) -> Result<Option<Message<'_, L, T>>, TransportError> {
+    fn recv_msg(&self, deadline: Wait) -> Result<Option<Message<'_, L, T>>, TransportError> {
+        match self.recv_until(deadline, None)? {
+            Some(Got::Msg(m)) => Ok(Some(m)),
+            Some(Got::Landed(_)) => Err(TransportError::Failed(
+                "a rendezvous landed without a destination".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn recv_until(
+        &self,
+        deadline: Wait,
+        mut dst: Option<&mut [u8]>,
+    ) -> Result<Option<Got<'_, L, T>>, TransportError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        // ---- rendezvous branch: what arrived while a send waited for its answer ----
+        if let Some(r) = inner.rndv.ready.pop_front() {
+            return match self.serve(&mut inner, r, dst) {
+                Ok(g) => Ok(Some(g)),
+                Err(e) => Err(refused_or_fail(&mut inner, e)),
+            };
+        }
         loop {
             let imm = match inner.next_immediate(deadline) {
                 Ok(Some(imm)) => imm,
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(inner.fail(e)),
             };
-            match self.accept(&mut inner, imm) {
+            match self.accept(&mut inner, imm, dst.as_deref_mut()) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => continue,
-                Err(e) => return Err(inner.fail(e)),
+                Err(e) => return Err(refused_or_fail(&mut inner, e)),
             }
         }
     }
@@ -304,7 +400,8 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         &self,
         inner: &mut Inner<L>,
         imm: u32,
-    ) -> Result<Option<Message<'_, L, T>>, TransportError> {
+        dst: Option<&mut [u8]>,
+    ) -> Result<Option<Got<'_, L, T>>, TransportError> {
         match Immediate(imm).decode()? {
             ImmediateKind::Credit { .. } => {
                 inner.tx.handle_credit_notice(imm)?;
@@ -318,20 +415,20 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 let d = inner.rx.accept(arrival, header)?;
                 let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
                 match d.kind {
-                    MessageKind::Data => Ok(Some(Message {
+                    MessageKind::Data => Ok(Some(Got::Msg(Message {
                         conn: self,
                         token: Some(d.token),
                         data,
+                        owned: None,
                         seq: d.seq,
-                    })),
+                    }))),
                     MessageKind::Control => {
                         let msg = ControlMessage::decode(data);
                         inner.release(d.token)?;
-                        match msg? {
-                            ControlMessage::Close { .. } => Err(TransportError::PeerClosed),
-                            other => Err(TransportError::Failed(format!(
-                                "unsupported control message {other:?}"
-                            ))),
+                        // ---- rendezvous branch: requests are served, answers filed ----
+                        match inner.file_control(msg?, d.seq)? {
+                            Some(r) => self.serve(inner, r, dst).map(Some),
+                            None => Ok(None),
                         }
                     }
                 }
@@ -347,15 +444,23 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     }
 }
 
+/// A refused rendezvous leaves the connection up; anything else fails it.
+fn refused_or_fail<L: Link>(inner: &mut Inner<L>, e: TransportError) -> TransportError {
+    match e {
+        TransportError::RendezvousRefused { .. } => e,
+        e => inner.fail(e),
+    }
+}
+
 impl<L: Link> Inner<L> {
-    fn check(&self) -> Result<(), TransportError> {
+    pub(super) fn check(&self) -> Result<(), TransportError> {
         match &self.failed {
             Some(why) => Err(TransportError::Failed(why.clone())),
             None => Ok(()),
         }
     }
 
-    fn fail(&mut self, e: TransportError) -> TransportError {
+    pub(super) fn fail(&mut self, e: TransportError) -> TransportError {
         if self.failed.is_none() {
             if !matches!(e, TransportError::PeerClosed | TransportError::Failed(_)) {
                 // Tell the peer why, best effort: it must not keep writing into our segments.
@@ -370,7 +475,7 @@ impl<L: Link> Inner<L> {
     }
 
     #[inline]
-    fn note<R>(&mut self, r: Result<R, SendError>) -> Result<R, SendError> {
+    pub(super) fn note<R>(&mut self, r: Result<R, SendError>) -> Result<R, SendError> {
         if let Err(SendError::Transport(e)) = &r
             && self.failed.is_none()
         {
@@ -438,7 +543,7 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
-    fn send_control(&mut self, msg: &ControlMessage) -> Result<(), SendError> {
+    pub(super) fn send_control(&mut self, msg: &ControlMessage) -> Result<(), SendError> {
         let body = msg.encode();
         let res = self.reserve(MessageKind::Control, body.as_slice().len())?;
         self.link.write(res.segment, res.offset, &res.header)?;
@@ -450,14 +555,14 @@ impl<L: Link> Inner<L> {
     }
 
     #[inline]
-    fn release(&mut self, token: ReleaseToken) -> Result<(), TransportError> {
+    pub(super) fn release(&mut self, token: ReleaseToken) -> Result<(), TransportError> {
         if let Some(credit) = self.rx.release(token)? {
             self.link.publish_credit(credit)?;
         }
         Ok(())
     }
 
-    fn next_immediate(&mut self, deadline: Wait) -> Result<Option<u32>, TransportError> {
+    pub(super) fn next_immediate(&mut self, deadline: Wait) -> Result<Option<u32>, TransportError> {
         if let Some(imm) = self.stash.pop_front() {
             return Ok(Some(imm));
         }
@@ -492,7 +597,7 @@ impl<L: Link> Inner<L> {
     ///
     /// "Arrived" means a mailbox slot above what the sender knows, not a change since this call
     /// began: a credit that landed between the failed reservation and this call counts.
-    fn wait_credit(&mut self) -> Result<(), TransportError> {
+    pub(super) fn wait_credit(&mut self) -> Result<(), TransportError> {
         loop {
             self.link.check_peer()?;
             if self.credit_news() {
@@ -538,12 +643,15 @@ impl<L: Link> Inner<L> {
 
 /// A received message, read in place in the target segment (zero-copy). Its partitions return
 /// to the sender when it is dropped (or [`released`](Message::release)); messages may be
-/// released in any order.
+/// released in any order. A rendezvous message (larger than the switch point) was read
+/// straight into a buffer the message owns.
 pub struct Message<'a, L: Link, T: TargetMemory> {
-    conn: &'a Connection<L, T>,
-    token: Option<ReleaseToken>,
-    data: &'a [u8],
-    seq: u32,
+    pub(super) conn: &'a Connection<L, T>,
+    pub(super) token: Option<ReleaseToken>,
+    pub(super) data: &'a [u8],
+    /// A rendezvous message's buffer.
+    pub(super) owned: Option<Vec<u8>>,
+    pub(super) seq: u32,
 }
 
 impl<L: Link, T: TargetMemory> Message<'_, L, T> {
@@ -562,8 +670,12 @@ impl<L: Link, T: TargetMemory> Message<'_, L, T> {
 
 impl<L: Link, T: TargetMemory> Deref for Message<'_, L, T> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
-        self.data
+        match &self.owned {
+            None => self.data,
+            Some(v) => v,
+        }
     }
 }
 
@@ -571,7 +683,7 @@ impl<L: Link, T: TargetMemory> fmt::Debug for Message<'_, L, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
             .field("seq", &self.seq)
-            .field("len", &self.data.len())
+            .field("len", &self.len())
             .finish()
     }
 }
@@ -608,8 +720,9 @@ pub struct Counters {
     /// Partitions of this side's target segments not yet returned to the peer (messages
     /// delivered and not released, or released out of order).
     pub partitions_held: u64,
-    /// Sends larger than any segment group (they need the rendezvous protocol, which is refused
-    /// as [`SendError::TooLarge`] today).
+    /// Attempts to fill in place ([`Connection::send_with`]) a message larger than any segment
+    /// group, refused as [`SendError::TooLarge`] (messages sent from a buffer go by rendezvous:
+    /// see [`Connection::rndv_stats`]).
     pub rendezvous_needed: u64,
 }
 

@@ -13,11 +13,13 @@
 //!   WRITE_WITH_IMM per message from a registered source image, credits by RDMA WRITE.
 
 mod conn;
+pub mod rndv;
 #[cfg(not(loom))]
 pub mod shm;
 pub mod verbs;
 
 pub use conn::{Connection, ConnectionStats, Counters, GroupCounters, Message, SendError};
+pub use rndv::{Exposure, RndvStats, SendHandle};
 
 use std::time::Duration;
 
@@ -102,6 +104,16 @@ pub enum TransportError {
     /// Nothing arrived before the timeout.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// A rendezvous message was refused (by this side: over the receive limit, a destination
+    /// too short, a sender buffer this side cannot read); the sender was told. The connection
+    /// stays usable.
+    #[error("refused a rendezvous message of {len} bytes: {}", crate::core::refuse_reason::describe(*.reason))]
+    RendezvousRefused {
+        /// The message length the sender announced.
+        len: u64,
+        /// A [`crate::core::refuse_reason`] code.
+        reason: u32,
+    },
 }
 
 /// How the generic [`Connection`] drives one transport.
@@ -178,6 +190,53 @@ pub trait Link {
     /// # Errors
     /// [`TransportError::PeerClosed`].
     fn check_peer(&self) -> Result<(), TransportError>;
+
+    // --- Rendezvous (docs/rendezvous.md). The defaults: no rendezvous on this link. ---
+
+    /// Exposes `buf` for the peer to read in one rendezvous transfer (verbs: a registration with
+    /// remote-read access, revoked when the [`Exposure`] drops); `Ok(None)` when the link has
+    /// no rendezvous.
+    ///
+    /// # Errors
+    /// The registration failed (e.g. the locked-memory limit).
+    fn rndv_expose<'b>(&mut self, buf: &'b [u8]) -> Result<Option<Exposure<'b>>, TransportError> {
+        let _ = buf;
+        Ok(None)
+    }
+
+    /// Reads the peer's exposed buffer `req` into `dst` (`dst.len() == req.len`), returning once
+    /// the bytes are there. `cacheable`: `dst` is the application's buffer, whose registration may
+    /// be kept in the cache (not a buffer the connection allocated and will free).
+    /// `Ok(Err(reason))`: refuse the request with that [`crate::core::refuse_reason`] code, the
+    /// connection stays usable.
+    ///
+    /// # Errors
+    /// A failed link (a failed RDMA READ leaves the connection unusable).
+    fn rndv_read(
+        &mut self,
+        req: &crate::core::RndvRequest,
+        dst: &mut [u8],
+        cacheable: bool,
+    ) -> Result<Result<(), u32>, TransportError> {
+        let _ = (req, dst, cacheable);
+        Ok(Err(crate::core::refuse_reason::NO_ACCESS))
+    }
+
+    /// Sets the cap of the receive-destination registration cache (bytes, 0: no cache).
+    fn rndv_set_cache_cap(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
+
+    /// The registration cache's counters, if the link has one.
+    fn rndv_cache_stats(&self) -> Option<crate::verbs::RegCacheStats> {
+        None
+    }
+
+    /// Drops cached registrations overlapping `addr..addr+len`; returns how many.
+    fn rndv_invalidate(&mut self, addr: u64, len: usize) -> usize {
+        let _ = (addr, len);
+        0
+    }
 }
 
 /// The receiver's target segments, read in place.

@@ -35,6 +35,11 @@ use std::time::Duration;
 
 use super::{Connection, Link, PollMode, TargetMemory, TransportError};
 use crate::core::{CreditUpdate, Layout, SegmentId};
+// Rendezvous (transport/rndv.rs).
+use super::rndv::Exposure;
+use crate::core::{RndvRequest, refuse_reason};
+use crate::shm::{read_peer_memory, socket_peer_pid};
+
 use crate::shm::{
     CreditMailbox, DoorbellConsumer, DoorbellProducer, MAX_FDS, PeerStatus, PushOutcome,
     RingLayout, ShmRegion, WaitMode, recv_fds, send_fds, socket_peer_status,
@@ -267,6 +272,9 @@ pub struct ShmLink {
     peer_sleeps: bool,
     _control: Arc<ShmRegion>,
     _peer_control: Arc<ShmRegion>,
+    /// The peer's process id as the kernel saw it connect (`SO_PEERCRED`): whose memory a
+    /// rendezvous reads (transport/rndv.rs).
+    peer_pid: i32,
 }
 
 impl std::fmt::Debug for ShmLink {
@@ -409,6 +417,34 @@ impl Link for ShmLink {
         match socket_peer_status(&self.sock)? {
             PeerStatus::Alive => Ok(()),
             PeerStatus::Gone => Err(TransportError::PeerClosed),
+        }
+    }
+
+    // ---- rendezvous (transport/rndv.rs): the receiver copies straight from the sender ----
+
+    fn rndv_expose<'b>(&mut self, buf: &'b [u8]) -> Result<Option<Exposure<'b>>, TransportError> {
+        Ok(Some(Exposure::by_address(buf)))
+    }
+
+    fn rndv_read(
+        &mut self,
+        req: &RndvRequest,
+        dst: &mut [u8],
+        _cacheable: bool,
+    ) -> Result<Result<(), u32>, TransportError> {
+        if req.rkey != 0 {
+            return Ok(Err(refuse_reason::MALFORMED));
+        }
+        match read_peer_memory(self.peer_pid, req.addr, dst) {
+            Ok(()) => Ok(Ok(())),
+            Err(e) => {
+                tracing::debug!(error = %e, pid = self.peer_pid, "cannot read the peer's buffer");
+                let code = match e.raw_os_error() {
+                    Some(libc::EPERM) | Some(libc::ESRCH) => refuse_reason::NO_ACCESS,
+                    _ => refuse_reason::MALFORMED,
+                };
+                Ok(Err(code))
+            }
         }
     }
 }
@@ -557,6 +593,7 @@ fn build(
         peer_geo.mailbox_offset,
         MAILBOX_SLOTS,
     )?;
+    let peer_pid = socket_peer_pid(&sock)?;
     let link = ShmLink {
         sock,
         peer_segments: remote.segments,
@@ -567,6 +604,7 @@ fn build(
         peer_sleeps: theirs.mode != PollMode::Busy,
         _control: local.control,
         _peer_control: remote.control,
+        peer_pid,
     };
     let target = ShmTarget {
         segments: local.segments,

@@ -71,6 +71,11 @@ use crate::verbs::{
     WorkCompletion, WrId,
 };
 
+// Rendezvous (transport/rndv.rs).
+use super::rndv::Exposure;
+use crate::core::{RndvConfig, RndvRequest};
+use crate::verbs::{ReadOptions, RegCache, RegCacheStats, RemoteReadGrant};
+
 const MAGIC: [u8; 4] = *b"RSVB";
 const VERSION: u16 = 1;
 const HELLO_FIXED: usize = 14;
@@ -695,6 +700,8 @@ pub struct VerbsLink {
     drain_on_post: bool,
     last_probe: Cell<Instant>,
     device: String,
+    /// Rendezvous receive destinations' registrations (transport/rndv.rs).
+    rndv_cache: RegCache,
 }
 
 impl std::fmt::Debug for VerbsLink {
@@ -879,7 +886,90 @@ impl Link for VerbsLink {
         }
         Ok(())
     }
+
+    // ---- rendezvous (transport/rndv.rs) ----
+
+    fn rndv_expose<'b>(&mut self, buf: &'b [u8]) -> Result<Option<Exposure<'b>>, TransportError> {
+        let tx = self.tx.get_mut();
+        tx.check()?;
+        let grant = RemoteReadGrant::new(tx.qp.pd(), buf)?;
+        Ok(Some(Exposure::registered(grant)))
+    }
+
+    fn rndv_read(
+        &mut self,
+        req: &RndvRequest,
+        dst: &mut [u8],
+        cacheable: bool,
+    ) -> Result<Result<(), u32>, TransportError> {
+        let tx = self.tx.get_mut();
+        tx.check()?;
+        let mr = if cacheable {
+            self.rndv_cache.get(dst)?
+        } else {
+            self.rndv_cache.get_uncached(dst)?
+        };
+        // Our own work requests complete in order before the READ's; the READ uses the next ids.
+        let SendSide {
+            qp,
+            cq,
+            posted,
+            completed,
+            dead,
+            depth,
+            ..
+        } = tx;
+        let opts = ReadOptions {
+            first_wr_id: *posted,
+            chunk: RNDV_READ_CHUNK,
+            window: (*depth / 2).clamp(1, 16) as u32,
+        };
+        let mut other_failed: Option<Dead> = None;
+        let r = qp.read_into(cq, &mr, dst, req.addr, Rkey(req.rkey), opts, |wc| {
+            if wc.is_success() {
+                *completed = (*completed).max(wc.wr_id().0 + 1);
+            } else if other_failed.is_none() {
+                other_failed = Some(dead_from(wc, "send"));
+            }
+        });
+        match r {
+            Ok(n) => {
+                *posted += n;
+                *completed = *posted;
+                if let Some(d) = other_failed {
+                    let e = d.error();
+                    dead.get_or_insert(d);
+                    return Err(e);
+                }
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                let d = other_failed.unwrap_or(Dead {
+                    peer_gone: false,
+                    reason: format!("rendezvous read: {e}"),
+                });
+                dead.get_or_insert(d);
+                Err(TransportError::Verbs(e))
+            }
+        }
+    }
+
+    fn rndv_set_cache_cap(&mut self, bytes: usize) {
+        let pd = self.tx.get_mut().qp.pd().clone();
+        self.rndv_cache = RegCache::new(&pd, bytes);
+    }
+
+    fn rndv_cache_stats(&self) -> Option<RegCacheStats> {
+        Some(self.rndv_cache.stats())
+    }
+
+    fn rndv_invalidate(&mut self, addr: u64, len: usize) -> usize {
+        self.rndv_cache.invalidate(addr, len)
+    }
 }
+
+/// Largest RDMA READ of a rendezvous transfer; longer ones are split (and pipelined).
+const RNDV_READ_CHUNK: usize = 1 << 20;
 
 /// Our target segments, read in place.
 #[derive(Debug)]
@@ -994,6 +1084,7 @@ fn finish(
         drain_on_post: mode != PollMode::Busy,
         last_probe: Cell::new(Instant::now()),
         device,
+        rndv_cache: RegCache::new(pd, RndvConfig::from_env().unwrap_or_default().cache_bytes),
     };
     let target = VerbsTarget {
         segments: receiving.targets,

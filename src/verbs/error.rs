@@ -181,6 +181,17 @@ pub enum VerbsError {
         #[source]
         source: io::Error,
     },
+    /// An RDMA READ completed with an error (e.g. a remote access error for a bad rkey or
+    /// range); the queue pair is in the error state.
+    #[error("RDMA READ of {len} bytes failed: {status} (vendor error {vendor_err:#x})")]
+    ReadFailed {
+        /// Bytes asked for.
+        len: usize,
+        /// The completion status.
+        status: super::WcStatus,
+        /// The provider's vendor error.
+        vendor_err: u32,
+    },
     /// A range lies outside a memory region.
     #[error("range {offset}+{len} outside memory region of {region_len} bytes")]
     OutOfBounds {

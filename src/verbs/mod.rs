@@ -41,6 +41,7 @@ mod error;
 mod image;
 mod mr;
 mod qp;
+mod regcache;
 mod test_support;
 mod types;
 
@@ -54,9 +55,10 @@ pub use error::{Result, VerbsError};
 pub use image::{CreditWords, SourceImage, TargetImage};
 pub use mr::{MemoryRegion, ProtectionDomain};
 pub use qp::{
-    ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, RecvWr, SendOp,
-    SendWr,
+    ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, ReadOptions, RecvWr,
+    SendOp, SendWr,
 };
+pub use regcache::{RangeCache, RegCache, RegCacheStats, RemoteReadGrant};
 pub use test_support::{
     CountingAllocator, ENV_DEVICE, ENV_REQUIRE, count_allocations, test_context,
 };

@@ -599,6 +599,120 @@ impl QueuePair {
         }
     }
 
+    /// RDMA READ of `remote_addr..+dst.len()` (key `rkey`) straight into `dst`, waiting until
+    /// it has landed (rendezvous receive). `mr` is a `LOCAL_WRITE` registration covering `dst`.
+    ///
+    /// The read is split into chunks of at most `opts.chunk` bytes, each a signaled work request
+    /// with ids `opts.first_wr_id..`, at most `opts.window` outstanding; the send completions of
+    /// other work requests polled from `cq` meanwhile (ids below `opts.first_wr_id`) are handed to
+    /// `other`. Returns the number of ids used. Because `dst` is borrowed for the whole call and
+    /// the call returns only once every chunk has completed or been flushed, the device never
+    /// writes `dst` after the borrow ends.
+    ///
+    /// # Errors
+    /// [`VerbsError::OutOfBounds`] when `mr` does not cover `dst`;
+    /// [`VerbsError::InvalidWorkRequest`] when `mr` lacks `LOCAL_WRITE` or `dst` is empty;
+    /// [`VerbsError::ReadFailed`] when a chunk completes in error (the QP is then moved to the
+    /// error state: a failed READ leaves the connection unusable); post and poll errors.
+    #[allow(clippy::too_many_arguments)] // the parts of one READ, each used once
+    pub fn read_into(
+        &mut self,
+        cq: &CompletionQueue,
+        mr: &MemoryRegion,
+        dst: &mut [u8],
+        remote_addr: u64,
+        rkey: Rkey,
+        opts: ReadOptions,
+        mut other: impl FnMut(&super::WorkCompletion),
+    ) -> Result<u64> {
+        let len = dst.len();
+        if len == 0 {
+            return Err(VerbsError::InvalidWorkRequest("RDMA READ of zero bytes"));
+        }
+        if !mr.access().contains(AccessFlags::LOCAL_WRITE) {
+            return Err(VerbsError::InvalidWorkRequest(
+                "RDMA READ target registered without LOCAL_WRITE",
+            ));
+        }
+        let start = (dst.as_ptr() as u64)
+            .checked_sub(mr.addr())
+            .ok_or(VerbsError::OutOfBounds {
+                offset: 0,
+                len,
+                region_len: mr.len(),
+            })? as usize;
+        mr.check_range(start, len)?;
+        if remote_addr.checked_add(len as u64).is_none() {
+            return Err(VerbsError::InvalidWorkRequest("RDMA READ range wraps"));
+        }
+        let chunk = opts.chunk.clamp(4096, 1 << 30);
+        let window = u64::from(opts.window.max(1));
+        let n = len.div_ceil(chunk) as u64;
+        let first = opts.first_wr_id;
+        let mut posted = 0u64;
+        let mut done = 0u64;
+        let mut failure: Option<VerbsError> = None;
+        let mut wcs: [super::WorkCompletion; 16] = Default::default();
+        while done < n {
+            // Post while the window allows (and nothing failed).
+            while failure.is_none() && posted < n && posted - done < window {
+                let off = posted as usize * chunk;
+                let l = chunk.min(len - off);
+                let mut wr = SendWr::read(
+                    WrId(first + posted),
+                    mr,
+                    start + off,
+                    l,
+                    remote_addr + off as u64,
+                    rkey,
+                )?;
+                wr.set_signaled(true);
+                match self.post_send(&mut wr) {
+                    Ok(()) => posted += 1,
+                    Err(VerbsError::SendQueueFull { .. }) => break,
+                    Err(e) => failure = Some(e),
+                }
+            }
+            if failure.is_some() && posted == done {
+                break;
+            }
+            let got = match cq.poll(&mut wcs) {
+                Ok(k) => k,
+                Err(e) => {
+                    // The CQ cannot be polled: stop the QP so that nothing more lands in `dst`.
+                    let _ = self.set_error();
+                    return Err(e);
+                }
+            };
+            for wc in &wcs[..got] {
+                let id = wc.wr_id().0;
+                let mine = id >= first && id < first + n;
+                if mine {
+                    done += 1;
+                }
+                if !wc.is_success() && failure.is_none() {
+                    failure = Some(VerbsError::ReadFailed {
+                        len,
+                        status: wc.status(),
+                        vendor_err: wc.vendor_err(),
+                    });
+                    // Flush what is still outstanding: each chunk then completes in error.
+                    let _ = self.set_error();
+                }
+                if !mine {
+                    other(wc);
+                }
+            }
+            if got == 0 {
+                std::hint::spin_loop();
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
     /// Post one receive work request (`ibv_post_recv(3)`). A receive WR with no SGE is enough
     /// for RDMA WRITE_WITH_IMM, which writes through the rkey and only consumes the WQE.
     ///
@@ -658,6 +772,27 @@ impl QueuePair {
             Err(VerbsError::RecvQueueFull { index })
         } else {
             Err(VerbsError::PostRecv { index, source: err })
+        }
+    }
+}
+
+/// How [`QueuePair::read_into`] splits and numbers its work requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Work request id of the first chunk; the others follow.
+    pub first_wr_id: u64,
+    /// Largest chunk in bytes (clamped to 4 KiB..=1 GiB).
+    pub chunk: usize,
+    /// Most chunks outstanding at once.
+    pub window: u32,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            first_wr_id: 0,
+            chunk: 1 << 20,
+            window: 16,
         }
     }
 }

@@ -1,0 +1,233 @@
+//! Size sweep across the eager/rendezvous switch: one-way latency (half a ping-pong) and
+//! bandwidth (a stream with up to `--window` rendezvous transfers in flight) per size, both ends
+//! in this process (two threads), over verbs (an embedded bootstrap manager; run it where an
+//! RDMA device is, e.g. `rdma-setup/vm-run -- target/release/examples/rndv_sweep`) or shared
+//! memory.
+//!
+//! ```text
+//! rndv_sweep [--transport verbs|shm] [--sizes 4k,64k,1m,...] [--threshold BYTES]
+//!            [--iters N] [--bytes BYTES] [--window W] [--cache BYTES]
+//! ```
+//! Sizes above the switch point go by rendezvous; the table says which. `--threshold` lowers the
+//! switch point (as `RSMSG_RNDV_THRESHOLD` does); `--cache` sets the receiver's registration
+//! cache (the receiver uses `recv_into` on one buffer).
+
+use std::thread;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use rsmsg::bootstrap::{Manager, Token};
+use rsmsg::core::{Layout, RndvConfig};
+use rsmsg::transport::{Connection, Link, PollMode, TargetMemory};
+
+fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let (n, m) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    Ok(n.parse::<usize>()
+        .with_context(|| format!("bad size {s:?}"))?
+        * m)
+}
+
+struct Args {
+    transport: String,
+    sizes: Vec<usize>,
+    threshold: Option<usize>,
+    iters: Option<u64>,
+    bytes: u64,
+    window: usize,
+    cache: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        transport: "verbs".into(),
+        sizes: "4k,16k,64k,128k,256k,512k,1m,2m,4m,8m,16m"
+            .split(',')
+            .map(parse_size)
+            .collect::<Result<_>>()?,
+        threshold: None,
+        iters: None,
+        bytes: 32 << 20,
+        window: 16,
+        cache: 256 << 20,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--transport" => a.transport = v()?,
+            "--sizes" => a.sizes = v()?.split(',').map(parse_size).collect::<Result<_>>()?,
+            "--threshold" => a.threshold = Some(parse_size(&v()?)?),
+            "--iters" => a.iters = Some(v()?.parse()?),
+            "--bytes" => a.bytes = parse_size(&v()?)? as u64,
+            "--window" => a.window = v()?.parse::<usize>()?.max(1),
+            "--cache" => a.cache = parse_size(&v()?)?,
+            other => bail!("unknown argument {other:?} (see the source's doc comment)"),
+        }
+    }
+    Ok(a)
+}
+
+/// Bandwidth iterations for a size: about `--bytes` of traffic, between 5 and 4000.
+fn iters_for(a: &Args, size: usize) -> u64 {
+    a.iters
+        .unwrap_or((a.bytes / size.max(1) as u64).clamp(5, 4000))
+}
+
+/// Latency round trips for a size: a tenth of the bandwidth iterations, at least 2.
+fn lat_iters_for(a: &Args, size: usize) -> u64 {
+    (iters_for(a, size) / 10).max(2)
+}
+
+fn configure<L: Link, T: TargetMemory>(c: &Connection<L, T>, a: &Args) {
+    c.set_rndv_config(RndvConfig {
+        threshold: a.threshold,
+        cache_bytes: a.cache,
+        ..c.rndv_config()
+    });
+}
+
+/// The peer: echoes latency rounds, drains bandwidth rounds into one buffer.
+fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Args) -> Result<()> {
+    let mut buf = vec![0u8; sizes.iter().copied().max().unwrap_or(0)];
+    for &size in sizes {
+        let n = iters_for(a, size);
+        for _ in 0..lat_iters_for(a, size) + 1 {
+            let got = c.recv_into(&mut buf)?;
+            c.send(&buf[..got])?;
+        }
+        for _ in 0..n {
+            c.recv_into(&mut buf)?;
+        }
+        c.send(b"ack")?;
+    }
+    Ok(())
+}
+
+fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Args) -> Result<()> {
+    println!(
+        "# rndv_sweep: transport {}, switch point {} B, window {}, receiver cache {} B",
+        a.transport,
+        c.switch_point(),
+        a.window,
+        a.cache
+    );
+    println!(
+        "{:>10} {:>6} {:>8} {:>12} {:>14}",
+        "#bytes", "mode", "#iters", "lat[us]", "BW avg[MB/s]"
+    );
+    let mut rbuf = vec![0u8; sizes.iter().copied().max().unwrap_or(0)];
+    for &size in sizes {
+        let buf = vec![0xa5u8; size];
+        let n = iters_for(a, size);
+        let nl = lat_iters_for(a, size);
+        // Latency: one warm-up round trip, then nl.
+        c.send(&buf)?;
+        c.recv_into(&mut rbuf)?;
+        let t = Instant::now();
+        for _ in 0..nl {
+            c.send(&buf)?;
+            let got = c.recv_into(&mut rbuf)?;
+            if got != size {
+                bail!("echo of {got} bytes for {size}");
+            }
+        }
+        let lat = t.elapsed().as_secs_f64() * 1e6 / nl as f64 / 2.0;
+        // Bandwidth: a stream, up to `window` transfers in flight.
+        let t = Instant::now();
+        let mut inflight = std::collections::VecDeque::new();
+        for _ in 0..n {
+            if inflight.len() == a.window {
+                let h: rsmsg::transport::SendHandle<'_, '_, L, T> =
+                    inflight.pop_front().expect("non-empty");
+                h.wait()?;
+            }
+            inflight.push_back(c.send_start(&buf)?);
+        }
+        for h in inflight {
+            h.wait()?;
+        }
+        let ack = c.recv()?;
+        if &*ack != b"ack" {
+            bail!("no ack");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let bw = size as f64 * n as f64 / secs / 1e6;
+        let mode = if size > c.switch_point() {
+            "rndv"
+        } else {
+            "eager"
+        };
+        println!("{size:>10} {mode:>6} {n:>8} {lat:>12.2} {bw:>14.2}");
+    }
+    if let Some(s) = c.rndv_cache_stats() {
+        println!("# client cache: {s:?}");
+    }
+    Ok(())
+}
+
+fn run<L, T>(server: Connection<L, T>, client: Connection<L, T>, a: &Args) -> Result<()>
+where
+    L: Link + Send + 'static,
+    T: TargetMemory + Send + 'static,
+{
+    configure(&server, a);
+    configure(&client, a);
+    let sizes = a.sizes.clone();
+    let a2 = Args {
+        transport: a.transport.clone(),
+        sizes: a.sizes.clone(),
+        threshold: a.threshold,
+        iters: a.iters,
+        bytes: a.bytes,
+        window: a.window,
+        cache: a.cache,
+    };
+    let h = thread::spawn(move || serve(&server, &sizes, &a2));
+    drive(&client, &a.sizes, a)?;
+    h.join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let layout = Layout::default();
+    match a.transport.as_str() {
+        "verbs" => {
+            use rsmsg::transport::verbs::{self, VerbsListener, VerbsOptions};
+            let token = Token::new("rndv-sweep-token")?;
+            let mgr = Manager::bind("127.0.0.1:0", token.clone())?;
+            let addr = mgr.local_addr();
+            let opts = VerbsOptions::from_env()?;
+            let mut l = VerbsListener::bind(
+                addr,
+                token.clone(),
+                "rndv-sweep",
+                layout.clone(),
+                PollMode::Busy,
+                opts.clone(),
+            )?;
+            let t = thread::spawn(move || l.accept());
+            let client = verbs::connect(addr, &token, "rndv-sweep", layout, PollMode::Busy, &opts)?;
+            let server = t.join().map_err(|_| anyhow::anyhow!("accept panicked"))??;
+            run(server, client, &a)
+        }
+        "shm" => {
+            use rsmsg::transport::shm::{ShmListener, connect_path};
+            let path =
+                std::env::temp_dir().join(format!("rsmsg-rndv-sweep-{}.sock", std::process::id()));
+            let l = ShmListener::bind_path(&path, layout.clone(), PollMode::Busy)?;
+            let t = thread::spawn(move || l.accept());
+            let client = connect_path(&path, layout, PollMode::Busy)?;
+            let server = t.join().map_err(|_| anyhow::anyhow!("accept panicked"))??;
+            run(server, client, &a)
+        }
+        other => bail!("unknown transport {other:?} (verbs, shm)"),
+    }
+}

@@ -1,0 +1,246 @@
+//! Rendezvous over shared memory: messages of any size (the receiver copies once, straight from
+//! the sender's buffer, with `process_vm_readv`), boundaries around every group and the switch
+//! point, concurrent transfers, receive limits, refusals at both ends.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+
+use rsmsg::core::{Layout, RndvConfig, refuse_reason};
+use rsmsg::transport::shm::{ShmConnection, ShmListener, connect_path};
+use rsmsg::transport::{PollMode, SendError, TransportError};
+
+mod common;
+use common::payload;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A connected pair in one process: (listener side, connector side).
+fn pair_with(layout: Layout, mode: PollMode) -> (ShmConnection, ShmConnection) {
+    let dir = std::env::temp_dir().join(format!("rsmsg-rndv-{}", std::process::id()));
+    let path = dir.join(format!("ep{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
+    let l2 = layout.clone();
+    let listener = ShmListener::bind_path(&path, layout, mode).expect("bind");
+    let h = thread::spawn(move || listener.accept().expect("accept"));
+    let b = connect_path(&path, l2, mode).expect("connect");
+    let a = h.join().expect("listener thread");
+    (a, b)
+}
+
+fn pair() -> (ShmConnection, ShmConnection) {
+    pair_with(Layout::default(), PollMode::Busy)
+}
+
+/// Sizes from 1 B to `top`, with len-1, len, len+1 around every group's largest payload and
+/// around `switch`.
+fn sizes(layout: &Layout, switch: usize, top: usize) -> Vec<usize> {
+    let mut v = vec![1, 2, 100, 4096, 65_536, 1 << 20, 3 << 20, top];
+    for g in layout.groups() {
+        let m = (u64::from(g.partition_size) * u64::from(g.span)) as usize - 16;
+        v.extend([m - 1, m, m + 1]);
+    }
+    v.extend([switch - 1, switch, switch + 1]);
+    v.sort_unstable();
+    v.dedup();
+    v.retain(|&n| n <= top);
+    v
+}
+
+/// Sends every size from one thread, receives (both `recv` and `recv_into`) on another, checks
+/// every byte.
+fn sweep(rx: ShmConnection, tx: ShmConnection, sizes: Vec<usize>) {
+    let n = sizes.len();
+    let expect = sizes.clone();
+    let h = thread::spawn(move || {
+        for (i, &len) in sizes.iter().enumerate() {
+            let m = payload(i as u64, len);
+            tx.send(&m)
+                .unwrap_or_else(|e| panic!("send of {len} bytes: {e}"));
+            // The blocking send returned: the receiver has it; the buffer is ours to drop.
+            drop(m);
+        }
+        tx
+    });
+    let mut buf = vec![0u8; 64 << 20];
+    for (i, &len) in expect.iter().enumerate() {
+        let want = payload(i as u64, len);
+        if i % 2 == 0 {
+            let m = rx.recv().unwrap();
+            assert_eq!(m.len(), len);
+            assert!(*m == want[..], "message {i} of {len} bytes differs");
+        } else {
+            buf.fill(0xa5);
+            let got = rx.recv_into(&mut buf).unwrap();
+            assert_eq!(got, len);
+            assert!(buf[..len] == want[..], "message {i} of {len} bytes differs");
+        }
+    }
+    let tx = h.join().unwrap();
+    let big = expect.iter().filter(|&&l| l > tx.switch_point()).count() as u64;
+    assert_eq!(tx.rndv_stats().sent, big);
+    assert_eq!(rx.rndv_stats().received, big);
+    assert!(rx.stats().receiver.messages as usize >= n);
+}
+
+#[test]
+fn every_size_to_64_mib_every_byte() {
+    let (a, b) = pair();
+    let switch = b.switch_point();
+    assert_eq!(switch, Layout::default().max_eager_payload());
+    sweep(a, b, sizes(&Layout::default(), switch, 64 << 20));
+}
+
+#[test]
+fn lowered_threshold_is_the_switch_point() {
+    let (a, b) = pair();
+    let cfg = RndvConfig {
+        threshold: Some(3000),
+        ..b.rndv_config()
+    };
+    b.set_rndv_config(cfg);
+    assert_eq!(b.switch_point(), 3000);
+    sweep(a, b, sizes(&Layout::default(), 3000, 1 << 20));
+}
+
+#[test]
+fn event_mode_and_both_directions() {
+    let (a, b) = pair_with(Layout::default(), PollMode::Event);
+    let h = thread::spawn(move || {
+        for i in 0..20u64 {
+            let m = payload(i, 300_000 + i as usize);
+            b.send(&m).unwrap();
+            let back = b.recv().unwrap();
+            assert!(*back == payload(i + 1000, 500_000)[..]);
+        }
+    });
+    for i in 0..20u64 {
+        let m = a.recv().unwrap();
+        assert!(*m == payload(i, 300_000 + i as usize)[..]);
+        drop(m);
+        a.send(&payload(i + 1000, 500_000)).unwrap();
+    }
+    h.join().unwrap();
+}
+
+#[test]
+fn many_concurrent_rendezvous_on_one_connection() {
+    let (a, b) = pair();
+    let bufs: Vec<Vec<u8>> = (0..32u64)
+        .map(|i| payload(i, 300_000 + 1000 * i as usize))
+        .collect();
+    let expect = bufs.clone();
+    let h = thread::spawn(move || {
+        for (i, want) in expect.iter().enumerate() {
+            // Interleave small messages: they arrive in order with the large ones.
+            let m = a.recv().unwrap();
+            assert!(*m == want[..], "large {i}");
+            drop(m);
+            let s = a.recv().unwrap();
+            assert_eq!(&*s, &[i as u8; 10][..]);
+        }
+        a
+    });
+    let mut handles = Vec::new();
+    for (i, buf) in bufs.iter().enumerate() {
+        let h = b.send_start(buf).unwrap();
+        assert!(h.is_rendezvous());
+        handles.push(h);
+        b.send(&[i as u8; 10]).unwrap();
+    }
+    // Complete them out of order; the buffers are freed only afterwards.
+    while let Some(h) = handles.pop() {
+        h.wait().unwrap();
+    }
+    drop(handles);
+    drop(bufs);
+    let a = h.join().unwrap();
+    assert_eq!(b.rndv_stats().sent, 32);
+    assert_eq!(a.rndv_stats().received, 32);
+}
+
+#[test]
+fn oversize_is_refused_at_both_ends_and_the_connection_survives() {
+    let (a, b) = pair();
+    a.set_rndv_config(RndvConfig {
+        max_recv: 1 << 20,
+        ..a.rndv_config()
+    });
+    let h = thread::spawn(move || {
+        match a.recv() {
+            Err(TransportError::RendezvousRefused { len, reason }) => {
+                assert_eq!(len, (1 << 20) + 1);
+                assert_eq!(reason, refuse_reason::TOO_LARGE);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Exactly the limit passes, and a short buffer is refused too.
+        let m = a.recv().unwrap();
+        assert!(*m == payload(2, 1 << 20)[..]);
+        drop(m);
+        let mut small = vec![0u8; 300_000];
+        match a.recv_into(&mut small) {
+            Err(TransportError::RendezvousRefused { reason, .. }) => {
+                assert_eq!(reason, refuse_reason::NO_ROOM)
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(a.recv().unwrap().len(), 7);
+        a
+    });
+    match b.send(&payload(1, (1 << 20) + 1)) {
+        Err(SendError::Refused { len, reason }) => {
+            assert_eq!(len, (1 << 20) + 1);
+            assert_eq!(reason, refuse_reason::TOO_LARGE);
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    b.send(&payload(2, 1 << 20)).unwrap();
+    assert!(matches!(
+        b.send(&payload(3, 300_001)),
+        Err(SendError::Refused {
+            reason: refuse_reason::NO_ROOM,
+            ..
+        })
+    ));
+    b.send(b"1234567").unwrap();
+    let a = h.join().unwrap();
+    assert_eq!(a.rndv_stats().refused_here, 2);
+    assert_eq!(b.rndv_stats().refused_by_peer, 2);
+}
+
+#[test]
+fn non_blocking_handle_completes_while_the_sender_also_receives() {
+    let (a, b) = pair();
+    let big = payload(9, 5 << 20);
+    // Both sides start a large send, then receive: no deadlock, each reads the other's.
+    let h = thread::spawn(move || {
+        let mine = payload(10, 3 << 20);
+        let mut s = a.send_start(&mine).unwrap();
+        let got = a.recv().unwrap();
+        assert!(*got == payload(9, 5 << 20)[..]);
+        drop(got);
+        while !s.test().unwrap() {
+            std::hint::spin_loop();
+        }
+    });
+    let mut s = b.send_start(&big).unwrap();
+    let got = b.recv().unwrap();
+    assert!(*got == payload(10, 3 << 20)[..]);
+    drop(got);
+    assert!(!s.is_empty());
+    while !s.test().unwrap() {
+        std::hint::spin_loop();
+    }
+    drop(s);
+    h.join().unwrap();
+}
+
+#[test]
+fn a_departed_receiver_fails_the_send_not_hangs() {
+    let (a, b) = pair();
+    drop(a);
+    let m = payload(1, 2 << 20);
+    match b.send(&m) {
+        Err(SendError::Transport(_)) => {}
+        other => panic!("expected a transport error, got {other:?}"),
+    }
+}

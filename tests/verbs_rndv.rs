@@ -1,0 +1,315 @@
+//! Rendezvous over verbs (in the Soft-RoCE guest): the receiver RDMA-READs the sender's buffer
+//! straight into its destination. Every size from 1 B to 64 MiB around every group's largest
+//! payload and the switch point, every byte checked; concurrent transfers; the registration
+//! cache under a small cap; refusals at both ends.
+//!
+//! Without a device they print `skipped: no RDMA device` and return, unless
+//! `RSMSG_REQUIRE_RDMA=1`, which makes a missing device a failure (see `verbs::test_context`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use rsmsg::bootstrap::{Manager, ManagerHandle, Token};
+use rsmsg::core::{Layout, RndvConfig, refuse_reason};
+use rsmsg::transport::verbs::{self, VerbsConnection, VerbsListener, VerbsOptions};
+use rsmsg::transport::{PollMode, SendError, TransportError};
+use rsmsg::verbs::{Context, test_context};
+
+mod common;
+use common::payload;
+
+/// Guard against a hang, not a performance bound.
+const HANG_GUARD: Duration = Duration::from_secs(300);
+
+static NAMES: AtomicU32 = AtomicU32::new(0);
+
+fn token() -> Token {
+    Token::new("verbs-rndv-test-token").expect("token")
+}
+
+fn manager() -> ManagerHandle {
+    Manager::bind("127.0.0.1:0", token()).expect("embedded manager")
+}
+
+fn opts(ctx: &Context) -> VerbsOptions {
+    VerbsOptions {
+        context: Some(ctx.clone()),
+        setup_timeout: Duration::from_secs(60),
+        ..VerbsOptions::from_env().expect("options from the environment")
+    }
+}
+
+/// (listener side, connector side), both busy-polling with `layout`.
+fn pair(ctx: &Context, addr: SocketAddr, layout: &Layout) -> (VerbsConnection, VerbsConnection) {
+    let name = format!(
+        "rndv-{}-{}",
+        std::process::id(),
+        NAMES.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut listener = VerbsListener::bind(
+        addr,
+        token(),
+        &name,
+        layout.clone(),
+        PollMode::Busy,
+        opts(ctx),
+    )
+    .expect("bind");
+    let t = thread::spawn(move || listener.accept().expect("accept"));
+    let c = verbs::connect(
+        addr,
+        &token(),
+        &name,
+        layout.clone(),
+        PollMode::Busy,
+        &opts(ctx),
+    )
+    .expect("connect");
+    (t.join().expect("listener thread"), c)
+}
+
+macro_rules! device_or_skip {
+    ($name:expr) => {
+        match test_context($name) {
+            Some(ctx) => ctx,
+            None => return,
+        }
+    };
+}
+
+/// Sizes from 1 B to `top`, with len-1, len, len+1 around every group's largest payload and
+/// around `switch`.
+fn sizes(layout: &Layout, switch: usize, top: usize) -> Vec<usize> {
+    let mut v = vec![1, 2, 100, 4096, 65_536, 1 << 20, 3 << 20, 16 << 20, top];
+    for g in layout.groups() {
+        let m = (u64::from(g.partition_size) * u64::from(g.span)) as usize - 16;
+        v.extend([m - 1, m, m + 1]);
+    }
+    v.extend([switch - 1, switch, switch + 1]);
+    v.sort_unstable();
+    v.dedup();
+    v.retain(|&n| n <= top);
+    v
+}
+
+/// Sends every size from one thread; receives alternately with `recv` and `recv_into`, checking
+/// every byte.
+fn sweep(rx: VerbsConnection, tx: VerbsConnection, sizes: Vec<usize>) -> VerbsConnection {
+    let expect = sizes.clone();
+    let h = thread::spawn(move || {
+        for (i, &len) in sizes.iter().enumerate() {
+            let m = payload(i as u64, len);
+            tx.send(&m)
+                .unwrap_or_else(|e| panic!("send of {len} bytes: {e}"));
+            // The blocking send returned: the receiver has read it, the buffer may go.
+            drop(m);
+        }
+        tx
+    });
+    let mut buf = vec![0u8; 64 << 20];
+    for (i, &len) in expect.iter().enumerate() {
+        let want = payload(i as u64, len);
+        if i % 2 == 0 {
+            let m = rx.recv_timeout(HANG_GUARD).unwrap();
+            assert_eq!(m.len(), len);
+            assert!(*m == want[..], "message {i} of {len} bytes differs");
+        } else {
+            buf[..len].fill(0xa5);
+            let got = rx.recv_into(&mut buf).unwrap();
+            assert_eq!(got, len);
+            assert!(buf[..len] == want[..], "message {i} of {len} bytes differs");
+        }
+    }
+    let tx = h.join().unwrap();
+    let big = expect.iter().filter(|&&l| l > tx.switch_point()).count() as u64;
+    assert!(big > 0);
+    assert_eq!(tx.rndv_stats().sent, big);
+    assert_eq!(rx.rndv_stats().received, big);
+    rx
+}
+
+#[test]
+fn every_size_to_64_mib_every_byte() {
+    let ctx = device_or_skip!("every_size_to_64_mib_every_byte");
+    let mgr = manager();
+    let l = Layout::default();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &l);
+    let switch = b.switch_point();
+    assert_eq!(switch, l.max_eager_payload());
+    sweep(a, b, sizes(&l, switch, 64 << 20));
+}
+
+#[test]
+fn lowered_threshold_and_small_groups() {
+    let ctx = device_or_skip!("lowered_threshold_and_small_groups");
+    let mgr = manager();
+    let l: Layout = "256:16:4,4k:8:4".parse().unwrap();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &l);
+    b.set_rndv_config(RndvConfig {
+        threshold: Some(2000),
+        ..b.rndv_config()
+    });
+    assert_eq!(b.switch_point(), 2000);
+    sweep(a, b, sizes(&l, 2000, 1 << 20));
+}
+
+#[test]
+fn many_concurrent_rendezvous_buffers_freed_after_completion() {
+    let ctx = device_or_skip!("many_concurrent_rendezvous_buffers_freed_after_completion");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    let n = 24u64;
+    let h = thread::spawn(move || {
+        for i in 0..n {
+            let m = a.recv_timeout(HANG_GUARD).unwrap();
+            assert!(
+                *m == payload(i, 300_000 + 4099 * i as usize)[..],
+                "large {i}"
+            );
+            drop(m);
+            let s = a.recv_timeout(HANG_GUARD).unwrap();
+            assert_eq!(&*s, &[i as u8; 10][..]);
+        }
+        a
+    });
+    let bufs: Vec<Vec<u8>> = (0..n)
+        .map(|i| payload(i, 300_000 + 4099 * i as usize))
+        .collect();
+    let mut handles = Vec::new();
+    for (i, buf) in bufs.iter().enumerate() {
+        let h = b.send_start(buf).unwrap();
+        assert!(h.is_rendezvous());
+        handles.push(h);
+        b.send(&[i as u8; 10]).unwrap();
+    }
+    // Complete out of order; only then free the buffers (the borrow checker insists).
+    while let Some(h) = handles.pop() {
+        h.wait().unwrap();
+    }
+    drop(handles);
+    drop(bufs);
+    let a = h.join().unwrap();
+    assert_eq!(b.rndv_stats().sent, n);
+    assert_eq!(a.rndv_stats().received, n);
+}
+
+#[test]
+fn cache_evicts_under_a_small_cap_and_invalidates() {
+    let ctx = device_or_skip!("cache_evicts_under_a_small_cap_and_invalidates");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    let cap = 3 << 20;
+    a.set_rndv_config(RndvConfig {
+        cache_bytes: cap,
+        ..a.rndv_config()
+    });
+    let len = 1 << 20;
+    let rounds = 12u64;
+    let h = thread::spawn(move || {
+        for i in 0..rounds {
+            b.send(&payload(i, len)).unwrap();
+        }
+        b
+    });
+    // Four destinations cycled under a cap of three: LRU evicts every time after the first
+    // fill; the same buffer twice in a row hits.
+    let mut dsts: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; len]).collect();
+    for i in 0..rounds {
+        let d = &mut dsts[(i as usize / 2) % 4];
+        d.fill(0);
+        assert_eq!(a.recv_into(d).unwrap(), len);
+        assert!(d[..] == payload(i, len)[..], "message {i}");
+        let s = a.rndv_cache_stats().unwrap();
+        assert!(s.bytes_registered <= cap as u64, "{s:?}");
+    }
+    let _b = h.join().unwrap();
+    let s = a.rndv_cache_stats().unwrap();
+    assert_eq!(s.hits + s.misses, rounds, "{s:?}");
+    assert_eq!(s.hits, rounds / 2, "{s:?}");
+    assert!(s.evictions >= 2, "{s:?}");
+    assert!(s.entries <= 3, "{s:?}");
+    // Invalidation before freeing: every cached destination goes.
+    let mut dropped = 0;
+    for d in &dsts {
+        dropped += a.rndv_invalidate(d);
+    }
+    assert_eq!(dropped as u64, s.entries);
+    assert_eq!(a.rndv_cache_stats().unwrap().bytes_registered, 0);
+}
+
+#[test]
+fn oversize_and_short_buffer_are_refused_at_both_ends() {
+    let ctx = device_or_skip!("oversize_and_short_buffer_are_refused_at_both_ends");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    a.set_rndv_config(RndvConfig {
+        max_recv: 1 << 20,
+        ..a.rndv_config()
+    });
+    let h = thread::spawn(move || {
+        match a.recv_timeout(HANG_GUARD) {
+            Err(TransportError::RendezvousRefused { len, reason }) => {
+                assert_eq!(len, (1 << 20) + 1);
+                assert_eq!(reason, refuse_reason::TOO_LARGE);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let m = a.recv_timeout(HANG_GUARD).unwrap();
+        assert!(*m == payload(2, 1 << 20)[..]);
+        drop(m);
+        let mut small = vec![0u8; 300_000];
+        match a.recv_into(&mut small) {
+            Err(TransportError::RendezvousRefused { reason, .. }) => {
+                assert_eq!(reason, refuse_reason::NO_ROOM)
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(a.recv_timeout(HANG_GUARD).unwrap().len(), 7);
+        a
+    });
+    match b.send(&payload(1, (1 << 20) + 1)) {
+        Err(SendError::Refused { len, reason }) => {
+            assert_eq!(len, (1 << 20) + 1);
+            assert_eq!(reason, refuse_reason::TOO_LARGE);
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    b.send(&payload(2, 1 << 20)).unwrap();
+    assert!(matches!(
+        b.send(&payload(3, 300_001)),
+        Err(SendError::Refused {
+            reason: refuse_reason::NO_ROOM,
+            ..
+        })
+    ));
+    b.send(b"1234567").unwrap();
+    let a = h.join().unwrap();
+    assert_eq!(a.rndv_stats().refused_here, 2);
+    assert_eq!(b.rndv_stats().refused_by_peer, 2);
+}
+
+#[test]
+fn crossing_large_sends_complete() {
+    let ctx = device_or_skip!("crossing_large_sends_complete");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    let h = thread::spawn(move || {
+        let mine = payload(10, 3 << 20);
+        let mut s = a.send_start(&mine).unwrap();
+        let got = a.recv_timeout(HANG_GUARD).unwrap();
+        assert!(*got == payload(9, 5 << 20)[..]);
+        drop(got);
+        while !s.test().unwrap() {
+            std::hint::spin_loop();
+        }
+    });
+    let big = payload(9, 5 << 20);
+    let s = b.send_start(&big).unwrap();
+    let got = b.recv_timeout(HANG_GUARD).unwrap();
+    assert!(*got == payload(10, 3 << 20)[..]);
+    drop(got);
+    s.wait().unwrap();
+    h.join().unwrap();
+}

@@ -63,6 +63,10 @@
 // An internal error (a bug): the call was abandoned.
 #define RSMSG_ERR_INTERNAL -15
 
+// The receiver refused a large (rendezvous) message: longer than it accepts, or it cannot read
+// it; the connection stays usable.
+#define RSMSG_ERR_REFUSED -16
+
 // Timeout value for "wait as long as it takes".
 #define RSMSG_WAIT_FOREVER -1
 

@@ -389,6 +389,7 @@ fn error_names_cover_every_code() {
         RSMSG_ERR_PROTOCOL,
         RSMSG_ERR_LAUNCH,
         RSMSG_ERR_INTERNAL,
+        RSMSG_ERR_REFUSED,
     ];
     let unknown = unsafe_str(rsmsg_strerror(12345));
     let mut names = std::collections::HashSet::new();

@@ -69,6 +69,9 @@ pub const RSMSG_ERR_PROTOCOL: c_int = -13;
 pub const RSMSG_ERR_LAUNCH: c_int = -14;
 /// An internal error (a bug): the call was abandoned.
 pub const RSMSG_ERR_INTERNAL: c_int = -15;
+/// The receiver refused a large (rendezvous) message: longer than it accepts, or it cannot read
+/// it; the connection stays usable.
+pub const RSMSG_ERR_REFUSED: c_int = -16;
 
 /// Timeout value for "wait as long as it takes".
 pub const RSMSG_WAIT_FOREVER: i64 = -1;
@@ -271,6 +274,7 @@ fn send_code(e: &SendError) -> c_int {
     match e {
         SendError::WouldBlock => RSMSG_ERR_WOULD_BLOCK,
         SendError::TooLarge { .. } => RSMSG_ERR_TOO_LARGE,
+        SendError::Refused { .. } => RSMSG_ERR_REFUSED,
         SendError::Transport(t) => transport_code(t),
     }
 }
@@ -490,6 +494,7 @@ pub extern "C" fn rsmsg_strerror(code: c_int) -> *const c_char {
         RSMSG_ERR_PROTOCOL => c"peer broke the protocol",
         RSMSG_ERR_LAUNCH => c"no usable launcher environment (mpirun, srun, PMI)",
         RSMSG_ERR_INTERNAL => c"internal error",
+        RSMSG_ERR_REFUSED => c"the receiver refused the message",
         _ => c"unknown rsmsg error code",
     };
     s.as_ptr()

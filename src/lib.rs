@@ -50,13 +50,20 @@
 //! - [`verbs`]: safe wrappers over libibverbs (`rdma-sys`).
 //! - [`shm`]: shared-memory segments, doorbells and wake-ups.
 //! - [`bootstrap`]: the manager where endpoints register and peers exchange descriptors.
+//! - [`mesh`]: jobs of N ranks started by mpirun, srun or a PMI launcher: full mesh, barrier.
+//! - [`capi`]: the C ABI (`include/rsmsg.h`).
 
 #![deny(missing_docs)]
 
 pub mod bootstrap;
+#[cfg(not(loom))]
+#[allow(non_camel_case_types)]
+pub mod capi;
 pub mod core;
 #[cfg(not(loom))]
 pub mod endpoint;
+#[cfg(not(loom))]
+pub mod mesh;
 pub mod shm;
 pub mod transport;
 pub mod verbs;

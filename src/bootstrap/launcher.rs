@@ -125,8 +125,83 @@ impl LaunchInfo {
     }
 }
 
+/// Variables that name the job (or job step) a process belongs to, most specific first per
+/// launcher: two concurrent jobs on one host get different values, the ranks of one job the same.
+const JOB_VARS: [&[&str]; 4] = [
+    &["RSMSG_JOB"],
+    // Open MPI 5 (PRRTE/PMIx) and 4 (ORTE).
+    &["PMIX_NAMESPACE"],
+    &["OMPI_MCA_ess_base_jobid"],
+    &["SLURM_JOB_ID", "SLURM_STEP_ID"],
+];
+
+/// A name for this process's job, from `RSMSG_JOB` or the launcher (`PMIX_NAMESPACE`,
+/// `OMPI_MCA_ess_base_jobid`, `SLURM_JOB_ID` + `SLURM_STEP_ID`), reduced to the characters
+/// endpoint names allow (`[A-Za-z0-9._-]`, other bytes become `_`) and to at most `max` bytes
+/// (the end is kept: job ids differ in their tail). `None` when no such variable is set.
+pub fn job_name_from_vars(get: impl Fn(&str) -> Option<String>, max: usize) -> Option<String> {
+    for vars in JOB_VARS {
+        let parts: Vec<String> = vars
+            .iter()
+            .filter_map(|v| get(v).filter(|s| !s.trim().is_empty()))
+            .collect();
+        if parts.is_empty() {
+            continue;
+        }
+        let joined = parts.join(".");
+        let clean: String = joined
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let skip = clean.len().saturating_sub(max);
+        let name = clean[skip..].trim_start_matches('.').to_string();
+        if name.is_empty() {
+            continue;
+        }
+        return Some(name);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn job_names() {
+        let get = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        };
+        assert_eq!(job_name_from_vars(get(&[]), 32), None);
+        assert_eq!(
+            job_name_from_vars(get(&[("SLURM_JOB_ID", "77"), ("SLURM_STEP_ID", "3")]), 32),
+            Some("77.3".into())
+        );
+        assert_eq!(
+            job_name_from_vars(
+                get(&[
+                    ("PMIX_NAMESPACE", "prterun-host-123@1"),
+                    ("SLURM_JOB_ID", "5")
+                ]),
+                32
+            ),
+            Some("prterun-host-123_1".into())
+        );
+        assert_eq!(
+            job_name_from_vars(get(&[("RSMSG_JOB", "abcdefgh"), ("SLURM_JOB_ID", "5")]), 4),
+            Some("efgh".into())
+        );
+        assert_eq!(job_name_from_vars(get(&[("RSMSG_JOB", "  ")]), 4), None);
+    }
+
     use super::*;
     use std::collections::HashMap;
 

@@ -45,7 +45,7 @@ struct Hostile {
     segments: Vec<ShmRegion>,
     /// The victim's doorbell.
     bell: DoorbellProducer,
-    _own: (ShmRegion, Vec<ShmRegion>),
+    _own: (ShmRegion, rsmsg::shm::EventFd, Vec<ShmRegion>),
 }
 
 impl Hostile {
@@ -56,7 +56,7 @@ impl Hostile {
             .unwrap();
         let mut hello = [0u8; HELLO_LEN];
         hello[0..4].copy_from_slice(b"RSHM");
-        hello[4..6].copy_from_slice(&1u16.to_le_bytes());
+        hello[4..6].copy_from_slice(&2u16.to_le_bytes());
         hello[8..12].copy_from_slice(&std::process::id().to_le_bytes());
         let text = mine.to_string();
         hello[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
@@ -71,7 +71,8 @@ impl Hostile {
             .unwrap();
         // The victim's regions.
         let tables = Tables::new(victim.clone());
-        let expected = 1 + tables.segments().len();
+        // Control region, wake-up eventfd, then the segments (handshake version 2).
+        let expected = 2 + tables.segments().len();
         let mut fds = Vec::new();
         while fds.len() < expected {
             let want = (expected - fds.len()).min(MAX_FDS);
@@ -82,6 +83,7 @@ impl Hostile {
         let (ring, control_bytes) = geometry(&victim, &mine);
         let mut fds = fds.into_iter();
         let control = Arc::new(ShmRegion::from_fd(fds.next().unwrap(), control_bytes).unwrap());
+        let _victim_event = fds.next().unwrap();
         let segments = tables
             .segments()
             .iter()
@@ -96,7 +98,9 @@ impl Hostile {
             .iter()
             .map(|s| ShmRegion::create("hostile-seg", s.bytes() as usize).unwrap())
             .collect();
-        let all: Vec<_> = std::iter::once(my_control.fd())
+        let my_event = rsmsg::shm::EventFd::new().unwrap();
+        let all: Vec<_> = [my_control.fd(), my_event.fd()]
+            .into_iter()
             .chain(my_segments.iter().map(|s| s.fd()))
             .collect();
         for chunk in all.chunks(MAX_FDS) {
@@ -109,7 +113,7 @@ impl Hostile {
             _sock: sock,
             segments,
             bell: DoorbellProducer::new(control, 0, ring).unwrap(),
-            _own: (my_control, my_segments),
+            _own: (my_control, my_event, my_segments),
         }
     }
 

@@ -251,7 +251,9 @@ int rsmsg_recv_view(struct rsmsg_conn conn, int64_t timeout_ms, struct rsmsg_vie
 // Thread safety: any thread; calls on one connection are serialized.
 int rsmsg_view_release(struct rsmsg_conn conn, struct rsmsg_view *view);
 
-// The largest message the connection carries, in bytes.
+// The largest message the connection sends eagerly (copied into the peer's partitions in one
+// write), in bytes. Larger messages go by rendezvous: the receiver reads them from the sender's
+// buffer, and a blocking send returns once it has.
 //
 // Thread safety: any thread; calls on one connection are serialized.
 int rsmsg_max_message(struct rsmsg_conn conn, size_t *out_len);

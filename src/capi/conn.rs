@@ -456,7 +456,9 @@ pub extern "C" fn rsmsg_view_release(conn: rsmsg_conn, view: *mut rsmsg_view) ->
     })
 }
 
-/// The largest message the connection carries, in bytes.
+/// The largest message the connection sends eagerly (copied into the peer's partitions in one
+/// write), in bytes. Larger messages go by rendezvous: the receiver reads them from the sender's
+/// buffer, and a blocking send returns once it has.
 ///
 /// Thread safety: any thread; calls on one connection are serialized.
 #[unsafe(no_mangle)]

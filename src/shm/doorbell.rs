@@ -577,8 +577,8 @@ impl DoorbellConsumer {
     }
 
     /// Announces that the consumer is about to wait on its eventfd (in `poll`, `epoll` or an
-    /// async reactor) rather than on the futex: the producer's next [`notify`]
-    /// (DoorbellProducer::notify) signals the eventfd. Returns `true` when an entry is already
+    /// async reactor) rather than on the futex: the producer's next
+    /// [`notify`](DoorbellProducer::notify) signals the eventfd. Returns `true` when an entry is already
     /// there (take it with [`try_pop`](Self::try_pop) and do not wait), `false` when the wait
     /// may begin: the entry that ends it signals the eventfd.
     ///

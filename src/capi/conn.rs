@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use super::{
     Error, Kind, Object, RSMSG_ERR_BUFFER_TOO_SMALL, RSMSG_ERR_CONFIG, RSMSG_ERR_INVALID_ARG,
-    RSMSG_ERR_WOULD_BLOCK, ffi, in_bytes, in_str, new_id, out, out_bytes, register, rsmsg_config,
+    RSMSG_ERR_WOULD_BLOCK, ffi, in_bytes, in_str, out, out_bytes, register, rsmsg_config,
     rsmsg_conn, rsmsg_listener, rsmsg_view, unregister, wait_of,
 };
 use crate::bootstrap::Token;
@@ -415,13 +415,7 @@ pub extern "C" fn rsmsg_recv_view(
         object!(m = conn.id, Conn);
         let mut st = m.lock();
         let m = st.next(wait)?;
-        let id = new_id(Kind::View);
-        *v = rsmsg_view {
-            data: m.as_ptr(),
-            len: m.len(),
-            id,
-        };
-        st.views.insert(id, m);
+        *v = super::publish_view(&mut st.views, m);
         Ok(())
     })
 }

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use super::conn::{deliver, object};
 use super::{
     Error, Kind, Object, RSMSG_ERR_BAD_HANDLE, RSMSG_ERR_INVALID_ARG, RSMSG_ERR_LAUNCH,
-    RSMSG_ERR_WOULD_BLOCK, check_id, ffi, in_bytes, new_id, out, out_bytes, register, rsmsg_config,
+    RSMSG_ERR_WOULD_BLOCK, check_id, ffi, in_bytes, out, out_bytes, register, rsmsg_config,
     rsmsg_mesh, rsmsg_view, unregister, wait_of,
 };
 use crate::bootstrap::LaunchInfo;
@@ -277,13 +277,7 @@ pub extern "C" fn rsmsg_mesh_recv_view(
         object!(m = mesh.id, Mesh);
         let mut st = m.lock();
         let msg = st.next(rank, wait)?;
-        let id = new_id(Kind::View);
-        *v = rsmsg_view {
-            data: msg.as_ptr(),
-            len: msg.len(),
-            id,
-        };
-        st.views.insert(id, msg);
+        *v = super::publish_view(&mut st.views, msg);
         Ok(())
     })
 }

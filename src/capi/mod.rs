@@ -194,6 +194,21 @@ fn register(obj: Object) -> u64 {
     id
 }
 
+/// Hands out a zero-copy view of `msg`: a fresh view id, recorded in `views` until released.
+fn publish_view<M: std::ops::Deref<Target = [u8]>>(
+    views: &mut std::collections::HashMap<u64, M>,
+    msg: M,
+) -> rsmsg_view {
+    let id = new_id(Kind::View);
+    let v = rsmsg_view {
+        data: msg.as_ptr(),
+        len: msg.len(),
+        id,
+    };
+    views.insert(id, msg);
+    v
+}
+
 fn check_id(id: u64, want: Kind) -> Result<(), Error> {
     if id == 0 {
         return Err(Error::new(

@@ -481,12 +481,12 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             };
         }
         loop {
-            let imm = match inner.next_immediate(deadline) {
-                Ok(Some(imm)) => imm,
+            let (imm, inline) = match inner.next_arrival(deadline) {
+                Ok(Some(got)) => got,
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(inner.fail(e)),
             };
-            match self.accept(&mut inner, imm, dst.as_deref_mut()) {
+            match self.accept(&mut inner, imm, inline, dst.as_deref_mut()) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => continue,
                 Err(e) => return Err(refused_or_fail(&mut inner, e)),
@@ -495,10 +495,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     }
 
     /// Handles one immediate: a data message is returned, credits and control are consumed.
+    /// `inline` is the header that came beside the immediate, if the link carries one;
+    /// otherwise the header is read from the partition.
     fn accept(
         &self,
         inner: &mut Inner<L>,
         imm: u32,
+        inline: Option<[u8; HEADER_LEN]>,
         dst: Option<&mut [u8]>,
     ) -> Result<Option<Got<'_, L, T>>, TransportError> {
         // The type bits alone pick the path; `on_immediate` decodes (and validates) the rest.
@@ -509,9 +512,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             }
             _ => {
                 let arrival = inner.rx.on_immediate(imm)?;
-                let header =
-                    self.target
-                        .bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
+                let header: &[u8] = match &inline {
+                    Some(h) => h,
+                    None => {
+                        self.target
+                            .bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?
+                    }
+                };
                 let d = inner.rx.accept(arrival, header)?;
                 let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
                 match d.kind {
@@ -665,12 +672,22 @@ impl<L: Link> Inner<L> {
     }
 
     pub(super) fn next_immediate(&mut self, deadline: Wait) -> Result<Option<u32>, TransportError> {
+        Ok(self.next_arrival(deadline)?.map(|(imm, _)| imm))
+    }
+
+    /// As [`Inner::next_immediate`], with the header that came beside an immediate fresh from
+    /// the link ([`Link::header_with_immediate`]); `None` for a stashed one.
+    #[inline]
+    pub(super) fn next_arrival(
+        &mut self,
+        deadline: Wait,
+    ) -> Result<Option<(u32, Option<[u8; HEADER_LEN]>)>, TransportError> {
         if let Some(imm) = self.stash.pop_front() {
-            return Ok(Some(imm));
+            return Ok(Some((imm, None)));
         }
         // Fast path without a clock read: the immediate is often already there.
         if let Some(imm) = self.link.next_immediate(self.mode, Some(Duration::ZERO))? {
-            return Ok(Some(imm));
+            return Ok(Some((imm, self.link.header_with_immediate())));
         }
         let deadline = match deadline {
             Wait::Forever => None,
@@ -685,7 +702,7 @@ impl<L: Link> Inner<L> {
                     .min(LIVENESS_SLICE),
             };
             if let Some(imm) = self.link.next_immediate(self.mode, Some(slice))? {
-                return Ok(Some(imm));
+                return Ok(Some((imm, self.link.header_with_immediate())));
             }
             self.link.check_peer()?;
             if deadline.is_some_and(|d| Instant::now() >= d) {

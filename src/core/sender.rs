@@ -104,7 +104,7 @@ impl SourceSegment {
     }
 
     /// Where `count` partitions would go now: `(first, padding)`, or `None` when they do not fit.
-    #[inline]
+    #[inline(always)]
     fn place(&self, count: u32) -> Option<(u32, u32)> {
         let n = u64::from(self.partitions);
         let avail = n - (self.head - self.freed);
@@ -325,7 +325,7 @@ impl Sender {
     }
 
     /// Header and payload bytes of a `len`-byte payload, if it goes eagerly.
-    #[inline]
+    #[inline(always)]
     fn wire_len(&self, len: usize) -> Result<u64, ReserveError> {
         if len <= self.max_eager {
             // `max_eager` < 2^32, so `len` fits.
@@ -349,7 +349,7 @@ impl Sender {
     /// # Errors
     /// [`ReserveError::WouldBlock`] (the first group has no room now) or
     /// [`ReserveError::NeedsRendezvous`].
-    #[inline]
+    #[inline(always)]
     pub fn reserve_first_choice(
         &mut self,
         kind: MessageKind,
@@ -362,7 +362,7 @@ impl Sender {
         r
     }
 
-    #[inline]
+    #[inline(always)]
     fn first_choice(&mut self, kind: MessageKind, len: usize) -> Result<Reservation, ReserveError> {
         let wire = self.wire_len(len)?;
         // The common case: a length like the last one, room in the group's first segment.
@@ -485,7 +485,7 @@ impl Sender {
         Ok((r, body))
     }
 
-    #[inline]
+    #[inline(always)]
     fn commit(&mut self, sel: Selection, kind: MessageKind, len: usize) -> Reservation {
         let s = &mut self.segments[sel.segment.index()];
         let n = u64::from(s.partitions);

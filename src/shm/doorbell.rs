@@ -1049,7 +1049,11 @@ mod tests {
             Err(ShmError::RingCorrupt { .. })
         ));
         // A slot claiming the next position but one is also impossible.
-        write_u64(&mut peer, SLOTS_OFFSET + SLOT_BYTES, u64::from(tag(2)) << 32);
+        write_u64(
+            &mut peer,
+            SLOTS_OFFSET + SLOT_BYTES,
+            u64::from(tag(2)) << 32,
+        );
         assert!(matches!(
             consumer.try_pop(),
             Err(ShmError::RingCorrupt { .. })

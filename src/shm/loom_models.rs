@@ -49,7 +49,11 @@ fn ring_publish_consume_in_order_with_wraparound() {
                 thread::yield_now();
             };
             assert_eq!(v, i);
-            assert_eq!(consumer.extra(), extra_for(i), "extra bytes of another entry");
+            assert_eq!(
+                consumer.extra(),
+                extra_for(i),
+                "extra bytes of another entry"
+            );
             assert_eq!(data.0[i as usize].with(|p| unsafe { *p }), 100 + i);
         }
         t.join().unwrap();

@@ -26,6 +26,9 @@ pub(super) enum Wait {
     For(Duration),
 }
 
+/// The header that came beside an immediate ([`Link::header_with_immediate`]), if any.
+type InlineHeader = Option<[u8; HEADER_LEN]>;
+
 /// How long a blocking wait sleeps before it looks at the peer's liveness again.
 const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 
@@ -189,6 +192,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// [`SendError::WouldBlock`] under back-pressure, [`SendError::TooLarge`],
     /// [`SendError::Transport`] if the connection failed.
+    #[inline]
     pub fn try_send(&self, msg: &[u8]) -> Result<(), SendError> {
         self.try_send_vectored(&[msg])
     }
@@ -197,15 +201,17 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     ///
     /// # Errors
     /// As [`Connection::try_send`].
+    #[inline]
     pub fn try_send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         // ---- rendezvous branch (transport/rndv.rs): above the switch point ----
-        if parts.iter().map(|p| p.len()).sum::<usize>() > inner.rndv.switch {
+        if len > inner.rndv.switch {
             drop(inner);
             return self.send_large(parts);
         }
-        let r = inner.send_parts(parts);
+        let r = inner.send_parts(parts, len);
         inner.want_credit = matches!(r, Err(SendError::WouldBlock));
         inner.note(r)
     }
@@ -269,6 +275,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// [`SendError::TooLarge`] (only on a link without rendezvous), [`SendError::Refused`],
     /// [`SendError::Transport`] (including a peer that went away).
+    #[inline]
     pub fn send(&self, msg: &[u8]) -> Result<(), SendError> {
         self.send_vectored(&[msg])
     }
@@ -277,17 +284,19 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     ///
     /// # Errors
     /// As [`Connection::send`].
+    #[inline]
     pub fn send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         // ---- rendezvous branch (transport/rndv.rs): above the switch point ----
-        if parts.iter().map(|p| p.len()).sum::<usize>() > inner.rndv.switch {
+        if len > inner.rndv.switch {
             drop(inner);
             return self.send_large(parts);
         }
         // ---- eager ----
         loop {
-            match inner.send_parts(parts) {
+            match inner.send_parts(parts, len) {
                 Err(SendError::WouldBlock) => {
                     let r = inner.wait_credit();
                     inner.note(r.map_err(SendError::from))?;
@@ -310,7 +319,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     pub(super) fn send_eager(&self, msg: &[u8]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         loop {
-            match inner.send_parts(&[msg]) {
+            match inner.send_parts(&[msg], msg.len()) {
                 Err(SendError::WouldBlock) => {
                     let r = inner.wait_credit();
                     inner.note(r.map_err(SendError::from))?;
@@ -501,7 +510,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         &self,
         inner: &mut Inner<L>,
         imm: u32,
-        inline: Option<[u8; HEADER_LEN]>,
+        inline: InlineHeader,
         dst: Option<&mut [u8]>,
     ) -> Result<Option<Got<'_, L, T>>, TransportError> {
         // The type bits alone pick the path; `on_immediate` decodes (and validates) the rest.
@@ -637,9 +646,9 @@ impl<L: Link> Inner<L> {
         }
     }
 
+    /// One eager message of `len` bytes (the sum of the parts' lengths).
     #[inline]
-    fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), SendError> {
-        let len = parts.iter().map(|p| p.len()).sum();
+    fn send_parts(&mut self, parts: &[&[u8]], len: usize) -> Result<(), SendError> {
         let res = self.reserve(MessageKind::Data, len)?;
         self.link.send_message(
             res.segment,
@@ -681,7 +690,7 @@ impl<L: Link> Inner<L> {
     pub(super) fn next_arrival(
         &mut self,
         deadline: Wait,
-    ) -> Result<Option<(u32, Option<[u8; HEADER_LEN]>)>, TransportError> {
+    ) -> Result<Option<(u32, InlineHeader)>, TransportError> {
         if let Some(imm) = self.stash.pop_front() {
             return Ok(Some((imm, None)));
         }

@@ -558,13 +558,22 @@ impl Receiver {
         if d.extent != token.count {
             return Err(invalid("partition count differs from the message's"));
         }
-        s.directory.set_first_state(first, EntryState::Released);
         s.held -= 1;
-        let before = s.freed;
-        s.advance();
         self.stats.releases += 1;
-        if s.freed == before {
-            self.stats.out_of_order_releases += 1;
+        if s.freed < s.head && ring_index(s.freed, u64::from(s.partitions)) == first {
+            // In order (the common case): the message is where `freed` stands, so it is freed
+            // at once, then whatever released messages follow it (what `advance` would do
+            // after marking it released).
+            s.directory.free_run(first, d.extent);
+            s.freed += u64::from(d.extent);
+            s.advance();
+        } else {
+            s.directory.set_first_state(first, EntryState::Released);
+            let before = s.freed;
+            s.advance();
+            if s.freed == before {
+                self.stats.out_of_order_releases += 1;
+            }
         }
         let credit = s.take_credit();
         if credit.is_some() {

@@ -1279,7 +1279,6 @@ fn finish(
 pub struct VerbsListener {
     reg: Registration,
     ctx: Context,
-    pd: ProtectionDomain,
     layout: Layout,
     mode: PollMode,
     opts: VerbsOptions,
@@ -1327,12 +1326,10 @@ impl VerbsListener {
         opts: VerbsOptions,
     ) -> Result<Self, TransportError> {
         let ctx = opts.open()?;
-        let pd = ProtectionDomain::new(&ctx)?;
         let link_layer = ctx.active_port(opts.port)?.link_layer;
         Ok(VerbsListener {
             reg,
             ctx,
-            pd,
             layout,
             mode,
             opts,
@@ -1403,10 +1400,14 @@ impl VerbsListener {
                 "queue pair offered in the first round",
             ));
         }
-        let receiving = Receiving::create(&self.pd, &self.layout)?;
+        // A protection domain per connection, as on the initiator's side: the keys a peer holds
+        // (its target segments, mailbox, rendezvous buffers offered to it) then work only through
+        // its own queue pair, never through another peer's connection to this listener.
+        let pd = ProtectionDomain::new(&self.ctx)?;
+        let receiving = Receiving::create(&pd, &self.layout)?;
         let queues = Queues::create(
             &self.ctx,
-            &self.pd,
+            &pd,
             &self.opts,
             &self.layout,
             &peer.hello.layout,
@@ -1431,7 +1432,7 @@ impl VerbsListener {
             .ok_or_else(|| setup_err(&peer_name, "third round without a queue pair"))?;
         let ep = qp_endpoint(&info, peer.hello.link_layer, &peer_name)?;
         let conn = finish(
-            &self.pd,
+            &pd,
             queues,
             receiving,
             peer,

@@ -9,12 +9,16 @@ use std::time::Duration;
 
 use super::{Config, Conn, EndpointError, MANAGER_TIMEOUT, Transport, TransportChoice, host_id};
 use crate::bootstrap::{EndpointInfo, EndpointName, Registration, TransportSet};
+use crate::shm::EventFd;
 use crate::transport::TransportError;
 use crate::transport::shm::ShmListener;
 use crate::transport::verbs::VerbsListener;
 
 /// How long the verbs accept thread waits on the manager before it looks at the stop flag.
 const VERBS_ACCEPT_SLICE: Duration = Duration::from_millis(100);
+/// How often a shared-memory-only listener checks its manager connection (and registers again
+/// with a manager that restarted).
+const KEEP_REGISTERED_EVERY: Duration = Duration::from_secs(1);
 /// Connections accepted and not yet taken, per listener.
 const BACKLOG: usize = 64;
 
@@ -53,6 +57,8 @@ pub struct Listener {
     verbs: bool,
     shm_path: Option<std::path::PathBuf>,
     rx: Mutex<Option<Receiver<Item>>>,
+    /// Signaled by the accept threads after each hand-over (see [`Listener::event_fd`]).
+    wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -133,6 +139,11 @@ impl Listener {
         };
         let (tx, rx) = sync_channel(BACKLOG);
         let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(EventFd::new().map_err(|e| {
+            EndpointError::Transport(TransportError::Failed(format!(
+                "create the listener's event descriptor: {e}"
+            )))
+        })?);
         let mut threads = Vec::new();
         let shm_path = shm.as_ref().map(|s| s.path().to_path_buf());
         let verbs = match (want_verbs, registration) {
@@ -143,13 +154,17 @@ impl Listener {
                     config.poll,
                     verbs_opts,
                 )?;
-                threads.push(spawn_verbs(vl, tx.clone(), stop.clone())?);
+                threads.push(spawn_verbs(vl, tx.clone(), stop.clone(), wake.clone())?);
                 true
             }
             (_, reg) => {
-                // Shared memory only: the registration lives as long as the accept thread.
+                // Shared memory only: nothing else talks to the manager, so a thread of its
+                // own keeps the registration (registering again after a manager restart).
+                if let Some(reg) = reg {
+                    threads.push(spawn_keeper(reg, stop.clone())?);
+                }
                 if let Some(l) = shm {
-                    threads.push(spawn_shm(l, reg, tx.clone(), stop.clone())?);
+                    threads.push(spawn_shm(l, tx.clone(), stop.clone(), wake.clone())?);
                 }
                 return Ok(Listener {
                     name: name.to_string(),
@@ -157,13 +172,14 @@ impl Listener {
                     verbs: false,
                     shm_path,
                     rx: Mutex::new(Some(rx)),
+                    wake,
                     stop,
                     threads,
                 });
             }
         };
         if let Some(l) = shm {
-            threads.push(spawn_shm(l, None, tx, stop.clone())?);
+            threads.push(spawn_shm(l, tx, stop.clone(), wake.clone())?);
         }
         Ok(Listener {
             name: name.to_string(),
@@ -171,6 +187,7 @@ impl Listener {
             verbs,
             shm_path,
             rx: Mutex::new(Some(rx)),
+            wake,
             stop,
             threads,
         })
@@ -227,17 +244,32 @@ impl Listener {
             return Err(closed());
         };
         match timeout {
-            None => match rx.try_recv() {
-                Ok(item) => item.map(Some),
-                Err(TryRecvError::Empty) => Ok(None),
-                Err(TryRecvError::Disconnected) => Err(closed()),
-            },
+            None => {
+                // Reset the event descriptor before looking: a connection handed over after
+                // this look signals it again.
+                let _ = self.wake.drain();
+                match rx.try_recv() {
+                    Ok(item) => item.map(Some),
+                    Err(TryRecvError::Empty) => Ok(None),
+                    Err(TryRecvError::Disconnected) => Err(closed()),
+                }
+            }
             Some(t) => match rx.recv_timeout(t) {
                 Ok(item) => item.map(Some),
                 Err(RecvTimeoutError::Timeout) => Ok(None),
                 Err(RecvTimeoutError::Disconnected) => Err(closed()),
             },
         }
+    }
+}
+
+impl Listener {
+    /// A descriptor that becomes readable when an accepted connection may be waiting, for event
+    /// loops (epoll, tokio's `AsyncFd`): after it turns readable, take connections with
+    /// [`Listener::try_accept`] (or [`Listener::next`] with no timeout) until none is left;
+    /// that also resets it.
+    pub fn event_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.wake.fd()
     }
 }
 
@@ -274,14 +306,36 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         })
 }
 
-fn spawn_shm(
-    listener: ShmListener,
-    registration: Option<Registration>,
-    tx: SyncSender<Item>,
+/// Pings the manager every [`KEEP_REGISTERED_EVERY`] through `registration`, which reconnects
+/// and registers again when the manager was lost; stops (unregistering) with the listener.
+fn spawn_keeper(
+    mut registration: Registration,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, EndpointError> {
+    spawn("rsmsg-registration", move || {
+        let slice = VERBS_ACCEPT_SLICE;
+        let mut waited = Duration::ZERO;
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(slice);
+            waited += slice;
+            if waited < KEEP_REGISTERED_EVERY {
+                continue;
+            }
+            waited = Duration::ZERO;
+            if let Err(e) = registration.with_client(|c| c.ping()) {
+                tracing::debug!(error = %e, "manager unreachable; will register again");
+            }
+        }
+    })
+}
+
+fn spawn_shm(
+    listener: ShmListener,
+    tx: SyncSender<Item>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+) -> Result<JoinHandle<()>, EndpointError> {
     spawn("rsmsg-accept-shm", move || {
-        let _registration = registration;
         loop {
             let r = listener.accept();
             if stop.load(Ordering::SeqCst) {
@@ -302,6 +356,7 @@ fn spawn_shm(
             if tx.send(item).is_err() {
                 break;
             }
+            let _ = wake.signal();
         }
     })
 }
@@ -310,6 +365,7 @@ fn spawn_verbs(
     mut listener: VerbsListener,
     tx: SyncSender<Item>,
     stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
 ) -> Result<JoinHandle<()>, EndpointError> {
     spawn("rsmsg-accept-verbs", move || {
         while !stop.load(Ordering::SeqCst) {
@@ -334,6 +390,7 @@ fn spawn_verbs(
             if tx.send(item).is_err() {
                 break;
             }
+            let _ = wake.signal();
         }
     })
 }

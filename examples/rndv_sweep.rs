@@ -6,11 +6,13 @@
 //!
 //! ```text
 //! rndv_sweep [--transport verbs|shm] [--sizes 4k,64k,1m,...] [--threshold BYTES]
-//!            [--iters N] [--bytes BYTES] [--window W] [--cache BYTES]
+//!            [--iters N] [--bytes BYTES] [--window W] [--cache BYTES] [--send-cache BYTES]
 //! ```
 //! Sizes above the switch point go by rendezvous; the table says which. `--threshold` lowers the
 //! switch point (as `RSMSG_RNDV_THRESHOLD` does); `--cache` sets the receiver's registration
-//! cache (the receiver uses `recv_into` on one buffer).
+//! cache (the receiver uses `recv_into` on one buffer); `--send-cache` the sender's (memory
+//! windows over cached registrations instead of a registration per transfer; 0, the default,
+//! registers per transfer). Latency is the median (and minimum) of the round trips, halved.
 
 use std::thread;
 use std::time::Instant;
@@ -41,6 +43,7 @@ struct Args {
     bytes: u64,
     window: usize,
     cache: usize,
+    send_cache: usize,
 }
 
 fn args() -> Result<Args> {
@@ -55,6 +58,7 @@ fn args() -> Result<Args> {
         bytes: 32 << 20,
         window: 16,
         cache: 256 << 20,
+        send_cache: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -67,6 +71,7 @@ fn args() -> Result<Args> {
             "--bytes" => a.bytes = parse_size(&v()?)? as u64,
             "--window" => a.window = v()?.parse::<usize>()?.max(1),
             "--cache" => a.cache = parse_size(&v()?)?,
+            "--send-cache" => a.send_cache = parse_size(&v()?)?,
             other => bail!("unknown argument {other:?} (see the source's doc comment)"),
         }
     }
@@ -79,15 +84,16 @@ fn iters_for(a: &Args, size: usize) -> u64 {
         .unwrap_or((a.bytes / size.max(1) as u64).clamp(5, 4000))
 }
 
-/// Latency round trips for a size: a tenth of the bandwidth iterations, at least 2.
+/// Latency round trips for a size: a tenth of the bandwidth iterations, at least 5.
 fn lat_iters_for(a: &Args, size: usize) -> u64 {
-    (iters_for(a, size) / 10).max(2)
+    (iters_for(a, size) / 10).max(5)
 }
 
 fn configure<L: Link, T: TargetMemory>(c: &Connection<L, T>, a: &Args) {
     c.set_rndv_config(RndvConfig {
         threshold: a.threshold,
         cache_bytes: a.cache,
+        send_cache_bytes: a.send_cache,
         ..c.rndv_config()
     });
 }
@@ -111,15 +117,22 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
 
 fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Args) -> Result<()> {
     println!(
-        "# rndv_sweep: transport {}, switch point {} B, window {}, receiver cache {} B",
+        "# rndv_sweep: transport {}, switch point {} B, window {}, receiver cache {} B, \
+         sender cache {} B ({})",
         a.transport,
         c.switch_point(),
         a.window,
-        a.cache
+        a.cache,
+        a.send_cache,
+        if c.rndv_send_cache_stats().is_some() {
+            "memory windows"
+        } else {
+            "registration per transfer"
+        }
     );
     println!(
-        "{:>10} {:>6} {:>8} {:>12} {:>14}",
-        "#bytes", "mode", "#iters", "lat[us]", "BW avg[MB/s]"
+        "{:>10} {:>6} {:>8} {:>12} {:>12} {:>14}",
+        "#bytes", "mode", "#iters", "lat_med[us]", "lat_min[us]", "BW avg[MB/s]"
     );
     let mut rbuf = vec![0u8; sizes.iter().copied().max().unwrap_or(0)];
     for &size in sizes {
@@ -129,15 +142,19 @@ fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
         // Latency: one warm-up round trip, then nl.
         c.send(&buf)?;
         c.recv_into(&mut rbuf)?;
-        let t = Instant::now();
+        let mut rtts = Vec::with_capacity(nl as usize);
         for _ in 0..nl {
+            let t = Instant::now();
             c.send(&buf)?;
             let got = c.recv_into(&mut rbuf)?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
             if got != size {
                 bail!("echo of {got} bytes for {size}");
             }
         }
-        let lat = t.elapsed().as_secs_f64() * 1e6 / nl as f64 / 2.0;
+        rtts.sort_by(f64::total_cmp);
+        let lat = rtts[rtts.len() / 2];
+        let lat_min = rtts[0];
         // Bandwidth: a stream, up to `window` transfers in flight.
         let t = Instant::now();
         let mut inflight = std::collections::VecDeque::new();
@@ -163,10 +180,13 @@ fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
         } else {
             "eager"
         };
-        println!("{size:>10} {mode:>6} {n:>8} {lat:>12.2} {bw:>14.2}");
+        println!("{size:>10} {mode:>6} {n:>8} {lat:>12.2} {lat_min:>12.2} {bw:>14.2}");
     }
     if let Some(s) = c.rndv_cache_stats() {
-        println!("# client cache: {s:?}");
+        println!("# client receive cache: {s:?}");
+    }
+    if let Some(s) = c.rndv_send_cache_stats() {
+        println!("# client send cache: {s:?}");
     }
     Ok(())
 }
@@ -187,6 +207,7 @@ where
         bytes: a.bytes,
         window: a.window,
         cache: a.cache,
+        send_cache: a.send_cache,
     };
     let h = thread::spawn(move || serve(&server, &sizes, &a2));
     drive(&client, &a.sizes, a)?;

@@ -272,6 +272,30 @@ pub trait Link {
         let _ = bytes;
     }
 
+    /// Ends an exposure once its transfer is answered (verbs with the send cache: invalidates
+    /// the memory window before returning, then keeps it for the next transfer). The default
+    /// drops it.
+    fn rndv_revoke(&mut self, exposure: Exposure<'_>) {
+        drop(exposure);
+    }
+
+    /// Whether a rendezvous message this link cannot read (`rndv_read` answered
+    /// [`crate::core::refuse_reason::NO_ACCESS`]) may be asked for through the segments instead
+    /// (the sender exposed it by address). The default: no.
+    fn rndv_can_stream(&self) -> bool {
+        false
+    }
+
+    /// Sets the cap of the send-buffer registration cache (bytes, 0: register per transfer).
+    fn rndv_set_send_cache_cap(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
+
+    /// The send-buffer registration cache's counters, if the link has one.
+    fn rndv_send_cache_stats(&self) -> Option<crate::verbs::RegCacheStats> {
+        None
+    }
+
     /// The registration cache's counters, if the link has one.
     fn rndv_cache_stats(&self) -> Option<crate::verbs::RegCacheStats> {
         None

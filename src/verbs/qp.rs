@@ -14,6 +14,7 @@ use super::cq::{CompletionQueue, CqInner};
 use super::device::GidSelector;
 use super::error::{Result, VerbsError};
 use super::mr::{MemoryRegion, ProtectionDomain};
+use super::mw::MemoryWindow;
 use super::types::{AccessFlags, Gid, GidIndex, LinkLayer, Mtu, Psn, QpNum, Rkey, WrId};
 
 /// Most scatter/gather entries a [`SendWr`] or [`RecvWr`] holds (they are stored inline so that
@@ -811,6 +812,10 @@ pub enum SendOp {
     Send,
     /// SEND with a 32-bit immediate.
     SendWithImm,
+    /// Bind a type-2 memory window over a slice of a registered region ([`SendWr::bind_mw`]).
+    BindMw,
+    /// Invalidate a memory window's key ([`SendWr::local_inv`]).
+    LocalInv,
 }
 
 impl SendOp {
@@ -821,6 +826,8 @@ impl SendOp {
             SendOp::RdmaRead => ibv_wr_opcode::IBV_WR_RDMA_READ,
             SendOp::Send => ibv_wr_opcode::IBV_WR_SEND,
             SendOp::SendWithImm => ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+            SendOp::BindMw => ibv_wr_opcode::IBV_WR_BIND_MW,
+            SendOp::LocalInv => ibv_wr_opcode::IBV_WR_LOCAL_INV,
         }
     }
     fn has_remote(self) -> bool {
@@ -865,6 +872,8 @@ pub struct SendWr {
     raw: ibv_send_wr,
     sges: [ibv_sge; MAX_SGE],
     mrs: [Option<MemoryRegion>; MAX_SGE],
+    /// A bind's window and region, kept alive while the work request exists.
+    bind: Option<(MemoryWindow, MemoryRegion)>,
     num_sge: usize,
     op: SendOp,
     signaled: bool,
@@ -905,6 +914,7 @@ impl SendWr {
             raw,
             sges: [EMPTY_SGE; MAX_SGE],
             mrs: Default::default(),
+            bind: None,
             num_sge: 0,
             op,
             signaled: true,
@@ -950,6 +960,60 @@ impl SendWr {
         wr.push_sge(local, offset, len)?;
         wr.set_remote(remote_addr, rkey)?;
         Ok(wr)
+    }
+
+    /// Binds type-2 window `mw` with key `rkey` over `len` bytes of `mr` at address `addr`,
+    /// granting `access` (e.g. [`AccessFlags::REMOTE_READ`]) to the peer of the QP it is posted
+    /// on. Work requests posted after it on the same QP execute after the bind.
+    ///
+    /// # Errors
+    /// [`VerbsError::OutOfBounds`] when the range is not inside `mr`;
+    /// [`VerbsError::InvalidWorkRequest`] when `mr` was not registered with
+    /// [`AccessFlags::MW_BIND`] or the range is empty.
+    pub fn bind_mw(
+        wr_id: WrId,
+        mw: &MemoryWindow,
+        rkey: Rkey,
+        mr: &MemoryRegion,
+        addr: u64,
+        len: usize,
+        access: AccessFlags,
+    ) -> Result<SendWr> {
+        if !mr.access().contains(AccessFlags::MW_BIND) {
+            return Err(VerbsError::InvalidWorkRequest(
+                "memory window bound over a region registered without MW_BIND",
+            ));
+        }
+        if len == 0 {
+            return Err(VerbsError::InvalidWorkRequest("memory window of zero bytes"));
+        }
+        let offset = addr.checked_sub(mr.addr()).ok_or(VerbsError::OutOfBounds {
+            offset: 0,
+            len,
+            region_len: mr.len(),
+        })? as usize;
+        mr.check_range(offset, len)?;
+        let mut wr = SendWr::new(SendOp::BindMw, wr_id);
+        wr.raw.bind_mw_tso_union.bind_mw = rdma_sys::bind_mw_t {
+            mw: mw.as_raw(),
+            rkey: rkey.0,
+            bind_info: rdma_sys::ibv_mw_bind_info {
+                mr: mr.as_raw(),
+                addr,
+                length: len as u64,
+                mw_access_flags: access.bits(),
+            },
+        };
+        wr.bind = Some((mw.clone(), mr.clone()));
+        Ok(wr)
+    }
+
+    /// Invalidates the memory window key `rkey` (`IBV_WR_LOCAL_INV`): once it executes, no peer
+    /// access through that key succeeds.
+    pub fn local_inv(wr_id: WrId, rkey: Rkey) -> SendWr {
+        let mut wr = SendWr::new(SendOp::LocalInv, wr_id);
+        wr.raw.imm_data_invalidated_rkey_union.invalidated_rkey = rkey.0;
+        wr
     }
 
     /// Append an SGE covering `mr[offset..offset+len]`.

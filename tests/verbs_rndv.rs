@@ -381,8 +381,9 @@ fn send_cache_with_memory_windows() {
         }
         a
     });
-    for _ in 0..3 {
-        b.send(&buf).unwrap();
+    for round in 0..3 {
+        b.send(&buf)
+            .unwrap_or_else(|e| panic!("send {round} through a memory window: {e}"));
     }
     let a = h.join().unwrap();
     let s = b.rndv_send_cache_stats().unwrap();

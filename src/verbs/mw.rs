@@ -95,9 +95,15 @@ impl MemoryWindow {
         Rkey(next_tag(self.rkey))
     }
 
-    /// Records that a bind with `rkey` was posted.
+    /// Records that a bind with `rkey` was posted. The provider names the window by the key in
+    /// its `struct ibv_mw` when the next bind is posted, so that key is updated too.
     pub fn set_rkey(&mut self, rkey: Rkey) {
         self.rkey = rkey.0;
+        // SAFETY: the window struct stays allocated while `inner` lives; the provider reads
+        // `rkey` only while a bind of this window is being posted, which takes `&mut` of the
+        // queue pair on this thread, not concurrently with this write (the link owns the window
+        // between binds).
+        unsafe { (*self.inner.mw.as_ptr()).rkey = rkey.0 };
     }
 
     pub(crate) fn as_raw(&self) -> *mut ibv_mw {

@@ -366,7 +366,13 @@ fn rendezvous_in_flight_when_the_receiver_goes_is_unconfirmed() {
     let h1 = b.send_start(&big1).unwrap();
     let h2 = b.send_start(&big2).unwrap();
     b.send(b"three").unwrap();
-    assert_eq!(b.unconfirmed().iter().filter(|&&s| s == 1 || s == 2).count(), 2);
+    assert_eq!(
+        b.unconfirmed()
+            .iter()
+            .filter(|&&s| s == 1 || s == 2)
+            .count(),
+        2
+    );
     let t = thread::spawn(move || {
         let m = a.recv().unwrap();
         assert_eq!(&*m, b"zero");

@@ -341,7 +341,10 @@ fn rendezvous_in_flight_when_the_receiver_goes_is_unconfirmed() {
     });
     h1.wait().unwrap();
     t.join().unwrap();
-    assert!(h2.wait().is_err(), "the unread transfer must fail, not complete");
+    assert!(
+        h2.wait().is_err(),
+        "the unread transfer must fail, not complete"
+    );
     let u = b.unconfirmed();
     let c = b.confirmed();
     assert!(u.contains(&2), "the unread rendezvous: {u:?}");
@@ -399,7 +402,10 @@ fn send_cache_with_memory_windows() {
         for (i, &len) in expect.iter().enumerate() {
             dst[..len].fill(0xa5);
             assert_eq!(a.recv_into(&mut dst).unwrap(), len);
-            assert!(dst[..len] == payload(i as u64, len)[..], "message {i} of {len} bytes");
+            assert!(
+                dst[..len] == payload(i as u64, len)[..],
+                "message {i} of {len} bytes"
+            );
         }
     });
     for (i, &len) in sizes.iter().enumerate() {

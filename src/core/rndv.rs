@@ -454,7 +454,11 @@ mod tests {
         assert_eq!(t.confirmed(), 1);
         t.forget(a);
         t.requested(a, 99);
-        assert_eq!(t.unconfirmed().count(), 1, "a finished transfer is not requested again");
+        assert_eq!(
+            t.unconfirmed().count(),
+            1,
+            "a finished transfer is not requested again"
+        );
     }
 
     #[test]
@@ -466,7 +470,10 @@ mod tests {
         t.stream(a).unwrap();
         assert_eq!(t.state(a), Some(RndvState::Stream));
         assert!(t.stream(a).is_err(), "second stream request");
-        assert!(t.answer(a, None).is_err(), "done before the chunks were sent");
+        assert!(
+            t.answer(a, None).is_err(),
+            "done before the chunks were sent"
+        );
         t.streamed(a);
         assert_eq!(t.state(a), Some(RndvState::Streamed));
         assert!(t.stream(a).is_err(), "stream after streaming");

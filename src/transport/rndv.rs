@@ -433,7 +433,9 @@ impl<L: Link> Inner<L> {
                         return Err(bad(body.len(), "chunk of another transfer").into());
                     }
                     if offset != got || end > len {
-                        return Err(bad(body.len(), "chunk out of order or beyond the message").into());
+                        return Err(
+                            bad(body.len(), "chunk out of order or beyond the message").into()
+                        );
                     }
                     if let Some(dst) = dst.as_deref_mut() {
                         let slot = dst

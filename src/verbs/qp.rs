@@ -985,7 +985,9 @@ impl SendWr {
             ));
         }
         if len == 0 {
-            return Err(VerbsError::InvalidWorkRequest("memory window of zero bytes"));
+            return Err(VerbsError::InvalidWorkRequest(
+                "memory window of zero bytes",
+            ));
         }
         let offset = addr.checked_sub(mr.addr()).ok_or(VerbsError::OutOfBounds {
             offset: 0,

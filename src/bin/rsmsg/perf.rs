@@ -698,8 +698,9 @@ fn run_plan<L: Link, T: TargetMemory>(
             }
         }
         Test::Bw | Test::Rate if rndv => {
-            let mut inflight: std::collections::VecDeque<rsmsg::transport::SendHandle<'_, '_, L, T>> =
-                std::collections::VecDeque::with_capacity(RNDV_WINDOW);
+            let mut inflight: std::collections::VecDeque<
+                rsmsg::transport::SendHandle<'_, '_, L, T>,
+            > = std::collections::VecDeque::with_capacity(RNDV_WINDOW);
             for _ in 0..iters {
                 if inflight.len() == RNDV_WINDOW
                     && let Some(h) = inflight.pop_front()

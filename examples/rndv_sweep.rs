@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! rndv_sweep [--transport verbs|shm] [--sizes 4k,64k,1m,...] [--threshold BYTES]
-//!            [--iters N] [--bytes BYTES] [--window W] [--cache BYTES] [--send-cache BYTES]
+//!            [--iters N] [--lat-iters N] [--bytes BYTES] [--window W] [--cache BYTES]
+//!            [--send-cache BYTES]
 //! ```
 //! Sizes above the switch point go by rendezvous; the table says which. `--threshold` lowers the
 //! switch point (as `RSMSG_RNDV_THRESHOLD` does); `--cache` sets the receiver's registration
@@ -40,6 +41,7 @@ struct Args {
     sizes: Vec<usize>,
     threshold: Option<usize>,
     iters: Option<u64>,
+    lat_iters: Option<u64>,
     bytes: u64,
     window: usize,
     cache: usize,
@@ -55,6 +57,7 @@ fn args() -> Result<Args> {
             .collect::<Result<_>>()?,
         threshold: None,
         iters: None,
+        lat_iters: None,
         bytes: 32 << 20,
         window: 16,
         cache: 256 << 20,
@@ -68,6 +71,7 @@ fn args() -> Result<Args> {
             "--sizes" => a.sizes = v()?.split(',').map(parse_size).collect::<Result<_>>()?,
             "--threshold" => a.threshold = Some(parse_size(&v()?)?),
             "--iters" => a.iters = Some(v()?.parse()?),
+            "--lat-iters" => a.lat_iters = Some(v()?.parse::<u64>()?.max(1)),
             "--bytes" => a.bytes = parse_size(&v()?)? as u64,
             "--window" => a.window = v()?.parse::<usize>()?.max(1),
             "--cache" => a.cache = parse_size(&v()?)?,
@@ -84,9 +88,10 @@ fn iters_for(a: &Args, size: usize) -> u64 {
         .unwrap_or((a.bytes / size.max(1) as u64).clamp(5, 4000))
 }
 
-/// Latency round trips for a size: a tenth of the bandwidth iterations, at least 5.
+/// Latency round trips for a size: `--lat-iters`, else a tenth of the bandwidth iterations, at
+/// least 5.
 fn lat_iters_for(a: &Args, size: usize) -> u64 {
-    (iters_for(a, size) / 10).max(5)
+    a.lat_iters.unwrap_or((iters_for(a, size) / 10).max(5))
 }
 
 fn configure<L: Link, T: TargetMemory>(c: &Connection<L, T>, a: &Args) {
@@ -204,6 +209,7 @@ where
         sizes: a.sizes.clone(),
         threshold: a.threshold,
         iters: a.iters,
+        lat_iters: a.lat_iters,
         bytes: a.bytes,
         window: a.window,
         cache: a.cache,

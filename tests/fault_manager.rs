@@ -59,7 +59,8 @@ fn kill(mut child: Child) {
     child.wait().unwrap();
 }
 
-fn echo_server(listener: Listener, rounds: usize) -> thread::JoinHandle<()> {
+/// Echoes `rounds` messages of one connection, then hands the listener back.
+fn echo_server(listener: Listener, rounds: usize) -> thread::JoinHandle<Listener> {
     thread::spawn(move || {
         let conn = listener.accept().unwrap();
         for _ in 0..rounds {
@@ -68,6 +69,7 @@ fn echo_server(listener: Listener, rounds: usize) -> thread::JoinHandle<()> {
             drop(m);
             conn.send(&reply).unwrap();
         }
+        listener
     })
 }
 
@@ -91,7 +93,7 @@ fn killed_manager_spares_live_connections_and_fails_new_ones_clearly() {
         conn.send(&i.to_le_bytes()).unwrap();
         assert_eq!(&*conn.recv().unwrap(), &i.to_le_bytes());
     }
-    server.join().unwrap();
+    let listener = server.join().unwrap();
     // A new connect fails with a clear, classified error, and does not hang.
     match endpoint::connect(&config, &name) {
         Err(EndpointError::Bootstrap(e)) => assert!(e.is_unreachable(), "{e:?}"),
@@ -104,13 +106,22 @@ fn killed_manager_spares_live_connections_and_fails_new_ones_clearly() {
         Err(EndpointError::Bootstrap(_))
     ));
 
-    // The manager comes back (empty: registrations died with it).
+    // The manager comes back (empty: registrations died with it). The first listener, which
+    // lived through the outage, registers again by itself (it checks its manager connection
+    // every second) and is found and connected to.
     let m2 = manager(&addr);
+    let server = echo_server(listener, 1);
+    let patient = config.clone().connect_retry(Duration::from_secs(20));
+    let conn1 = endpoint::connect(&patient, &name).expect("the listener registered again");
+    conn1.send(b"same listener").unwrap();
+    assert_eq!(&*conn1.recv().unwrap(), b"same listener");
+    drop(server.join().unwrap());
+    // Once that listener is gone, its name is unknown: a clear error that is not "unreachable".
     match endpoint::connect(&config, &name) {
         Err(EndpointError::Bootstrap(e)) => assert!(!e.is_unreachable(), "{e:?}"),
         other => panic!("expected an unknown name, got {other:?}"),
     }
-    // A listener registered with the restarted manager is found and connected to.
+    // A listener bound after the restart is found and connected to.
     let listener = Listener::bind(&config, &other).unwrap();
     let server = echo_server(listener, 1);
     let conn2 = endpoint::connect(&config, &other).unwrap();

@@ -15,6 +15,9 @@ use crate::transport::verbs::VerbsListener;
 
 /// How long the verbs accept thread waits on the manager before it looks at the stop flag.
 const VERBS_ACCEPT_SLICE: Duration = Duration::from_millis(100);
+/// How often a shared-memory-only listener checks its manager connection (and registers again
+/// with a manager that restarted).
+const KEEP_REGISTERED_EVERY: Duration = Duration::from_secs(1);
 /// Connections accepted and not yet taken, per listener.
 const BACKLOG: usize = 64;
 
@@ -147,9 +150,13 @@ impl Listener {
                 true
             }
             (_, reg) => {
-                // Shared memory only: the registration lives as long as the accept thread.
+                // Shared memory only: nothing else talks to the manager, so a thread of its
+                // own keeps the registration (registering again after a manager restart).
+                if let Some(reg) = reg {
+                    threads.push(spawn_keeper(reg, stop.clone())?);
+                }
                 if let Some(l) = shm {
-                    threads.push(spawn_shm(l, reg, tx.clone(), stop.clone())?);
+                    threads.push(spawn_shm(l, tx.clone(), stop.clone())?);
                 }
                 return Ok(Listener {
                     name: name.to_string(),
@@ -163,7 +170,7 @@ impl Listener {
             }
         };
         if let Some(l) = shm {
-            threads.push(spawn_shm(l, None, tx, stop.clone())?);
+            threads.push(spawn_shm(l, tx, stop.clone())?);
         }
         Ok(Listener {
             name: name.to_string(),
@@ -274,14 +281,35 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         })
 }
 
+/// Pings the manager every [`KEEP_REGISTERED_EVERY`] through `registration`, which reconnects
+/// and registers again when the manager was lost; stops (unregistering) with the listener.
+fn spawn_keeper(
+    mut registration: Registration,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, EndpointError> {
+    spawn("rsmsg-registration", move || {
+        let slice = VERBS_ACCEPT_SLICE;
+        let mut waited = Duration::ZERO;
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(slice);
+            waited += slice;
+            if waited < KEEP_REGISTERED_EVERY {
+                continue;
+            }
+            waited = Duration::ZERO;
+            if let Err(e) = registration.with_client(|c| c.ping()) {
+                tracing::debug!(error = %e, "manager unreachable; will register again");
+            }
+        }
+    })
+}
+
 fn spawn_shm(
     listener: ShmListener,
-    registration: Option<Registration>,
     tx: SyncSender<Item>,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, EndpointError> {
     spawn("rsmsg-accept-shm", move || {
-        let _registration = registration;
         loop {
             let r = listener.accept();
             if stop.load(Ordering::SeqCst) {

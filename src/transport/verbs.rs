@@ -86,6 +86,12 @@ const MAILBOX_SLOTS: usize = 257;
 const RECV_BATCH: usize = 16;
 const SEND_BATCH: usize = 16;
 /// How often a waiting side probes its peer.
+/// Messages posted while credits wait before the credits ride on a post (chained, one more
+/// WRITE): credits that crossed a quarter segment are posted at once; the others cost at most
+/// one WRITE per this many messages, and a peer's view of what was delivered lags by as much.
+const RIDE_AFTER: u32 = 16;
+/// Polls in a row that find nothing before waiting credits are written on their own.
+const IDLE_POLLS: u32 = 1024;
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Content of the fourth setup round.
 const READY: &[u8] = b"ready";
@@ -568,6 +574,12 @@ struct SendSide {
     probe_wr: SendWr,
     /// Credits staged but not posted yet.
     pending: Option<PendingCredits>,
+    /// Messages posted while `pending` waited (it rides on the next post once this reaches
+    /// [`RIDE_AFTER`]).
+    pending_posts: u32,
+    /// Polls in a row that found nothing to receive (pending credits are written on their own
+    /// once this reaches [`IDLE_POLLS`]).
+    idle_polls: u32,
     /// Per slot: the value last posted (a credit is posted at once when it moves this far).
     posted_credit: Vec<u64>,
     /// Per slot: how far a credit must move past the posted value to be posted at once
@@ -689,6 +701,7 @@ impl SendSide {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
+        self.pending_posts = 0;
         let off = p.lo * 8;
         let len = (p.hi - p.lo + 1) * 8;
         let (addr, rkey) = self.peer_mailbox;
@@ -952,12 +965,15 @@ impl Link for VerbsLink {
         wr.set_sge(0, offset, len)?;
         wr.set_remote(base + offset as u64, rkey)?;
         wr.set_imm(imm)?;
-        // Credits released since the last post ride on this one: one `ibv_post_send`.
+        // Credits released a while ago ride on this post (one `ibv_post_send`, but one more
+        // WRITE on the wire, so not on every message: in a ping-pong that doubled the packets).
         if tx.pending.is_some() {
-            tx.post(Wr::CreditAndMessage(i))
-        } else {
-            tx.post(Wr::Message(i))
+            tx.pending_posts += 1;
+            if tx.pending_posts >= RIDE_AFTER {
+                return tx.post(Wr::CreditAndMessage(i));
+            }
         }
+        tx.post(Wr::Message(i))
     }
 
     fn next_immediate(
@@ -970,7 +986,6 @@ impl Link for VerbsLink {
         }
         let tx = self.tx.get_mut();
         tx.check()?;
-        let mut first = true;
         // The clock is read only once the first poll found nothing, and then every
         // `CLOCK_EVERY` polls while spinning: a clock read costs as much as a poll.
         const CLOCK_EVERY: u32 = 64;
@@ -978,14 +993,17 @@ impl Link for VerbsLink {
         let mut spins: u32 = 0;
         let mut polls: u32 = 0;
         loop {
-            self.rx.poll(tx, true)?;
+            if self.rx.poll(tx, true)? > 0 {
+                tx.idle_polls = 0;
+            }
             if let Some(imm) = self.rx.queue.pop_front() {
                 return Ok(Some(imm));
             }
-            if first {
-                // Nothing to receive: this side goes idle, so credits that were waiting to
-                // ride on a post are written now (the peer may need them to send again).
-                first = false;
+            // Nothing to receive. After `IDLE_POLLS` such polls in a row (across calls, so a
+            // caller looping on `try_recv` counts too) this side is idle: credits waiting to
+            // ride on a post are written now (the peer may need them to send again).
+            tx.idle_polls = tx.idle_polls.saturating_add(1);
+            if tx.idle_polls == IDLE_POLLS {
                 tx.flush_credits()?;
             }
             if timeout == Some(Duration::ZERO) {
@@ -1018,6 +1036,8 @@ impl Link for VerbsLink {
                 continue;
             }
             if !self.rx.armed {
+                // Going to sleep: nothing may wait on this side's credits.
+                tx.flush_credits()?;
                 // Arm, then poll again: a completion that came before arming raises no event.
                 self.rx.cq.req_notify(false)?;
                 self.rx.armed = true;
@@ -1044,7 +1064,8 @@ impl Link for VerbsLink {
         } else if urgent {
             tx.post(Wr::Credit)
         } else {
-            // Rides on our next post, or is written when we next find nothing to receive.
+            // Rides on a later post, or is written once this side finds nothing to receive
+            // for a while, arms its event fd, sleeps or waits for credits itself.
             Ok(())
         }
     }
@@ -1340,6 +1361,8 @@ fn finish(
         credit_wrs,
         probe_wr,
         pending: None,
+        pending_posts: 0,
+        idle_polls: 0,
         posted_credit,
         urgent,
         credit_span,

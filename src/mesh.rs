@@ -394,9 +394,21 @@ impl Mesh {
             peers[lower as usize] = Some(Peer::new(conn));
         }
         for _ in rank + 1..size {
+            // A rank that never starts must not hang the others: accepting has the same deadline.
+            let left = deadline.saturating_duration_since(Instant::now());
             let conn = listener
-                .accept()
-                .map_err(step(format!("accept a higher rank as {me}")))?;
+                .accept_timeout(left)
+                .map_err(step(format!("accept a higher rank as {me}")))?
+                .ok_or_else(|| {
+                    MeshError::SetupTimeout(
+                        setup.timeout,
+                        format!(
+                            "rank {me} waited for the connections of ranks {} to {}; not all came",
+                            rank + 1,
+                            size - 1
+                        ),
+                    )
+                })?;
             let left = deadline.saturating_duration_since(Instant::now());
             let from = {
                 let m = conn.recv_timeout(left).map_err(|e| match e {

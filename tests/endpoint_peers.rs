@@ -383,3 +383,101 @@ fn counters_follow_messages_partitions_and_back_pressure() {
     );
     assert!(client.counters().rendezvous_needed >= 1);
 }
+
+/// Voluntary context switches of the calling thread so far (each one a wake-up after a sleep).
+fn wakeups() -> i64 {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("voluntary_ctxt_switches in /proc/thread-self/status")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn an_event_mode_endpoint_sleeps_on_descriptors_and_wakes_for_messages_and_peers() {
+    let name = unique("ep-event");
+    let config = Config::default().poll(rsmsg::transport::PollMode::Event);
+    let mut ep = Endpoint::bind(config.clone(), &name).unwrap();
+    // Nobody there yet: an idle wait sleeps in the kernel, woken only by the 50 ms liveness
+    // checks (napping 1 ms at a time, as an earlier version did, would wake ~300 times).
+    let before = wakeups();
+    assert!(
+        ep.recv_timeout(Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
+    let woke = wakeups() - before;
+    assert!(woke < 60, "{woke} wake-ups in an idle 300 ms wait");
+
+    // Peers that connect while the endpoint sleeps wake it (the listener's descriptor), and
+    // so do their messages (the connections' descriptors, armed before each sleep).
+    let counts: BTreeMap<u64, u64> = [(0, 50), (1, 20), (2, 1)].into();
+    let mut closers = Vec::new();
+    let clients: Vec<_> = counts
+        .iter()
+        .map(|(&k, &n)| {
+            let (tx, rx) = mpsc::channel();
+            closers.push(tx);
+            client(config.clone(), name.clone(), k, n, None, Some(rx))
+        })
+        .collect();
+    let (ids, failures) = serve(&mut ep, &counts, |_| {});
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(ids.len(), 3);
+    // Connected peers with nothing to say: an idle wait still sleeps on their descriptors.
+    let before = wakeups();
+    assert!(
+        ep.recv_timeout(Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
+    let woke = wakeups() - before;
+    assert!(
+        woke < 60,
+        "{woke} wake-ups in an idle 300 ms wait with 3 peers"
+    );
+    for c in closers {
+        c.send(()).unwrap();
+    }
+    for c in clients {
+        c.join().unwrap();
+    }
+    // Their departures wake it too.
+    let mut closed = 0;
+    while closed < 3 {
+        match ep.recv_timeout(HANG_GUARD) {
+            Err(EndpointError::PeerFailed { source, .. }) => {
+                assert!(matches!(source, TransportError::PeerClosed), "{source}");
+                closed += 1;
+            }
+            other => panic!("expected the clients' close, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_listener_event_fd_turns_readable_when_a_connection_waits() {
+    let name = unique("ep-listen-fd");
+    let listener = Listener::bind(&Config::default(), &name).unwrap();
+    let fd = [listener.event_fd()];
+    assert!(!rsmsg::shm::wait_readable_any(&fd, Some(Duration::ZERO)).unwrap());
+    let n = name.clone();
+    let peer = thread::spawn(move || {
+        let c = rsmsg::connect(&Config::default(), &n).unwrap();
+        c.send(b"hi").unwrap();
+        c
+    });
+    assert!(
+        rsmsg::shm::wait_readable_any(&fd, Some(HANG_GUARD)).unwrap(),
+        "no wake-up for a connection"
+    );
+    let conn = listener.try_accept().unwrap().expect("a connection waits");
+    assert_eq!(&*conn.recv().unwrap(), b"hi");
+    // Taking it reset the descriptor.
+    assert!(listener.try_accept().unwrap().is_none());
+    assert!(!rsmsg::shm::wait_readable_any(&fd, Some(Duration::ZERO)).unwrap());
+    drop(peer.join().unwrap());
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::{Config, Conn, EndpointError, MANAGER_TIMEOUT, Transport, TransportChoice, host_id};
 use crate::bootstrap::{EndpointInfo, EndpointName, Registration, TransportSet};
+use crate::shm::EventFd;
 use crate::transport::TransportError;
 use crate::transport::shm::ShmListener;
 use crate::transport::verbs::VerbsListener;
@@ -56,6 +57,8 @@ pub struct Listener {
     verbs: bool,
     shm_path: Option<std::path::PathBuf>,
     rx: Mutex<Option<Receiver<Item>>>,
+    /// Signaled by the accept threads after each hand-over (see [`Listener::event_fd`]).
+    wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -136,6 +139,11 @@ impl Listener {
         };
         let (tx, rx) = sync_channel(BACKLOG);
         let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(EventFd::new().map_err(|e| {
+            EndpointError::Transport(TransportError::Failed(format!(
+                "create the listener's event descriptor: {e}"
+            )))
+        })?);
         let mut threads = Vec::new();
         let shm_path = shm.as_ref().map(|s| s.path().to_path_buf());
         let verbs = match (want_verbs, registration) {
@@ -146,7 +154,7 @@ impl Listener {
                     config.poll,
                     verbs_opts,
                 )?;
-                threads.push(spawn_verbs(vl, tx.clone(), stop.clone())?);
+                threads.push(spawn_verbs(vl, tx.clone(), stop.clone(), wake.clone())?);
                 true
             }
             (_, reg) => {
@@ -156,7 +164,7 @@ impl Listener {
                     threads.push(spawn_keeper(reg, stop.clone())?);
                 }
                 if let Some(l) = shm {
-                    threads.push(spawn_shm(l, tx.clone(), stop.clone())?);
+                    threads.push(spawn_shm(l, tx.clone(), stop.clone(), wake.clone())?);
                 }
                 return Ok(Listener {
                     name: name.to_string(),
@@ -164,13 +172,14 @@ impl Listener {
                     verbs: false,
                     shm_path,
                     rx: Mutex::new(Some(rx)),
+                    wake,
                     stop,
                     threads,
                 });
             }
         };
         if let Some(l) = shm {
-            threads.push(spawn_shm(l, tx, stop.clone())?);
+            threads.push(spawn_shm(l, tx, stop.clone(), wake.clone())?);
         }
         Ok(Listener {
             name: name.to_string(),
@@ -178,6 +187,7 @@ impl Listener {
             verbs,
             shm_path,
             rx: Mutex::new(Some(rx)),
+            wake,
             stop,
             threads,
         })
@@ -234,17 +244,32 @@ impl Listener {
             return Err(closed());
         };
         match timeout {
-            None => match rx.try_recv() {
-                Ok(item) => item.map(Some),
-                Err(TryRecvError::Empty) => Ok(None),
-                Err(TryRecvError::Disconnected) => Err(closed()),
-            },
+            None => {
+                // Reset the event descriptor before looking: a connection handed over after
+                // this look signals it again.
+                let _ = self.wake.drain();
+                match rx.try_recv() {
+                    Ok(item) => item.map(Some),
+                    Err(TryRecvError::Empty) => Ok(None),
+                    Err(TryRecvError::Disconnected) => Err(closed()),
+                }
+            }
             Some(t) => match rx.recv_timeout(t) {
                 Ok(item) => item.map(Some),
                 Err(RecvTimeoutError::Timeout) => Ok(None),
                 Err(RecvTimeoutError::Disconnected) => Err(closed()),
             },
         }
+    }
+}
+
+impl Listener {
+    /// A descriptor that becomes readable when an accepted connection may be waiting, for event
+    /// loops (epoll, tokio's `AsyncFd`): after it turns readable, take connections with
+    /// [`Listener::try_accept`] (or [`Listener::next`] with no timeout) until none is left;
+    /// that also resets it.
+    pub fn event_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.wake.fd()
     }
 }
 
@@ -308,6 +333,7 @@ fn spawn_shm(
     listener: ShmListener,
     tx: SyncSender<Item>,
     stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
 ) -> Result<JoinHandle<()>, EndpointError> {
     spawn("rsmsg-accept-shm", move || {
         loop {
@@ -330,6 +356,7 @@ fn spawn_shm(
             if tx.send(item).is_err() {
                 break;
             }
+            let _ = wake.signal();
         }
     })
 }
@@ -338,6 +365,7 @@ fn spawn_verbs(
     mut listener: VerbsListener,
     tx: SyncSender<Item>,
     stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
 ) -> Result<JoinHandle<()>, EndpointError> {
     spawn("rsmsg-accept-verbs", move || {
         while !stop.load(Ordering::SeqCst) {
@@ -362,6 +390,7 @@ fn spawn_verbs(
             if tx.send(item).is_err() {
                 break;
             }
+            let _ = wake.signal();
         }
     })
 }

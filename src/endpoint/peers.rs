@@ -10,7 +10,7 @@ use crate::transport::{Counters, GroupCounters, PollMode, SendError, TransportEr
 
 /// How often an idle [`Endpoint`] asks each connection whether its peer is still alive.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(50);
-/// Longest sleep of an idle endpoint in event or adaptive mode (bounds the added latency).
+/// Longest nap of an idle endpoint that holds a busy-mode connection (no event descriptor).
 const MAX_NAP: Duration = Duration::from_millis(1);
 /// First sleep once spinning is over.
 const FIRST_NAP: Duration = Duration::from_micros(20);
@@ -84,10 +84,12 @@ enum Wait {
 /// Several connections are watched by polling each in turn without waiting
 /// ([`Conn::poll_ready`](crate::transport::Connection::poll_ready)). What an idle endpoint does
 /// follows the configured [`PollMode`]: `busy` spins (lowest latency, one core), `adaptive`
-/// spins that many rounds then naps (20 µs doubling up to 1 ms), `event` naps at once. Naps are
-/// the place where a wait on the connections' event descriptors (epoll) will go once the
-/// transports expose them; until then an idle endpoint in `event` mode wakes up to every
-/// millisecond. Every 50 ms an idle endpoint also checks that its peers are alive.
+/// spins that many rounds then sleeps, `event` sleeps at once. It sleeps in `poll(2)` on the
+/// event descriptors of all its connections and of its listener ([`Conn::event_fd`], after
+/// arming each connection), so a message or a new connection wakes it at once. A connection
+/// made in busy mode has no event descriptor; while the endpoint holds one, it naps instead
+/// (20 µs doubling up to 1 ms). Every 50 ms an idle endpoint also checks that its peers are
+/// alive.
 ///
 /// # Thread safety
 /// `Endpoint` is `Send` but not `Sync` (like [`Conn`]): own it from one thread at a time.
@@ -400,8 +402,8 @@ impl Endpoint {
             };
             if idle < spins {
                 std::hint::spin_loop();
-            } else {
-                // Where an epoll wait on the connections' event descriptors will go.
+            } else if !self.wait_events(deadline, now)? {
+                // A connection without an event descriptor (created in busy mode): nap.
                 let left = deadline.map_or(nap, |d| d.saturating_duration_since(now));
                 std::thread::sleep(nap.min(left));
                 nap = (nap * 2).min(MAX_NAP);
@@ -425,6 +427,38 @@ impl Endpoint {
                 })
             }
         }
+    }
+
+    /// Sleeps until a connection or the listener has news (their event descriptors, see
+    /// [`Conn::event_fd`]), the deadline passes, or the next liveness check is due. Returns
+    /// `false` without waiting when some connection has no event descriptor (busy mode).
+    fn wait_events(&self, deadline: Option<Instant>, now: Instant) -> Result<bool, EndpointError> {
+        let live = || self.peers.iter().filter(|p| !p.dead.get());
+        let mut fds = Vec::with_capacity(self.peers.len() + 1);
+        for p in live() {
+            match p.conn.event_fd() {
+                Some(fd) => fds.push(fd),
+                None => return Ok(false),
+            }
+        }
+        // Arm every connection (resets its descriptor and tells the peer we may sleep); one
+        // that has something already, or failed, is handled by the next scan.
+        for p in live() {
+            if !matches!(p.conn.arm(), Ok(false)) {
+                return Ok(true);
+            }
+        }
+        if let Some(l) = &self.listener {
+            fds.push(l.event_fd());
+        }
+        let liveness = (self.last_liveness + LIVENESS_INTERVAL).saturating_duration_since(now);
+        let left = deadline.map_or(liveness, |d| d.saturating_duration_since(now).min(liveness));
+        crate::shm::wait_readable_any(&fds, Some(left)).map_err(|e| {
+            EndpointError::Transport(TransportError::Failed(format!(
+                "wait on the connections' event descriptors: {e}"
+            )))
+        })?;
+        Ok(true)
     }
 
     /// Drops peers that failed in an earlier call (already reported).

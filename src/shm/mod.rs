@@ -35,6 +35,8 @@
 mod doorbell;
 mod error;
 mod fdpass;
+#[cfg(not(loom))]
+mod fdwait;
 mod inplace;
 mod liveness;
 #[cfg(all(test, loom))]
@@ -52,6 +54,8 @@ pub use doorbell::{
 };
 pub use error::ShmError;
 pub use fdpass::{MAX_FDS, recv_fds, send_fds};
+#[cfg(not(loom))]
+pub use fdwait::wait_readable_any;
 pub use liveness::{PeerStatus, PidWatch, socket_peer_pid, socket_peer_status};
 pub use mailbox::CreditMailbox;
 pub use region::{REQUIRED_SEALS, RegionView, ShmRegion};

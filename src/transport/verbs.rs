@@ -780,6 +780,31 @@ impl SendSide {
         }
     }
 
+    /// Why the QP went to the error state, seen from a flushed receive. A send that failed first
+    /// says why (its completion precedes the flush: a peer that vanished gives
+    /// `RETRY_EXC_ERR`). When none did, this side's device moved the QP to error itself because
+    /// it refused one of the peer's requests (an RDMA access outside the memory registered for
+    /// this connection): the peer broke the rules, it did not go away.
+    #[cold]
+    fn why_flushed(&mut self) -> Dead {
+        while self.dead.is_none() {
+            let n = match self.cq.poll(&mut self.wcs) {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            if let Some(wc) = self.wcs[..n].iter().find(|wc| !wc.is_success()) {
+                self.dead = Some(dead_from(wc, "send"));
+            }
+        }
+        self.dead.clone().unwrap_or_else(|| Dead {
+            peer_gone: false,
+            reason: "the queue pair went to the error state with no local failure: the device \
+                     refused a request of the peer (an RDMA access outside the memory registered \
+                     for this connection)"
+                .into(),
+        })
+    }
+
     /// Posts the pending credits on their own, if any.
     #[inline]
     fn flush_credits(&mut self) -> Result<(), TransportError> {
@@ -811,10 +836,7 @@ impl RecvSide {
             let wc = &self.wcs[i];
             if !wc.is_success() {
                 let d = if wc.status() == WcStatus::WR_FLUSH_ERR {
-                    Dead {
-                        peer_gone: true,
-                        reason: "the queue pair went to the error state".into(),
-                    }
+                    tx.why_flushed()
                 } else {
                     dead_from(wc, "receive")
                 };
@@ -1426,7 +1448,6 @@ fn finish(
 pub struct VerbsListener {
     reg: Registration,
     ctx: Context,
-    pd: ProtectionDomain,
     layout: Layout,
     mode: PollMode,
     opts: VerbsOptions,
@@ -1474,12 +1495,10 @@ impl VerbsListener {
         opts: VerbsOptions,
     ) -> Result<Self, TransportError> {
         let ctx = opts.open()?;
-        let pd = ProtectionDomain::new(&ctx)?;
         let link_layer = ctx.active_port(opts.port)?.link_layer;
         Ok(VerbsListener {
             reg,
             ctx,
-            pd,
             layout,
             mode,
             opts,
@@ -1550,14 +1569,12 @@ impl VerbsListener {
                 "queue pair offered in the first round",
             ));
         }
-        let receiving = Receiving::create(&self.pd, &self.layout)?;
-        let queues = Queues::create(
-            &self.ctx,
-            &self.pd,
-            &self.opts,
-            &self.layout,
-            &peer.hello.layout,
-        )?;
+        // A protection domain per connection, as on the initiator's side: the keys a peer holds
+        // (its target segments, mailbox, rendezvous buffers offered to it) then work only through
+        // its own queue pair, never through another peer's connection to this listener.
+        let pd = ProtectionDomain::new(&self.ctx)?;
+        let receiving = Receiving::create(&pd, &self.layout)?;
+        let queues = Queues::create(&self.ctx, &pd, &self.opts, &self.layout, &peer.hello.layout)?;
         let hello = Hello {
             mode: self.mode,
             link_layer: self.link_layer,
@@ -1578,7 +1595,7 @@ impl VerbsListener {
             .ok_or_else(|| setup_err(&peer_name, "third round without a queue pair"))?;
         let ep = qp_endpoint(&info, peer.hello.link_layer, &peer_name)?;
         let conn = finish(
-            &self.pd,
+            &pd,
             queues,
             receiving,
             peer,

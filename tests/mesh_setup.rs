@@ -1,0 +1,68 @@
+//! Mesh setup over shared memory: a rank whose peers never start gets a clear timeout, not a hang.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rsmsg::endpoint::Config;
+use rsmsg::mesh::{Mesh, MeshError, MeshSetup};
+
+fn setup(job: &str, timeout: Duration) -> MeshSetup {
+    MeshSetup {
+        job: format!("{job}-{}", std::process::id()),
+        embed_manager: None,
+        timeout,
+    }
+}
+
+#[test]
+fn a_rank_whose_higher_peers_never_start_times_out_clearly() {
+    let s = setup("mesh-lonely", Duration::from_secs(2));
+    let t = Instant::now();
+    match Mesh::connect(&Config::default(), 0, 3, &s) {
+        Err(MeshError::SetupTimeout(limit, what)) => {
+            assert_eq!(limit, Duration::from_secs(2));
+            assert!(what.contains("ranks 1 to 2"), "{what}");
+        }
+        Err(e) => panic!("expected a setup timeout, got {e}"),
+        Ok(_) => panic!("a mesh of 3 formed with one rank"),
+    }
+    // Bounded by the setup timeout (generous slack: this guards against a hang only).
+    assert!(t.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn a_partial_mesh_times_out_on_every_started_rank_and_a_full_one_forms() {
+    // Ranks 0 and 1 of 3: rank 1 connects to 0, both wait for rank 2, which never comes.
+    let s = setup("mesh-partial", Duration::from_secs(2));
+    let s1 = s.clone();
+    let r1 = thread::spawn(move || Mesh::connect(&Config::default(), 1, 3, &s1).map(|_| ()));
+    let r0 = Mesh::connect(&Config::default(), 0, 3, &s).map(|_| ());
+    assert!(matches!(r0, Err(MeshError::SetupTimeout(..))), "{r0:?}");
+    let r1 = r1.join().unwrap();
+    assert!(matches!(r1, Err(MeshError::SetupTimeout(..))), "{r1:?}");
+
+    // All three: the mesh forms and carries a message between every pair.
+    let s = setup("mesh-full", Duration::from_secs(30));
+    let ranks: Vec<_> = (0..3u32)
+        .map(|r| {
+            let s = s.clone();
+            thread::spawn(move || {
+                let m = Mesh::connect(&Config::default(), r, 3, &s).unwrap();
+                for to in (0..3).filter(|&to| to != r) {
+                    m.send(to, &[r as u8; 16]).unwrap();
+                }
+                for from in (0..3).filter(|&f| f != r) {
+                    let msg = m
+                        .recv(from, rsmsg::mesh::Wait::For(Duration::from_secs(30)))
+                        .unwrap()
+                        .expect("a message from every rank");
+                    assert_eq!(&*msg, &[from as u8; 16]);
+                }
+                m.barrier().unwrap();
+            })
+        })
+        .collect();
+    for r in ranks {
+        r.join().unwrap();
+    }
+}

@@ -69,10 +69,55 @@ pub fn socket_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
         return Path::new(&d).join("rsmsg");
     }
-    let uid = std::fs::metadata("/proc/self")
+    PathBuf::from(format!("/tmp/rsmsg-{}", own_uid()))
+}
+
+fn own_uid() -> u32 {
+    std::fs::metadata("/proc/self")
         .map(|m| m.uid())
-        .unwrap_or(0);
-    PathBuf::from(format!("/tmp/rsmsg-{uid}"))
+        .unwrap_or(0)
+}
+
+/// Makes sure `dir`, in a directory every user may write to (`/tmp`), is this user's own: created
+/// with mode 0700 if missing, otherwise a real directory (not a link) owned by this user, whose
+/// mode is then tightened to 0700 if needed. Another user who created `/tmp/rsmsg-UID` first could otherwise swap
+/// the sockets in it and sit between two endpoints.
+///
+/// # Errors
+/// The directory cannot be created, or it exists and is not a directory owned by this user.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), TransportError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("create the socket directory")(e)),
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(io("inspect the socket directory"))?;
+    let uid = own_uid();
+    if m.file_type().is_dir() && m.uid() == uid && m.mode() & 0o077 != 0 {
+        // Ours, made with a looser umask (earlier versions did that): tighten it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("make the socket directory private"))?;
+        return Ok(());
+    }
+    if !m.file_type().is_dir() || m.uid() != uid {
+        return Err(TransportError::Failed(format!(
+            "the socket directory {} is not a directory of uid {uid} (a {}, owner uid {}, mode \
+             {:o}); refusing to use it: remove it, or set RSMSG_SHM_DIR or XDG_RUNTIME_DIR",
+            dir.display(),
+            if m.file_type().is_symlink() {
+                "symbolic link"
+            } else if m.file_type().is_dir() {
+                "directory"
+            } else {
+                "file"
+            },
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// The socket path of endpoint `name`.
@@ -93,7 +138,13 @@ pub fn socket_path(name: &str) -> Result<PathBuf, TransportError> {
             reason: "endpoint names are 1-64 bytes of [A-Za-z0-9._-]".into(),
         });
     }
-    Ok(socket_dir().join(format!("{name}.sock")))
+    let dir = socket_dir();
+    if std::env::var_os("RSMSG_SHM_DIR").is_none() && std::env::var_os("XDG_RUNTIME_DIR").is_none()
+    {
+        // The shared /tmp fallback: only a directory of our own.
+        ensure_private_dir(&dir)?;
+    }
+    Ok(dir.join(format!("{name}.sock")))
 }
 
 fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {

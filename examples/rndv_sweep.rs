@@ -1,5 +1,6 @@
 //! Size sweep across the eager/rendezvous switch: one-way latency (half a ping-pong) and
-//! bandwidth (a stream with up to `--window` rendezvous transfers in flight) per size, both ends
+//! bandwidth (a stream with up to `--window` rendezvous transfers in flight, received with
+//! `recv_into_many` into `--window` buffers, so that their READs overlap) per size, both ends
 //! in this process (two threads), over verbs (an embedded bootstrap manager; run it where an
 //! RDMA device is, e.g. `rdma-setup/vm-run -- target/release/examples/rndv_sweep`) or shared
 //! memory.
@@ -112,8 +113,13 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
             let got = c.recv_into(&mut buf)?;
             c.send(&buf[..got])?;
         }
-        for _ in 0..n {
-            c.recv_into(&mut buf)?;
+        // Several messages per receive: their READs in flight together.
+        let mut bufs: Vec<Vec<u8>> = (0..a.window).map(|_| vec![0u8; size]).collect();
+        let mut got = 0;
+        while got < n {
+            let want = ((n - got) as usize).min(bufs.len());
+            let mut views: Vec<&mut [u8]> = bufs[..want].iter_mut().map(|b| &mut b[..]).collect();
+            got += c.recv_into_many(&mut views)?.len() as u64;
         }
         c.send(b"ack")?;
     }

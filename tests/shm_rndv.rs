@@ -398,3 +398,36 @@ fn rendezvous_in_flight_when_the_receiver_goes_is_unconfirmed() {
     assert_eq!(c + u.len() as u64, 4, "confirmed {c}, unconfirmed {u:?}");
     assert!(c >= 1, "big1 is confirmed");
 }
+
+/// `recv_into_many` takes what has arrived, in order: eager messages into their buffers, and a
+/// rendezvous message (read alone over shared memory) ends the batch or comes alone.
+#[test]
+fn recv_into_many_takes_what_arrived_in_order() {
+    let (a, b) = pair();
+    for i in 0..5u64 {
+        b.send(&payload(i, 1000 + i as usize)).unwrap();
+    }
+    let big = payload(5, 1 << 20);
+    let h = b.send_start(&big).unwrap();
+    b.send(&payload(6, 77)).unwrap();
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 2 << 20]).collect();
+    let mut seen = 0u64;
+    while seen < 7 {
+        let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        let lens = a.recv_into_many(&mut views).unwrap();
+        assert!(!lens.is_empty());
+        for (k, &n) in lens.iter().enumerate() {
+            let i = seen + k as u64;
+            let want = match i {
+                5 => big.clone(),
+                6 => payload(6, 77),
+                _ => payload(i, 1000 + i as usize),
+            };
+            assert_eq!(n, want.len(), "message {i}");
+            assert!(bufs[k][..n] == want[..], "message {i}");
+        }
+        seen += lens.len() as u64;
+    }
+    h.wait().unwrap();
+    assert_eq!(a.rndv_stats().received, 1);
+}

@@ -419,3 +419,59 @@ fn send_cache_with_memory_windows() {
     assert_eq!(s.misses, 1 + big, "{s:?}");
     assert_eq!(s.entries, 0, "{s:?}");
 }
+
+/// `recv_into_many`: several rendezvous messages read together (their READs in flight at
+/// once), eager messages between them, every byte checked, sizes across chunk boundaries.
+#[test]
+fn recv_into_many_reads_several_messages_at_once() {
+    let ctx = device_or_skip!("recv_into_many_reads_several_messages_at_once");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    a.set_rndv_config(RndvConfig {
+        cache_bytes: 64 << 20,
+        ..a.rndv_config()
+    });
+    let sizes: Vec<usize> = (0..24)
+        .map(|i| match i % 4 {
+            0 => 300_000 + 4099 * i,
+            1 => 100 + i,
+            2 => (1 << 20) + 1 + i,
+            _ => (3 << 20) - i,
+        })
+        .collect();
+    let bufs: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| payload(i as u64, l))
+        .collect();
+    let expect = sizes.clone();
+    let h = thread::spawn(move || {
+        let mut dst: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 4 << 20]).collect();
+        let mut seen = 0usize;
+        let mut batches = 0;
+        while seen < expect.len() {
+            let mut views: Vec<&mut [u8]> = dst.iter_mut().map(|b| &mut b[..]).collect();
+            let lens = a.recv_into_many(&mut views).unwrap();
+            batches += 1;
+            for (k, &n) in lens.iter().enumerate() {
+                let i = seen + k;
+                assert_eq!(n, expect[i], "message {i}");
+                assert!(dst[k][..n] == payload(i as u64, n)[..], "message {i}");
+            }
+            seen += lens.len();
+        }
+        (a, batches)
+    });
+    let mut handles = Vec::new();
+    for buf in &bufs {
+        handles.push(b.send_start(buf).unwrap());
+    }
+    for h in handles {
+        h.wait().unwrap();
+    }
+    let (a, batches) = h.join().unwrap();
+    let big = sizes.iter().filter(|&&l| l > b.switch_point()).count() as u64;
+    assert_eq!(a.rndv_stats().received, big);
+    assert_eq!(b.rndv_stats().sent, big);
+    println!("24 messages in {batches} receives");
+}

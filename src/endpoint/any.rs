@@ -184,6 +184,13 @@ impl Link for AnyLink {
     fn rndv_revoke(&mut self, exposure: crate::transport::Exposure<'_>) {
         each_link!(self, l => l.rndv_revoke(exposure))
     }
+    fn rndv_read_many(
+        &mut self,
+        reqs: &[crate::core::RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Option<Result<(), TransportError>> {
+        each_link!(self, l => l.rndv_read_many(reqs, dsts))
+    }
     fn rndv_can_stream(&self) -> bool {
         each_link!(self, l => l.rndv_can_stream())
     }

@@ -267,6 +267,22 @@ pub trait Link {
         Ok(Err(crate::core::refuse_reason::NO_ACCESS))
     }
 
+    /// Reads several exposed buffers at once, `reqs[i]` into `dsts[i]` (each `dsts[i].len() ==
+    /// reqs[i].len`), all in flight together, returning once every one is there (destinations
+    /// are the application's: cacheable). `None`: this link reads one at a time (use
+    /// [`Link::rndv_read`]).
+    ///
+    /// # Errors
+    /// A failed link (a failed RDMA READ leaves the connection unusable).
+    fn rndv_read_many(
+        &mut self,
+        reqs: &[crate::core::RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Option<Result<(), TransportError>> {
+        let _ = (reqs, dsts);
+        None
+    }
+
     /// Sets the cap of the receive-destination registration cache (bytes, 0: no cache).
     fn rndv_set_cache_cap(&mut self, bytes: usize) {
         let _ = bytes;

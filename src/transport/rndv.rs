@@ -684,6 +684,134 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
     }
 
+    /// Receives at least one and at most `bufs.len()` messages, one into each buffer in order,
+    /// waiting only for the first; returns their lengths. Rendezvous messages among them are read
+    /// concurrently where the link can (verbs: their RDMA READs are in flight together, up to the
+    /// QP's limit), which is what a stream of large messages needs to keep the link busy. A
+    /// message that cannot join the batch (a refusal, a buffer too short, a message over shared
+    /// memory) ends it, or, as the first, is received as [`Connection::recv_into`] would.
+    ///
+    /// # Errors
+    /// As [`Connection::recv_into`].
+    pub fn recv_into_many(&self, bufs: &mut [&mut [u8]]) -> Result<Vec<usize>, TransportError> {
+        if bufs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        // Whatever has arrived, and at least one message.
+        loop {
+            let w = if inner.rndv.ready.is_empty() {
+                Wait::Forever
+            } else if inner.rndv.ready.len() < bufs.len() {
+                Wait::No
+            } else {
+                break;
+            };
+            match inner.progress(&self.target, w) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => return Err(inner.fail(e)),
+            }
+        }
+        let batchable = |inner: &Inner<L>, r: &Ready, room: usize| match r {
+            Ready::Data(d) => d.len <= room,
+            Ready::Owned { data, .. } => data.len() <= room,
+            Ready::Request { req, .. } => req.len <= room && !inner.link.rndv_can_stream(),
+            Ready::Refuse { .. } => false,
+        };
+        let first_ok = inner
+            .rndv
+            .ready
+            .front()
+            .is_some_and(|r| batchable(&inner, r, bufs[0].len()));
+        if !first_ok {
+            // Received alone, as `recv_into` receives it.
+            drop(inner);
+            return self.recv_into(bufs[0]).map(|n| vec![n]);
+        }
+        let mut lens = Vec::with_capacity(bufs.len());
+        let mut reqs = Vec::new();
+        let mut dsts: Vec<&mut [u8]> = Vec::new();
+        for buf in bufs.iter_mut() {
+            let Some(r) = inner.rndv.ready.front() else {
+                break;
+            };
+            if !batchable(&inner, r, buf.len()) {
+                break;
+            }
+            let Some(r) = inner.rndv.ready.pop_front() else {
+                break;
+            };
+            match r {
+                Ready::Data(d) => {
+                    let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
+                    buf[..d.len].copy_from_slice(data);
+                    if let Err(e) = inner.release(d.token) {
+                        return Err(inner.fail(e));
+                    }
+                    lens.push(d.len);
+                }
+                Ready::Owned { data, .. } => {
+                    buf[..data.len()].copy_from_slice(&data);
+                    lens.push(data.len());
+                }
+                Ready::Request { req, .. } => {
+                    lens.push(req.len);
+                    dsts.push(&mut buf[..req.len]);
+                    reqs.push(req);
+                }
+                other => {
+                    // Not batchable (checked above): left for the next receive.
+                    inner.rndv.ready.push_front(other);
+                    break;
+                }
+            }
+        }
+        if reqs.is_empty() {
+            return Ok(lens);
+        }
+        let r = match inner.link.rndv_read_many(&reqs, &mut dsts) {
+            Some(r) => r,
+            None => {
+                // One at a time (requests are batched only on links that read them together,
+                // so this is only a fallback).
+                let mut r = Ok(());
+                for (req, dst) in reqs.iter().zip(dsts.iter_mut()) {
+                    match inner.link.rndv_read(req, dst, true) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(reason)) => {
+                            r = Err(TransportError::Failed(format!(
+                                "rendezvous read refused in a batch: {}",
+                                refuse_reason::describe(reason)
+                            )));
+                            break;
+                        }
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                }
+                r
+            }
+        };
+        if let Err(e) = r {
+            return Err(inner.fail(e));
+        }
+        for req in &reqs {
+            if let Err(e) =
+                inner.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })
+            {
+                return Err(inner.fail(e));
+            }
+            inner.rndv.stats.received += 1;
+            inner.rndv.stats.received_bytes += req.len as u64;
+            inner.rndv.stats.into_caller_buffer += 1;
+        }
+        Ok(lens)
+    }
+
     /// The rendezvous settings.
     pub fn rndv_config(&self) -> RndvConfig {
         self.inner.borrow().rndv.cfg

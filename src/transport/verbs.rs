@@ -75,7 +75,8 @@ use crate::verbs::{
 use super::rndv::Exposure;
 use crate::core::{RndvConfig, RndvRequest};
 use crate::verbs::{
-    AccessFlags, BoundWindow, MemoryWindow, ReadOptions, RegCache, RegCacheStats, RemoteReadGrant,
+    AccessFlags, BoundWindow, MemoryWindow, ReadJob, ReadOptions, RegCache, RegCacheStats,
+    RemoteReadGrant,
 };
 
 const MAGIC: [u8; 4] = *b"RSVB";
@@ -944,6 +945,80 @@ impl VerbsLink {
     }
 }
 
+impl VerbsLink {
+    /// The READs of several rendezvous requests, in flight together (see `Link::rndv_read_many`).
+    fn read_many(
+        &mut self,
+        reqs: &[RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<(), TransportError> {
+        let tx = self.tx.get_mut();
+        tx.check()?;
+        if reqs.len() != dsts.len() || reqs.iter().zip(dsts.iter()).any(|(r, d)| r.len != d.len()) {
+            return Err(TransportError::Failed(
+                "rendezvous reads: destinations do not match the requests".into(),
+            ));
+        }
+        let mrs = dsts
+            .iter_mut()
+            .map(|d| self.rndv_cache.get(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut jobs: Vec<ReadJob<'_>> = mrs
+            .iter()
+            .zip(dsts.iter_mut())
+            .zip(reqs)
+            .map(|((mr, dst), r)| ReadJob {
+                mr,
+                dst,
+                remote_addr: r.addr,
+                rkey: Rkey(r.rkey),
+            })
+            .collect();
+        let SendSide {
+            qp,
+            cq,
+            posted,
+            completed,
+            dead,
+            depth,
+            ..
+        } = tx;
+        let opts = ReadOptions {
+            first_wr_id: *posted,
+            chunk: RNDV_READ_CHUNK,
+            window: (*depth / 2).clamp(1, 16) as u32,
+        };
+        let mut other_failed: Option<Dead> = None;
+        let r = qp.read_many(cq, &mut jobs, opts, |wc| {
+            if wc.is_success() {
+                *completed = (*completed).max(wc.wr_id().0 + 1);
+            } else if other_failed.is_none() {
+                other_failed = Some(dead_from(wc, "send"));
+            }
+        });
+        match r {
+            Ok(n) => {
+                *posted += n;
+                *completed = *posted;
+                if let Some(d) = other_failed {
+                    let e = d.error();
+                    dead.get_or_insert(d);
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let d = other_failed.unwrap_or(Dead {
+                    peer_gone: false,
+                    reason: format!("rendezvous read: {e}"),
+                });
+                dead.get_or_insert(d);
+                Err(TransportError::Verbs(e))
+            }
+        }
+    }
+}
+
 impl Link for VerbsLink {
     #[inline]
     fn write(
@@ -1269,6 +1344,14 @@ impl Link for VerbsLink {
                 Err(TransportError::Verbs(e))
             }
         }
+    }
+
+    fn rndv_read_many(
+        &mut self,
+        reqs: &[RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Option<Result<(), TransportError>> {
+        Some(self.read_many(reqs, dsts))
     }
 
     fn rndv_set_cache_cap(&mut self, bytes: usize) {

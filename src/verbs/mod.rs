@@ -57,8 +57,8 @@ pub use image::{CreditWords, SourceImage, TargetImage};
 pub use mr::{MemoryRegion, ProtectionDomain};
 pub use mw::MemoryWindow;
 pub use qp::{
-    ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, ReadOptions, RecvWr,
-    SendOp, SendWr,
+    ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, ReadJob, ReadOptions,
+    RecvWr, SendOp, SendWr,
 };
 pub use regcache::{BoundWindow, RangeCache, RegCache, RegCacheStats, RemoteReadGrant};
 pub use test_support::{

@@ -441,13 +441,22 @@ fn serve_one<L: Link, T: TargetMemory>(conn: &Connection<L, T>) -> Result<()> {
                             conn.send(&buf)?;
                         }
                     }
+                    Test::Bw | Test::Rate if !dst.is_empty() => {
+                        // Several rendezvous messages per receive: their reads overlap.
+                        let mut bufs: Vec<Vec<u8>> =
+                            (0..RNDV_WINDOW).map(|_| vec![0u8; size]).collect();
+                        let mut got = 0u64;
+                        while got < iters {
+                            let want = ((iters - got) as usize).min(RNDV_WINDOW);
+                            let mut views: Vec<&mut [u8]> =
+                                bufs[..want].iter_mut().map(|b| &mut b[..]).collect();
+                            got += conn.recv_into_many(&mut views)?.len() as u64;
+                        }
+                        conn.send(b"ack")?;
+                    }
                     Test::Bw | Test::Rate => {
                         for _ in 0..iters {
-                            if dst.is_empty() {
-                                conn.recv()?;
-                            } else {
-                                conn.recv_into(&mut dst)?;
-                            }
+                            conn.recv()?;
                         }
                         conn.send(b"ack")?;
                     }

@@ -1,16 +1,20 @@
 //! Size sweep across the eager/rendezvous switch: one-way latency (half a ping-pong) and
-//! bandwidth (a stream with up to `--window` rendezvous transfers in flight) per size, both ends
+//! bandwidth (a stream with up to `--window` rendezvous transfers in flight, received with
+//! `recv_into_many` into `--window` buffers, so that their READs overlap) per size, both ends
 //! in this process (two threads), over verbs (an embedded bootstrap manager; run it where an
 //! RDMA device is, e.g. `rdma-setup/vm-run -- target/release/examples/rndv_sweep`) or shared
 //! memory.
 //!
 //! ```text
 //! rndv_sweep [--transport verbs|shm] [--sizes 4k,64k,1m,...] [--threshold BYTES]
-//!            [--iters N] [--bytes BYTES] [--window W] [--cache BYTES]
+//!            [--iters N] [--lat-iters N] [--bytes BYTES] [--window W] [--cache BYTES]
+//!            [--send-cache BYTES]
 //! ```
 //! Sizes above the switch point go by rendezvous; the table says which. `--threshold` lowers the
 //! switch point (as `RSMSG_RNDV_THRESHOLD` does); `--cache` sets the receiver's registration
-//! cache (the receiver uses `recv_into` on one buffer).
+//! cache (the receiver uses `recv_into` on one buffer); `--send-cache` the sender's (memory
+//! windows over cached registrations instead of a registration per transfer; 0, the default,
+//! registers per transfer). Latency is the median (and minimum) of the round trips, halved.
 
 use std::thread;
 use std::time::Instant;
@@ -38,9 +42,11 @@ struct Args {
     sizes: Vec<usize>,
     threshold: Option<usize>,
     iters: Option<u64>,
+    lat_iters: Option<u64>,
     bytes: u64,
     window: usize,
     cache: usize,
+    send_cache: usize,
 }
 
 fn args() -> Result<Args> {
@@ -52,9 +58,11 @@ fn args() -> Result<Args> {
             .collect::<Result<_>>()?,
         threshold: None,
         iters: None,
+        lat_iters: None,
         bytes: 32 << 20,
         window: 16,
         cache: 256 << 20,
+        send_cache: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -64,9 +72,11 @@ fn args() -> Result<Args> {
             "--sizes" => a.sizes = v()?.split(',').map(parse_size).collect::<Result<_>>()?,
             "--threshold" => a.threshold = Some(parse_size(&v()?)?),
             "--iters" => a.iters = Some(v()?.parse()?),
+            "--lat-iters" => a.lat_iters = Some(v()?.parse::<u64>()?.max(1)),
             "--bytes" => a.bytes = parse_size(&v()?)? as u64,
             "--window" => a.window = v()?.parse::<usize>()?.max(1),
             "--cache" => a.cache = parse_size(&v()?)?,
+            "--send-cache" => a.send_cache = parse_size(&v()?)?,
             other => bail!("unknown argument {other:?} (see the source's doc comment)"),
         }
     }
@@ -79,15 +89,17 @@ fn iters_for(a: &Args, size: usize) -> u64 {
         .unwrap_or((a.bytes / size.max(1) as u64).clamp(5, 4000))
 }
 
-/// Latency round trips for a size: a tenth of the bandwidth iterations, at least 2.
+/// Latency round trips for a size: `--lat-iters`, else a tenth of the bandwidth iterations, at
+/// least 5.
 fn lat_iters_for(a: &Args, size: usize) -> u64 {
-    (iters_for(a, size) / 10).max(2)
+    a.lat_iters.unwrap_or((iters_for(a, size) / 10).max(5))
 }
 
 fn configure<L: Link, T: TargetMemory>(c: &Connection<L, T>, a: &Args) {
     c.set_rndv_config(RndvConfig {
         threshold: a.threshold,
         cache_bytes: a.cache,
+        send_cache_bytes: a.send_cache,
         ..c.rndv_config()
     });
 }
@@ -101,8 +113,13 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
             let got = c.recv_into(&mut buf)?;
             c.send(&buf[..got])?;
         }
-        for _ in 0..n {
-            c.recv_into(&mut buf)?;
+        // Several messages per receive: their READs in flight together.
+        let mut bufs: Vec<Vec<u8>> = (0..a.window).map(|_| vec![0u8; size]).collect();
+        let mut got = 0;
+        while got < n {
+            let want = ((n - got) as usize).min(bufs.len());
+            let mut views: Vec<&mut [u8]> = bufs[..want].iter_mut().map(|b| &mut b[..]).collect();
+            got += c.recv_into_many(&mut views)?.len() as u64;
         }
         c.send(b"ack")?;
     }
@@ -111,15 +128,22 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
 
 fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Args) -> Result<()> {
     println!(
-        "# rndv_sweep: transport {}, switch point {} B, window {}, receiver cache {} B",
+        "# rndv_sweep: transport {}, switch point {} B, window {}, receiver cache {} B, \
+         sender cache {} B ({})",
         a.transport,
         c.switch_point(),
         a.window,
-        a.cache
+        a.cache,
+        a.send_cache,
+        if c.rndv_send_cache_stats().is_some() {
+            "memory windows"
+        } else {
+            "registration per transfer"
+        }
     );
     println!(
-        "{:>10} {:>6} {:>8} {:>12} {:>14}",
-        "#bytes", "mode", "#iters", "lat[us]", "BW avg[MB/s]"
+        "{:>10} {:>6} {:>8} {:>12} {:>12} {:>14}",
+        "#bytes", "mode", "#iters", "lat_med[us]", "lat_min[us]", "BW avg[MB/s]"
     );
     let mut rbuf = vec![0u8; sizes.iter().copied().max().unwrap_or(0)];
     for &size in sizes {
@@ -129,15 +153,19 @@ fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
         // Latency: one warm-up round trip, then nl.
         c.send(&buf)?;
         c.recv_into(&mut rbuf)?;
-        let t = Instant::now();
+        let mut rtts = Vec::with_capacity(nl as usize);
         for _ in 0..nl {
+            let t = Instant::now();
             c.send(&buf)?;
             let got = c.recv_into(&mut rbuf)?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
             if got != size {
                 bail!("echo of {got} bytes for {size}");
             }
         }
-        let lat = t.elapsed().as_secs_f64() * 1e6 / nl as f64 / 2.0;
+        rtts.sort_by(f64::total_cmp);
+        let lat = rtts[rtts.len() / 2];
+        let lat_min = rtts[0];
         // Bandwidth: a stream, up to `window` transfers in flight.
         let t = Instant::now();
         let mut inflight = std::collections::VecDeque::new();
@@ -163,10 +191,13 @@ fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
         } else {
             "eager"
         };
-        println!("{size:>10} {mode:>6} {n:>8} {lat:>12.2} {bw:>14.2}");
+        println!("{size:>10} {mode:>6} {n:>8} {lat:>12.2} {lat_min:>12.2} {bw:>14.2}");
     }
     if let Some(s) = c.rndv_cache_stats() {
-        println!("# client cache: {s:?}");
+        println!("# client receive cache: {s:?}");
+    }
+    if let Some(s) = c.rndv_send_cache_stats() {
+        println!("# client send cache: {s:?}");
     }
     Ok(())
 }
@@ -184,9 +215,11 @@ where
         sizes: a.sizes.clone(),
         threshold: a.threshold,
         iters: a.iters,
+        lat_iters: a.lat_iters,
         bytes: a.bytes,
         window: a.window,
         cache: a.cache,
+        send_cache: a.send_cache,
     };
     let h = thread::spawn(move || serve(&server, &sizes, &a2));
     drive(&client, &a.sizes, a)?;

@@ -1,6 +1,8 @@
 //! Rendezvous over shared memory: messages of any size (the receiver copies once, straight from
 //! the sender's buffer, with `process_vm_readv`), boundaries around every group and the switch
-//! point, concurrent transfers, receive limits, refusals at both ends.
+//! point, concurrent transfers, receive limits, refusals at both ends; the fallback through the
+//! segments when the read is not permitted (forced with `RndvConfig::stream_only`, since this
+//! host may permit it); delivery accounting when the receiver goes away.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -159,11 +161,31 @@ fn many_concurrent_rendezvous_on_one_connection() {
 
 #[test]
 fn oversize_is_refused_at_both_ends_and_the_connection_survives() {
+    oversize_and_short_buffer_refused(false);
+}
+
+#[test]
+fn streamed_oversize_and_short_buffer_are_refused_and_their_chunks_dropped() {
+    oversize_and_short_buffer_refused(true);
+}
+
+fn stream_only(c: &ShmConnection) {
+    c.set_rndv_config(RndvConfig {
+        stream_only: true,
+        ..c.rndv_config()
+    });
+}
+
+fn oversize_and_short_buffer_refused(stream: bool) {
     let (a, b) = pair();
     a.set_rndv_config(RndvConfig {
         max_recv: 1 << 20,
         ..a.rndv_config()
     });
+    if stream {
+        stream_only(&a);
+        stream_only(&b);
+    }
     let h = thread::spawn(move || {
         match a.recv() {
             Err(TransportError::RendezvousRefused { len, reason }) => {
@@ -205,6 +227,7 @@ fn oversize_is_refused_at_both_ends_and_the_connection_survives() {
     let a = h.join().unwrap();
     assert_eq!(a.rndv_stats().refused_here, 2);
     assert_eq!(b.rndv_stats().refused_by_peer, 2);
+    assert_eq!(a.rndv_stats().streamed, u64::from(stream));
 }
 
 #[test]
@@ -243,4 +266,168 @@ fn a_departed_receiver_fails_the_send_not_hangs() {
         Err(SendError::Transport(_)) => {}
         other => panic!("expected a transport error, got {other:?}"),
     }
+}
+
+/// The receiver may not read the sender's memory (forced): the first transfer is asked for
+/// through the segments, later ones are streamed at once; every byte arrives, with `recv` and
+/// `recv_into`, around every boundary.
+#[test]
+fn streamed_when_the_receiver_may_not_read() {
+    let (a, b) = pair();
+    stream_only(&a);
+    let switch = b.switch_point();
+    let sizes = sizes(&Layout::default(), switch, 8 << 20);
+    let big = sizes.iter().filter(|&&l| l > switch).count() as u64;
+    let a = sweep_back(a, b, sizes);
+    assert_eq!(a.rndv_stats().streamed, big);
+}
+
+/// Both sides stream (as configured where the read is known to be forbidden): transfers in
+/// flight, small messages between them, handles completed out of order; no deadlock.
+#[test]
+fn streamed_transfers_in_flight_with_small_messages_between() {
+    let (a, b) = pair_with(Layout::default(), PollMode::Event);
+    stream_only(&a);
+    stream_only(&b);
+    let bufs: Vec<Vec<u8>> = (0..16u64)
+        .map(|i| payload(i, 300_000 + 77_777 * i as usize))
+        .collect();
+    let expect = bufs.clone();
+    let h = thread::spawn(move || {
+        let mut dst = vec![0u8; 2 << 20];
+        for (i, want) in expect.iter().enumerate() {
+            if i % 2 == 0 {
+                let m = a.recv().unwrap();
+                assert!(*m == want[..], "large {i}");
+            } else {
+                let n = a.recv_into(&mut dst).unwrap();
+                assert!(dst[..n] == want[..], "large {i}");
+            }
+            let s = a.recv().unwrap();
+            assert_eq!(&*s, &[i as u8; 10][..]);
+        }
+        a
+    });
+    let mut handles = Vec::new();
+    for (i, buf) in bufs.iter().enumerate() {
+        handles.push(b.send_start(buf).unwrap());
+        b.send(&[i as u8; 10]).unwrap();
+    }
+    while let Some(h) = handles.pop() {
+        h.wait().unwrap();
+    }
+    drop(handles);
+    let a = h.join().unwrap();
+    assert_eq!(a.rndv_stats().streamed, 16);
+    assert_eq!(a.rndv_stats().received, 16);
+    assert_eq!(b.rndv_stats().sent, 16);
+}
+
+/// As [`sweep`], returning the receiver.
+fn sweep_back(rx: ShmConnection, tx: ShmConnection, sizes: Vec<usize>) -> ShmConnection {
+    let expect = sizes.clone();
+    let h = thread::spawn(move || {
+        for (i, &len) in sizes.iter().enumerate() {
+            tx.send(&payload(i as u64, len))
+                .unwrap_or_else(|e| panic!("send of {len} bytes: {e}"));
+        }
+        tx
+    });
+    let mut buf = vec![0u8; 8 << 20];
+    for (i, &len) in expect.iter().enumerate() {
+        let want = payload(i as u64, len);
+        if i % 2 == 0 {
+            let m = rx.recv().unwrap();
+            assert!(*m == want[..], "message {i} of {len} bytes differs");
+        } else {
+            buf.fill(0xa5);
+            let got = rx.recv_into(&mut buf).unwrap();
+            assert_eq!(got, len);
+            assert!(buf[..len] == want[..], "message {i} of {len} bytes differs");
+        }
+    }
+    let tx = h.join().unwrap();
+    let big = expect.iter().filter(|&&l| l > tx.switch_point()).count() as u64;
+    assert_eq!(tx.rndv_stats().sent, big);
+    assert_eq!(rx.rndv_stats().received, big);
+    rx
+}
+
+/// The receiver goes away with rendezvous transfers in flight: the one it read is confirmed,
+/// the one it never read is listed by `unconfirmed()` under its request's sequence number, and
+/// together with the eager messages every message sent is counted once.
+#[test]
+fn rendezvous_in_flight_when_the_receiver_goes_is_unconfirmed() {
+    let (a, b) = pair();
+    let big1 = payload(1, 1 << 20);
+    let big2 = payload(2, 2 << 20);
+    // Sequence numbers: 0 small, 1 and 2 the requests of big1 and big2, 3 small.
+    b.send(b"zero").unwrap();
+    let h1 = b.send_start(&big1).unwrap();
+    let h2 = b.send_start(&big2).unwrap();
+    b.send(b"three").unwrap();
+    assert_eq!(
+        b.unconfirmed()
+            .iter()
+            .filter(|&&s| s == 1 || s == 2)
+            .count(),
+        2
+    );
+    let t = thread::spawn(move || {
+        let m = a.recv().unwrap();
+        assert_eq!(&*m, b"zero");
+        assert_eq!(m.seq(), 0);
+        drop(m);
+        let mut dst = vec![0u8; 1 << 20];
+        assert_eq!(a.recv_into(&mut dst).unwrap(), 1 << 20);
+        assert!(dst == payload(1, 1 << 20));
+        // Gone without reading big2 or the last small message.
+    });
+    h1.wait().unwrap();
+    t.join().unwrap();
+    match h2.wait() {
+        Err(SendError::Transport(_)) => {}
+        other => panic!("expected a transport error, got {other:?}"),
+    }
+    let u = b.unconfirmed();
+    let c = b.confirmed();
+    assert!(u.contains(&2), "the unread rendezvous: {u:?}");
+    assert!(u.contains(&3), "the unread small message: {u:?}");
+    assert!(!u.contains(&1), "the rendezvous read and answered: {u:?}");
+    assert!(u.windows(2).all(|w| w[0] < w[1]), "oldest first: {u:?}");
+    assert_eq!(c + u.len() as u64, 4, "confirmed {c}, unconfirmed {u:?}");
+    assert!(c >= 1, "big1 is confirmed");
+}
+
+/// `recv_into_many` takes what has arrived, in order: eager messages into their buffers, and a
+/// rendezvous message (read alone over shared memory) ends the batch or comes alone.
+#[test]
+fn recv_into_many_takes_what_arrived_in_order() {
+    let (a, b) = pair();
+    for i in 0..5u64 {
+        b.send(&payload(i, 1000 + i as usize)).unwrap();
+    }
+    let big = payload(5, 1 << 20);
+    let h = b.send_start(&big).unwrap();
+    b.send(&payload(6, 77)).unwrap();
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 2 << 20]).collect();
+    let mut seen = 0u64;
+    while seen < 7 {
+        let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        let lens = a.recv_into_many(&mut views).unwrap();
+        assert!(!lens.is_empty());
+        for (k, &n) in lens.iter().enumerate() {
+            let i = seen + k as u64;
+            let want = match i {
+                5 => big.clone(),
+                6 => payload(6, 77),
+                _ => payload(i, 1000 + i as usize),
+            };
+            assert_eq!(n, want.len(), "message {i}");
+            assert!(bufs[k][..n] == want[..], "message {i}");
+        }
+        seen += lens.len() as u64;
+    }
+    h.wait().unwrap();
+    assert_eq!(a.rndv_stats().received, 1);
 }

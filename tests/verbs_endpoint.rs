@@ -291,3 +291,60 @@ fn a_verbs_peer_that_vanishes_is_removed_and_the_other_carries_on() {
     assert!(server.peer(from_gone.unwrap()).is_none());
     assert_eq!(stayer.join().unwrap(), Transport::Verbs);
 }
+
+/// Voluntary context switches of the calling thread so far (each one a wake-up after a sleep).
+fn wakeups() -> i64 {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("voluntary_ctxt_switches in /proc/thread-self/status")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn an_event_mode_endpoint_sleeps_on_completion_channels_over_verbs() {
+    let Some(ctx) = test_context("an_event_mode_endpoint_sleeps_on_completion_channels_over_verbs")
+    else {
+        return;
+    };
+    let mgr = manager();
+    let cfg = config(&ctx, &mgr, TransportChoice::Verbs).poll(rsmsg::transport::PollMode::Event);
+    let name = unique("vep-event");
+    let mut server = Endpoint::bind(cfg.clone(), &name).unwrap();
+    let counts: BTreeMap<u64, u64> = [(0, 30), (1, 10)].into();
+    let clients: Vec<_> = counts
+        .iter()
+        .map(|(&k, &n)| client(cfg.clone(), name.clone(), k, n))
+        .collect();
+    // Woken by the listener's descriptor for each connection, by the connections' completion
+    // channels for each message.
+    let got = serve(&mut server, &counts);
+    assert_eq!(got.len(), 2);
+    for c in clients {
+        assert_eq!(c.join().unwrap(), Transport::Verbs);
+    }
+    // The clients closed after their acknowledgement (serve may have seen some of that): take
+    // the remaining departures, then an idle wait sleeps, woken only by the liveness checks.
+    loop {
+        match server.recv_timeout(Duration::from_secs(5)) {
+            Err(EndpointError::PeerFailed { source, .. }) => {
+                assert!(matches!(source, TransportError::PeerClosed), "{source}");
+            }
+            Ok(None) => break,
+            other => panic!("expected the clients' close, got {other:?}"),
+        }
+    }
+    assert!(server.is_empty());
+    let before = wakeups();
+    assert!(
+        server
+            .recv_timeout(Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
+    let woke = wakeups() - before;
+    assert!(woke < 60, "{woke} wake-ups in an idle 300 ms wait");
+}

@@ -1179,3 +1179,94 @@ fn a_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
     drop((vc, c));
     victim.check_honest("a READ after a refused transfer");
 }
+
+/// With the rendezvous send cache on (a memory window bound per transfer over a cached
+/// registration without remote access): the buffer is readable by its peer only while its
+/// transfer is in flight, a key of an earlier transfer of the same buffer is dead even while a
+/// later transfer has the window bound again, and the key is dead once the send returned.
+#[test]
+fn a_windowed_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
+    let ctx = device_or_skip!(
+        "a_windowed_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight"
+    );
+    let mut victim = Victim::new(ctx);
+    let cache = |v: &VerbsConnection| {
+        v.set_rndv_config(rsmsg::core::RndvConfig {
+            send_cache_bytes: 16 << 20,
+            ..v.rndv_config()
+        });
+        v.rndv_send_cache_stats().is_some()
+    };
+    // One offered transfer of `buf`, read and answered done by the hostile peer; returns the key.
+    fn one(va: VerbsConnection, a: &mut Hostile, buf: Vec<u8>) -> (VerbsConnection, Vec<u8>, u32) {
+        let sender = thread::spawn(move || {
+            let r = va.send(&buf);
+            (va, buf, r)
+        });
+        let (id, addr, len, rkey) = match a.recv_control() {
+            ControlMessage::RendezvousRequest {
+                id,
+                addr,
+                len,
+                rkey,
+            } => (id, addr, len as usize, rkey),
+            other => panic!("expected a rendezvous request, got {other:?}"),
+        };
+        let (st, got) = a.read(addr, rkey, len);
+        assert_eq!(st, WcStatus::SUCCESS, "the peer reads the offered buffer");
+        assert_eq!(got, pattern(3, BIG));
+        a.first_control(ControlMessage::RendezvousDone { id }.encode().as_slice());
+        let (va, buf, r) = sender.join().expect("sender thread");
+        r.expect("the send completes once the receiver answered done");
+        (va, buf, rkey)
+    }
+
+    // An earlier transfer's key, during a later transfer of the same (cached) buffer.
+    let (va, mut a) = victim.hostile();
+    if !cache(&va) {
+        println!("memory windows not supported by this device: nothing to check");
+        return;
+    }
+    let (va, buf, first) = one(va, &mut a, pattern(3, BIG));
+    let addr = buf.as_ptr() as u64;
+    let sender = thread::spawn(move || {
+        let r = va.send(&buf);
+        (va, r)
+    });
+    let second = match a.recv_control() {
+        ControlMessage::RendezvousRequest { rkey, .. } => rkey,
+        other => panic!("expected a rendezvous request, got {other:?}"),
+    };
+    assert_ne!(first, second, "each transfer binds a new key");
+    let (st, got) = a.read(addr, first, 64);
+    assert_eq!(
+        st,
+        WcStatus::REM_ACCESS_ERR,
+        "an earlier transfer's key reads the buffer"
+    );
+    assert!(got.iter().all(|&x| x == 0));
+    let (va, r) = sender.join().expect("sender thread");
+    assert!(r.is_err(), "the refused READ fails the connection");
+    assert!(refused_by_device(&victim_error(
+        &va,
+        "READ with an old key"
+    )));
+    drop((va, a));
+    victim.check_honest("a READ with an earlier window key");
+
+    // The key once the send returned.
+    let (vb, mut b) = victim.hostile();
+    assert!(cache(&vb));
+    let (vb, buf, key) = one(vb, &mut b, pattern(3, BIG));
+    let (st, got) = b.read(buf.as_ptr() as u64, key, 64);
+    assert_eq!(
+        st,
+        WcStatus::REM_ACCESS_ERR,
+        "the buffer is still readable after the transfer"
+    );
+    assert!(got.iter().all(|&x| x == 0));
+    assert!(refused_by_device(&victim_error(&vb, "READ after done")));
+    assert_eq!(vb.rndv_send_cache_stats().map(|s| s.entries), Some(1));
+    drop((vb, b, buf));
+    victim.check_honest("a READ after a windowed transfer");
+}

@@ -313,3 +313,165 @@ fn crossing_large_sends_complete() {
     s.wait().unwrap();
     h.join().unwrap();
 }
+
+/// The receiver goes away with rendezvous transfers in flight: the one it read is confirmed,
+/// the one it never read is listed by `unconfirmed()` under its request's sequence number
+/// (once the sender's probe finds the peer gone), and with the eager messages every message
+/// sent is counted once.
+#[test]
+fn rendezvous_in_flight_when_the_receiver_goes_is_unconfirmed() {
+    let ctx = device_or_skip!("rendezvous_in_flight_when_the_receiver_goes_is_unconfirmed");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    let big1 = payload(1, 1 << 20);
+    let big2 = payload(2, 2 << 20);
+    // Sequence numbers: 0 small, 1 and 2 the requests of big1 and big2, 3 small.
+    b.send(b"zero").unwrap();
+    let h1 = b.send_start(&big1).unwrap();
+    let h2 = b.send_start(&big2).unwrap();
+    b.send(b"three").unwrap();
+    let t = thread::spawn(move || {
+        let m = a.recv_timeout(HANG_GUARD).unwrap();
+        assert_eq!(&*m, b"zero");
+        drop(m);
+        let mut dst = vec![0u8; 1 << 20];
+        assert_eq!(a.recv_into(&mut dst).unwrap(), 1 << 20);
+        assert!(dst == payload(1, 1 << 20));
+        // Gone (its queue pair destroyed) without reading big2 or the last small message.
+    });
+    h1.wait().unwrap();
+    t.join().unwrap();
+    assert!(
+        h2.wait().is_err(),
+        "the unread transfer must fail, not complete"
+    );
+    let u = b.unconfirmed();
+    let c = b.confirmed();
+    assert!(u.contains(&2), "the unread rendezvous: {u:?}");
+    assert!(u.contains(&3), "the unread small message: {u:?}");
+    assert!(!u.contains(&1), "the rendezvous read and answered: {u:?}");
+    assert!(u.windows(2).all(|w| w[0] < w[1]), "oldest first: {u:?}");
+    assert_eq!(c + u.len() as u64, 4, "confirmed {c}, unconfirmed {u:?}");
+    assert!(c >= 1, "big1 is confirmed");
+}
+
+/// With the send cache on (memory windows over cached registrations): every size and byte
+/// arrives, a buffer sent twice hits the cache, and invalidation empties it.
+#[test]
+fn send_cache_with_memory_windows() {
+    let ctx = device_or_skip!("send_cache_with_memory_windows");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    b.set_rndv_config(RndvConfig {
+        send_cache_bytes: 64 << 20,
+        ..b.rndv_config()
+    });
+    let Some(_) = b.rndv_send_cache_stats() else {
+        // The device has no memory windows: the link registers per transfer, as by default.
+        println!("memory windows not supported by this device: per-transfer registration");
+        let a = sweep(a, b, vec![300_000, 1 << 20]);
+        assert_eq!(a.rndv_stats().received, 2);
+        return;
+    };
+    let switch = b.switch_point();
+    let buf = payload(7, 3 << 20);
+    let h = thread::spawn(move || {
+        let mut dst = vec![0u8; 3 << 20];
+        for round in 0..3 {
+            let n = a.recv_into(&mut dst).unwrap();
+            assert_eq!(n, 3 << 20);
+            assert!(dst == payload(7, 3 << 20), "round {round}");
+        }
+        a
+    });
+    for round in 0..3 {
+        b.send(&buf)
+            .unwrap_or_else(|e| panic!("send {round} through a memory window: {e}"));
+    }
+    let a = h.join().unwrap();
+    let s = b.rndv_send_cache_stats().unwrap();
+    assert_eq!((s.misses, s.hits), (1, 2), "{s:?}");
+    assert_eq!(b.rndv_invalidate(&buf), 1);
+    assert_eq!(b.rndv_send_cache_stats().unwrap().entries, 0);
+    // Sizes through the cache, every byte checked; each buffer is invalidated before it is
+    // freed, as the contract asks (its address may be reused by the next allocation).
+    let sizes = sizes(&Layout::default(), switch, 16 << 20);
+    let expect = sizes.clone();
+    let h = thread::spawn(move || {
+        let mut dst = vec![0u8; 16 << 20];
+        for (i, &len) in expect.iter().enumerate() {
+            dst[..len].fill(0xa5);
+            assert_eq!(a.recv_into(&mut dst).unwrap(), len);
+            assert!(
+                dst[..len] == payload(i as u64, len)[..],
+                "message {i} of {len} bytes"
+            );
+        }
+    });
+    for (i, &len) in sizes.iter().enumerate() {
+        let m = payload(i as u64, len);
+        b.send(&m).unwrap();
+        b.rndv_invalidate(&m);
+    }
+    h.join().unwrap();
+    let big = sizes.iter().filter(|&&l| l > switch).count() as u64;
+    let s = b.rndv_send_cache_stats().unwrap();
+    assert_eq!(s.misses, 1 + big, "{s:?}");
+    assert_eq!(s.entries, 0, "{s:?}");
+}
+
+/// `recv_into_many`: several rendezvous messages read together (their READs in flight at
+/// once), eager messages between them, every byte checked, sizes across chunk boundaries.
+#[test]
+fn recv_into_many_reads_several_messages_at_once() {
+    let ctx = device_or_skip!("recv_into_many_reads_several_messages_at_once");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    a.set_rndv_config(RndvConfig {
+        cache_bytes: 64 << 20,
+        ..a.rndv_config()
+    });
+    let sizes: Vec<usize> = (0..24)
+        .map(|i| match i % 4 {
+            0 => 300_000 + 4099 * i,
+            1 => 100 + i,
+            2 => (1 << 20) + 1 + i,
+            _ => (3 << 20) - i,
+        })
+        .collect();
+    let bufs: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| payload(i as u64, l))
+        .collect();
+    let expect = sizes.clone();
+    let h = thread::spawn(move || {
+        let mut dst: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 4 << 20]).collect();
+        let mut seen = 0usize;
+        let mut batches = 0;
+        while seen < expect.len() {
+            let mut views: Vec<&mut [u8]> = dst.iter_mut().map(|b| &mut b[..]).collect();
+            let lens = a.recv_into_many(&mut views).unwrap();
+            batches += 1;
+            for (k, &n) in lens.iter().enumerate() {
+                let i = seen + k;
+                assert_eq!(n, expect[i], "message {i}");
+                assert!(dst[k][..n] == payload(i as u64, n)[..], "message {i}");
+            }
+            seen += lens.len();
+        }
+        (a, batches)
+    });
+    let mut handles = Vec::new();
+    for buf in &bufs {
+        handles.push(b.send_start(buf).unwrap());
+    }
+    for h in handles {
+        h.wait().unwrap();
+    }
+    let (a, batches) = h.join().unwrap();
+    let big = sizes.iter().filter(|&&l| l > b.switch_point()).count() as u64;
+    assert_eq!(a.rndv_stats().received, big);
+    assert_eq!(b.rndv_stats().sent, big);
+    println!("24 messages in {batches} receives");
+}

@@ -1,7 +1,8 @@
 //! Control messages (header kind 2), carried in partitions like data.
 //!
 //! Body layout (little-endian): byte 0 the type, bytes 1..4 reserved (zero), then the fields of
-//! the type. Every type has one exact length; the decoder refuses anything else.
+//! the type. Every type has one exact length, except the chunk, whose fixed part is followed by
+//! at least one byte of data; the decoder refuses anything else.
 //!
 //! | type | message | fields after the 4-byte prefix | body length |
 //! |---|---|---|---|
@@ -9,6 +10,8 @@
 //! | 2 | rendezvous done | id u64 | 12 |
 //! | 3 | close | reason u32 | 8 |
 //! | 4 | rendezvous refused | id u64, reason u32 | 16 |
+//! | 5 | rendezvous stream (send it through the segments) | id u64 | 12 |
+//! | 6 | rendezvous chunk | id u64, offset u64, then the data | 20 + data (> 0) |
 
 use super::error::ProtocolError;
 
@@ -19,6 +22,11 @@ const TYPE_RDV_REQUEST: u8 = 1;
 const TYPE_RDV_DONE: u8 = 2;
 const TYPE_CLOSE: u8 = 3;
 const TYPE_RDV_REFUSED: u8 = 4;
+const TYPE_RDV_STREAM: u8 = 5;
+const TYPE_RDV_CHUNK: u8 = 6;
+
+/// Length of a chunk's fixed part (its data follows in the same body).
+pub const CHUNK_HEADER_LEN: usize = 20;
 
 /// Reason codes of [`ControlMessage::Close`].
 pub mod close_reason {
@@ -82,6 +90,23 @@ pub enum ControlMessage {
         /// A [`refuse_reason`] code.
         reason: u32,
     },
+    /// The receiver cannot read the buffer of request `id` (shared memory without permission
+    /// to read the sender's memory): the sender sends it through the segments instead, as
+    /// [`ControlMessage::RendezvousChunk`]s, and the receiver answers done once it has them all.
+    RendezvousStream {
+        /// The request's identifier.
+        id: u64,
+    },
+    /// Bytes `offset..offset + len` of the message of request `id` (after a
+    /// [`ControlMessage::RendezvousStream`]); the data follows the fixed part in the same body.
+    RendezvousChunk {
+        /// The request's identifier.
+        id: u64,
+        /// Where the data goes in the message.
+        offset: u64,
+        /// Length of the data (> 0).
+        len: u32,
+    },
     /// The peer closes the connection.
     Close {
         /// A [`close_reason`] code.
@@ -104,17 +129,19 @@ impl ControlBuf {
 }
 
 impl ControlMessage {
-    /// Length of the encoded body.
+    /// Length of the encoded body (for a chunk: its fixed part plus its data).
     pub fn encoded_len(&self) -> usize {
         match self {
             ControlMessage::RendezvousRequest { .. } => 32,
             ControlMessage::RendezvousDone { .. } => 12,
             ControlMessage::Close { .. } => 8,
             ControlMessage::RendezvousRefused { .. } => 16,
+            ControlMessage::RendezvousStream { .. } => 12,
+            ControlMessage::RendezvousChunk { len, .. } => CHUNK_HEADER_LEN + *len as usize,
         }
     }
 
-    /// Encodes the body.
+    /// Encodes the body (for a chunk: its fixed part only; the data follows it).
     pub fn encode(&self) -> ControlBuf {
         let mut b = [0u8; MAX_CONTROL_LEN];
         match *self {
@@ -143,15 +170,27 @@ impl ControlMessage {
                 b[4..12].copy_from_slice(&id.to_le_bytes());
                 b[12..16].copy_from_slice(&reason.to_le_bytes());
             }
+            ControlMessage::RendezvousStream { id } => {
+                b[0] = TYPE_RDV_STREAM;
+                b[4..12].copy_from_slice(&id.to_le_bytes());
+            }
+            ControlMessage::RendezvousChunk { id, offset, .. } => {
+                b[0] = TYPE_RDV_CHUNK;
+                b[4..12].copy_from_slice(&id.to_le_bytes());
+                b[12..20].copy_from_slice(&offset.to_le_bytes());
+            }
         }
-        ControlBuf {
-            bytes: b,
-            len: self.encoded_len(),
-        }
+        let len = match self {
+            ControlMessage::RendezvousChunk { .. } => CHUNK_HEADER_LEN,
+            m => m.encoded_len(),
+        };
+        ControlBuf { bytes: b, len }
     }
 
-    /// Decodes a body: known type, exact length, zero reserved bytes; a rendezvous request with
-    /// a zero length or an address range that wraps is refused.
+    /// Decodes a body: known type, exact length (a chunk: its fixed part and at least one byte
+    /// of data, which stays in `body[CHUNK_HEADER_LEN..]`), zero reserved bytes; a rendezvous
+    /// request with a zero length or an address range that wraps is refused, and so is a chunk
+    /// whose range wraps.
     ///
     /// # Errors
     /// [`ProtocolError::BadControl`] naming the problem.
@@ -224,6 +263,31 @@ impl ControlMessage {
                     16,
                 )
             }
+            TYPE_RDV_STREAM => {
+                if body.len() != 12 {
+                    return Err(bad("rendezvous stream must be 12 bytes"));
+                }
+                (ControlMessage::RendezvousStream { id: u64_at(4) }, 12)
+            }
+            TYPE_RDV_CHUNK => {
+                if body.len() <= CHUNK_HEADER_LEN {
+                    return Err(bad("rendezvous chunk without data"));
+                }
+                let len = u32::try_from(body.len() - CHUNK_HEADER_LEN)
+                    .map_err(|_| bad("rendezvous chunk longer than 4 GiB"))?;
+                let offset = u64_at(12);
+                if offset.checked_add(u64::from(len)).is_none() {
+                    return Err(bad("rendezvous chunk range wraps"));
+                }
+                (
+                    ControlMessage::RendezvousChunk {
+                        id: u64_at(4),
+                        offset,
+                        len,
+                    },
+                    body.len(),
+                )
+            }
             _ => return Err(bad("unknown control type")),
         };
         debug_assert_eq!(want, msg.encoded_len());
@@ -251,6 +315,7 @@ mod tests {
             ControlMessage::Close {
                 reason: close_reason::ABORT,
             },
+            ControlMessage::RendezvousStream { id: 5 },
         ]
     }
 
@@ -291,7 +356,7 @@ mod tests {
                 assert!(ControlMessage::decode(&b).is_err());
             }
         }
-        for ty in [0u8, 5, 6, 0x80, 0xff] {
+        for ty in [0u8, 7, 8, 0x80, 0xff] {
             let mut b = [0u8; 16];
             b[0] = ty;
             for n in [4, 8, 12, 16] {
@@ -329,6 +394,29 @@ mod tests {
             ControlMessage::decode(edge.encode().as_slice()).unwrap(),
             edge
         );
+    }
+
+    #[test]
+    fn chunk_carries_its_data_after_the_fixed_part() {
+        let m = ControlMessage::RendezvousChunk {
+            id: 3,
+            offset: 1 << 20,
+            len: 5,
+        };
+        let mut body = m.encode().as_slice().to_vec();
+        assert_eq!(body.len(), CHUNK_HEADER_LEN);
+        assert!(
+            ControlMessage::decode(&body).is_err(),
+            "a chunk without data"
+        );
+        body.extend_from_slice(b"hello");
+        assert_eq!(ControlMessage::decode(&body).unwrap(), m);
+        assert_eq!(m.encoded_len(), body.len());
+        body[12..20].copy_from_slice(&(u64::MAX - 2).to_le_bytes());
+        assert!(ControlMessage::decode(&body).is_err(), "wrapping range");
+        body[12..20].copy_from_slice(&0u64.to_le_bytes());
+        body[2] = 1;
+        assert!(ControlMessage::decode(&body).is_err(), "reserved byte");
     }
 
     #[test]

@@ -30,6 +30,14 @@ pub enum RndvConfigError {
         /// Its value.
         value: String,
     },
+    /// A switch variable's value is neither `0` nor `1`.
+    #[error("cannot parse {var}={value:?}: expected 0 or 1")]
+    Flag {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
 }
 
 /// Rendezvous settings of one connection.
@@ -45,6 +53,16 @@ pub struct RndvConfig {
     /// Registration cache cap in bytes for receive destinations given to `recv_into` (verbs);
     /// 0 disables the cache (every transfer registers and deregisters its destination).
     pub cache_bytes: usize,
+    /// Registration cache cap in bytes for send buffers (verbs, on devices with memory
+    /// windows): a cached buffer is registered once without remote access, and each transfer
+    /// binds a memory window over it, invalidated when the transfer ends. 0 (the default)
+    /// registers each buffer with remote read per transfer. Read the invalidation contract in
+    /// `docs/rendezvous.md` before enabling it.
+    pub send_cache_bytes: usize,
+    /// Shared memory: never read the sender's memory (`process_vm_readv`); have every
+    /// rendezvous message sent through the segments in chunks instead (two copies), as happens
+    /// anyway when the kernel does not permit the read.
+    pub stream_only: bool,
 }
 
 impl Default for RndvConfig {
@@ -53,6 +71,8 @@ impl Default for RndvConfig {
             threshold: None,
             max_recv: Self::DEFAULT_MAX_RECV,
             cache_bytes: 0,
+            send_cache_bytes: 0,
+            stream_only: false,
         }
     }
 }
@@ -88,9 +108,14 @@ impl RndvConfig {
     pub const ENV_MAX_RECV: &'static str = "RSMSG_RNDV_MAX";
     /// Environment variable for [`RndvConfig::cache_bytes`].
     pub const ENV_CACHE: &'static str = "RSMSG_RNDV_CACHE";
+    /// Environment variable for [`RndvConfig::send_cache_bytes`].
+    pub const ENV_SEND_CACHE: &'static str = "RSMSG_RNDV_SEND_CACHE";
+    /// Environment variable for [`RndvConfig::stream_only`] (`1` sets it).
+    pub const ENV_STREAM_ONLY: &'static str = "RSMSG_RNDV_STREAM_ONLY";
 
-    /// The default configuration with the variables `RSMSG_RNDV_THRESHOLD`, `RSMSG_RNDV_MAX`
-    /// and `RSMSG_RNDV_CACHE` applied (byte counts, `k`/`m`/`g` suffixes).
+    /// The default configuration with the variables `RSMSG_RNDV_THRESHOLD`, `RSMSG_RNDV_MAX`,
+    /// `RSMSG_RNDV_CACHE` and `RSMSG_RNDV_SEND_CACHE` applied (byte counts, `k`/`m`/`g`
+    /// suffixes).
     ///
     /// # Errors
     /// [`RndvConfigError::Parse`] naming the variable with a malformed value.
@@ -116,6 +141,22 @@ impl RndvConfig {
         if let Some(v) = get(Self::ENV_CACHE) {
             let n = parse_bytes(Self::ENV_CACHE, &v)?;
             c.cache_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = get(Self::ENV_SEND_CACHE) {
+            let n = parse_bytes(Self::ENV_SEND_CACHE, &v)?;
+            c.send_cache_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = get(Self::ENV_STREAM_ONLY) {
+            c.stream_only = match v.trim() {
+                "1" => true,
+                "0" | "" => false,
+                _ => {
+                    return Err(RndvConfigError::Flag {
+                        var: Self::ENV_STREAM_ONLY,
+                        value: v,
+                    });
+                }
+            };
         }
         Ok(c)
     }
@@ -176,6 +217,11 @@ impl RndvRequest {
 pub enum RndvState {
     /// Requested; the receiver has not answered.
     Waiting,
+    /// The receiver cannot read the buffer and asked for it through the segments: the sender
+    /// is to send the chunks.
+    Stream,
+    /// The chunks were sent; the receiver has not answered yet.
+    Streamed,
     /// The receiver read the buffer.
     Done,
     /// The receiver refused (a [`refuse_reason`] code).
@@ -186,10 +232,19 @@ pub enum RndvState {
 ///
 /// Identifiers count up from 0 and are never reused on a connection; an answer for an identifier
 /// that is not waiting (unknown, already answered, or never issued) is a protocol error.
+///
+/// Delivery accounting: a transfer whose request was sent ([`RndvSends::requested`]) is
+/// *unconfirmed* until the receiver answers done (then it counts as confirmed) or refused
+/// (then it was not delivered, and its sender was told: it counts as neither). Unlike the
+/// transfer's state, this record survives [`RndvSends::forget`], so after a failure
+/// [`RndvSends::unconfirmed`] still names every transfer the peer did not confirm.
 #[derive(Debug, Default)]
 pub struct RndvSends {
     next_id: u64,
     states: HashMap<u64, RndvState>,
+    /// id -> sequence number of the request, for transfers not yet answered.
+    unconfirmed: HashMap<u64, u32>,
+    confirmed: u64,
 }
 
 impl RndvSends {
@@ -206,13 +261,35 @@ impl RndvSends {
         id
     }
 
+    /// Records that the request of transfer `id` went out as the message with sequence number
+    /// `seq` (the number the receiver's `Message::seq` shows): the transfer is unconfirmed until
+    /// answered.
+    pub fn requested(&mut self, id: u64, seq: u32) {
+        if self.states.get(&id) == Some(&RndvState::Waiting) {
+            self.unconfirmed.insert(id, seq);
+        }
+    }
+
+    /// Sequence numbers of the transfers requested and not answered (in no particular order).
+    pub fn unconfirmed(&self) -> impl Iterator<Item = u32> + '_ {
+        self.unconfirmed.values().copied()
+    }
+
+    /// Transfers the receiver answered done.
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
     /// Records the receiver's answer for `id` (`None` for done, `Some(reason)` for refused).
     ///
     /// # Errors
     /// [`ProtocolError::BadControl`] when `id` is not waiting.
     pub fn answer(&mut self, id: u64, refused: Option<u32>) -> Result<(), ProtocolError> {
         match self.states.get_mut(&id) {
-            Some(s @ RndvState::Waiting) => {
+            Some(s @ (RndvState::Waiting | RndvState::Streamed)) => {
+                if self.unconfirmed.remove(&id).is_some() && refused.is_none() {
+                    self.confirmed += 1;
+                }
                 *s = match refused {
                     None => RndvState::Done,
                     Some(r) => RndvState::Refused(r),
@@ -227,6 +304,33 @@ impl RndvSends {
         }
     }
 
+    /// Records the receiver's request to stream transfer `id` through the segments.
+    ///
+    /// # Errors
+    /// [`ProtocolError::BadControl`] when `id` is not waiting (unknown, answered, or already
+    /// streamed).
+    pub fn stream(&mut self, id: u64) -> Result<(), ProtocolError> {
+        match self.states.get_mut(&id) {
+            Some(s @ RndvState::Waiting) => {
+                *s = RndvState::Stream;
+                Ok(())
+            }
+            _ => Err(ProtocolError::BadControl {
+                ty: 5,
+                len: 12,
+                reason: "rendezvous stream request for an identifier that is not waiting",
+            }),
+        }
+    }
+
+    /// Records that the chunks of `id` were sent, asked for or not (the transfer waits for done
+    /// again; a stream request for it is now a protocol error).
+    pub fn streamed(&mut self, id: u64) {
+        if let Some(s @ (RndvState::Stream | RndvState::Waiting)) = self.states.get_mut(&id) {
+            *s = RndvState::Streamed;
+        }
+    }
+
     /// The state of `id` (`None` once forgotten or never issued).
     pub fn state(&self, id: u64) -> Option<RndvState> {
         self.states.get(&id).copied()
@@ -238,11 +342,16 @@ impl RndvSends {
         self.states.remove(&id);
     }
 
-    /// Transfers still waiting for an answer.
+    /// Transfers still waiting for an answer (streamed or not).
     pub fn waiting(&self) -> usize {
         self.states
             .values()
-            .filter(|s| **s == RndvState::Waiting)
+            .filter(|s| {
+                matches!(
+                    s,
+                    RndvState::Waiting | RndvState::Stream | RndvState::Streamed
+                )
+            })
             .count()
     }
 }
@@ -263,6 +372,17 @@ mod tests {
         assert_eq!(c.threshold, Some(65536));
         assert_eq!(c.max_recv, 16 << 20);
         assert_eq!(c.cache_bytes, 1 << 30);
+        assert_eq!(c.send_cache_bytes, 0);
+        let s = RndvConfig::from_lookup(|k| (k == "RSMSG_RNDV_SEND_CACHE").then(|| "8m".into()))
+            .unwrap();
+        assert_eq!(s.send_cache_bytes, 8 << 20);
+        let s = RndvConfig::from_lookup(|k| (k == "RSMSG_RNDV_STREAM_ONLY").then(|| "1".into()))
+            .unwrap();
+        assert!(s.stream_only);
+        assert!(
+            RndvConfig::from_lookup(|k| (k == "RSMSG_RNDV_STREAM_ONLY").then(|| "yes".into()))
+                .is_err()
+        );
         assert_eq!(
             RndvConfig::from_lookup(|_| None).unwrap(),
             RndvConfig::default()
@@ -316,6 +436,54 @@ mod tests {
     }
 
     #[test]
+    fn unconfirmed_until_done_and_kept_after_forget() {
+        let mut t = RndvSends::new();
+        let (a, b, c) = (t.start(), t.start(), t.start());
+        t.requested(a, 10);
+        t.requested(b, 11);
+        t.requested(c, 12);
+        let mut u: Vec<u32> = t.unconfirmed().collect();
+        u.sort_unstable();
+        assert_eq!(u, vec![10, 11, 12]);
+        t.answer(a, None).unwrap();
+        t.answer(b, Some(refuse_reason::NO_ROOM)).unwrap();
+        assert_eq!(t.confirmed(), 1);
+        // The connection fails: c is forgotten by its handle, but stays unconfirmed.
+        t.forget(c);
+        assert_eq!(t.unconfirmed().collect::<Vec<_>>(), vec![12]);
+        assert_eq!(t.confirmed(), 1);
+        t.forget(a);
+        t.requested(a, 99);
+        assert_eq!(
+            t.unconfirmed().count(),
+            1,
+            "a finished transfer is not requested again"
+        );
+    }
+
+    #[test]
+    fn stream_then_done() {
+        let mut t = RndvSends::new();
+        let a = t.start();
+        t.requested(a, 1);
+        assert!(t.answer(99, None).is_err());
+        t.stream(a).unwrap();
+        assert_eq!(t.state(a), Some(RndvState::Stream));
+        assert!(t.stream(a).is_err(), "second stream request");
+        assert!(
+            t.answer(a, None).is_err(),
+            "done before the chunks were sent"
+        );
+        t.streamed(a);
+        assert_eq!(t.state(a), Some(RndvState::Streamed));
+        assert!(t.stream(a).is_err(), "stream after streaming");
+        t.answer(a, None).unwrap();
+        assert_eq!(t.state(a), Some(RndvState::Done));
+        assert_eq!(t.confirmed(), 1);
+        assert!(t.stream(7).is_err(), "never issued");
+    }
+
+    #[test]
     fn answers_match_waiting_ids_only() {
         let mut t = RndvSends::new();
         let a = t.start();
@@ -331,6 +499,7 @@ mod tests {
         assert!(t.answer(99, None).is_err(), "never issued");
         t.answer(a, None).unwrap();
         assert_eq!(t.state(a), Some(RndvState::Done));
+        assert_eq!(t.confirmed(), 0, "never requested: not counted");
         t.forget(a);
         assert!(t.answer(a, None).is_err(), "forgotten");
         assert_eq!(t.state(a), None);

@@ -185,6 +185,25 @@ impl Link for AnyLink {
     fn rndv_set_cache_cap(&mut self, bytes: usize) {
         each_link!(self, l => l.rndv_set_cache_cap(bytes))
     }
+    fn rndv_revoke(&mut self, exposure: crate::transport::Exposure<'_>) {
+        each_link!(self, l => l.rndv_revoke(exposure))
+    }
+    fn rndv_read_many(
+        &mut self,
+        reqs: &[crate::core::RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Option<Result<(), TransportError>> {
+        each_link!(self, l => l.rndv_read_many(reqs, dsts))
+    }
+    fn rndv_can_stream(&self) -> bool {
+        each_link!(self, l => l.rndv_can_stream())
+    }
+    fn rndv_set_send_cache_cap(&mut self, bytes: usize) {
+        each_link!(self, l => l.rndv_set_send_cache_cap(bytes))
+    }
+    fn rndv_send_cache_stats(&self) -> Option<crate::verbs::RegCacheStats> {
+        each_link!(self, l => l.rndv_send_cache_stats())
+    }
     fn rndv_cache_stats(&self) -> Option<crate::verbs::RegCacheStats> {
         each_link!(self, l => l.rndv_cache_stats())
     }

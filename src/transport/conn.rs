@@ -433,29 +433,40 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     // ---- delivery confirmation ------------------------------------------------------------
 
     /// Sequence numbers (as [`Message::seq`] shows them to the receiver) of the data messages
-    /// this side sent whose partitions the peer has not given back, oldest first.
+    /// this side sent that the peer has not confirmed, oldest first.
     ///
-    /// The peer gives partitions back when its application releases the message, so once the
+    /// An eager message is confirmed when the peer gives its partitions back (its application
+    /// released the message); a rendezvous message (above the switch point) when the peer
+    /// answers that it has read it (its sequence number is that of its request). So once the
     /// connection failed these are the messages that may not have been delivered, and every
     /// other message sent was. Credits the peer published before it failed are read first.
     /// `confirmed() + unconfirmed().len()` counts every eager data message sent (including one
-    /// whose send reported a transport error after its partitions were reserved). Messages above
-    /// the switch point are not counted: their send (or handle) completes only once the
-    /// receiver has read them, so its own result says whether each was delivered.
+    /// whose send reported a transport error after its partitions were reserved) and every
+    /// rendezvous message whose request was sent, except those the receiver refused (their
+    /// send returned [`SendError::Refused`]: not delivered, and known).
     pub fn unconfirmed(&self) -> Vec<u32> {
         let mut inner = self.inner.borrow_mut();
         // Best effort: a credit the peer wrote before it died still counts; a malformed one
         // leaves the messages unconfirmed.
         let _ = inner.refresh_credits();
-        inner.tx.unconfirmed()
+        let mut v = inner.tx.unconfirmed();
+        // ---- rendezvous (transport/rndv.rs): requests not answered ----
+        let before = v.len();
+        v.extend(inner.rndv.unconfirmed());
+        if v.len() > before {
+            // Oldest first, across the wrap of the 32-bit sequence numbers.
+            let next = inner.tx.next_seq();
+            v.sort_unstable_by_key(|&seq| std::cmp::Reverse(next.wrapping_sub(seq)));
+        }
+        v
     }
 
-    /// Data messages this side sent that the peer confirmed (released), see
-    /// [`Connection::unconfirmed`].
+    /// Data messages this side sent that the peer confirmed (released, or for a rendezvous
+    /// message, answered done), see [`Connection::unconfirmed`].
     pub fn confirmed(&self) -> u64 {
         let mut inner = self.inner.borrow_mut();
         let _ = inner.refresh_credits();
-        inner.tx.confirmed()
+        inner.tx.confirmed() + inner.rndv.confirmed()
     }
 
     /// Whether the connection has failed (or was closed), and why.
@@ -613,7 +624,7 @@ impl<L: Link> Inner<L> {
     }
 
     #[inline]
-    fn reserve(
+    pub(super) fn reserve(
         &mut self,
         kind: MessageKind,
         len: usize,

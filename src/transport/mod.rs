@@ -277,9 +277,49 @@ pub trait Link {
         Ok(Err(crate::core::refuse_reason::NO_ACCESS))
     }
 
+    /// Reads several exposed buffers at once, `reqs[i]` into `dsts[i]` (each `dsts[i].len() ==
+    /// reqs[i].len`), all in flight together, returning once every one is there (destinations
+    /// are the application's: cacheable). `None`: this link reads one at a time (use
+    /// [`Link::rndv_read`]).
+    ///
+    /// # Errors
+    /// A failed link (a failed RDMA READ leaves the connection unusable).
+    fn rndv_read_many(
+        &mut self,
+        reqs: &[crate::core::RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Option<Result<(), TransportError>> {
+        let _ = (reqs, dsts);
+        None
+    }
+
     /// Sets the cap of the receive-destination registration cache (bytes, 0: no cache).
     fn rndv_set_cache_cap(&mut self, bytes: usize) {
         let _ = bytes;
+    }
+
+    /// Ends an exposure once its transfer is answered (verbs with the send cache: invalidates
+    /// the memory window before returning, then keeps it for the next transfer). The default
+    /// drops it.
+    fn rndv_revoke(&mut self, exposure: Exposure<'_>) {
+        drop(exposure);
+    }
+
+    /// Whether a rendezvous message this link cannot read (`rndv_read` answered
+    /// [`crate::core::refuse_reason::NO_ACCESS`]) may be asked for through the segments instead
+    /// (the sender exposed it by address). The default: no.
+    fn rndv_can_stream(&self) -> bool {
+        false
+    }
+
+    /// Sets the cap of the send-buffer registration cache (bytes, 0: register per transfer).
+    fn rndv_set_send_cache_cap(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
+
+    /// The send-buffer registration cache's counters, if the link has one.
+    fn rndv_send_cache_stats(&self) -> Option<crate::verbs::RegCacheStats> {
+        None
     }
 
     /// The registration cache's counters, if the link has one.

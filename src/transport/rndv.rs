@@ -14,20 +14,26 @@ use std::marker::PhantomData;
 
 use super::conn::{Connection, Got, Inner, Message, SendError, Wait};
 use super::{Link, TargetMemory, TransportError};
+use crate::core::control::CHUNK_HEADER_LEN;
 use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind};
 use crate::core::{
-    ControlMessage, Delivery, MessageKind, RndvConfig, RndvRequest, RndvSends, RndvState,
-    refuse_reason,
+    ControlMessage, Delivery, MessageKind, ProtocolError, RndvConfig, RndvRequest, RndvSends,
+    RndvState, refuse_reason,
 };
-use crate::verbs::{RegCacheStats, RemoteReadGrant};
+use crate::verbs::{BoundWindow, RegCacheStats, RemoteReadGrant};
 
-/// A buffer exposed to the peer for one rendezvous transfer; the exposure ends when it drops
-/// (verbs: the remote-read registration is deregistered, its rkey dead).
+/// A buffer exposed to the peer for one rendezvous transfer. The exposure ends when the link
+/// revokes it ([`Link::rndv_revoke`], when the transfer is answered) or when it drops (verbs: the
+/// remote-read registration is deregistered, or the memory window deallocated; either way the
+/// rkey is dead).
 #[derive(Debug)]
 pub struct Exposure<'b> {
     addr: u64,
     rkey: u32,
     _grant: Option<RemoteReadGrant<'b>>,
+    window: Option<BoundWindow>,
+    /// The buffer, when the link may be asked to stream it through the segments.
+    data: Option<&'b [u8]>,
     _buf: PhantomData<&'b [u8]>,
 }
 
@@ -38,18 +44,41 @@ impl<'b> Exposure<'b> {
             addr: grant.addr(),
             rkey: grant.rkey().0,
             _grant: Some(grant),
+            window: None,
+            data: None,
             _buf: PhantomData,
         }
     }
 
-    /// An exposure by address only (shared memory: the peer reads it with `process_vm_readv`).
+    /// An exposure by a memory window bound over `buf` (verbs, with the send cache): the link
+    /// invalidates it in [`Link::rndv_revoke`].
+    pub fn windowed(buf: &'b [u8], window: BoundWindow) -> Self {
+        Exposure {
+            addr: buf.as_ptr() as u64,
+            rkey: window.rkey().0,
+            _grant: None,
+            window: Some(window),
+            data: None,
+            _buf: PhantomData,
+        }
+    }
+
+    /// An exposure by address only (shared memory: the peer reads it with `process_vm_readv`,
+    /// or, when it may not, asks for it through the segments).
     pub fn by_address(buf: &'b [u8]) -> Self {
         Exposure {
             addr: buf.as_ptr() as u64,
             rkey: 0,
             _grant: None,
+            window: None,
+            data: Some(buf),
             _buf: PhantomData,
         }
+    }
+
+    /// Takes the memory window out (for the link to invalidate and reuse it).
+    pub fn take_window(&mut self) -> Option<BoundWindow> {
+        self.window.take()
     }
 
     /// The address the peer reads from.
@@ -62,6 +91,11 @@ impl<'b> Exposure<'b> {
         self.rkey
     }
 }
+
+/// The key of a shared-memory rendezvous request whose chunks follow it through the segments
+/// (the sender learned that the receiver cannot read its memory, or was told to stream);
+/// 0 asks the receiver to read the buffer.
+const STREAMED_RKEY: u32 = 1;
 
 /// Rendezvous counters of one connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,11 +114,15 @@ pub struct RndvStats {
     pub refused_by_peer: u64,
     /// Received straight into a caller's buffer (`recv_into`).
     pub into_caller_buffer: u64,
+    /// Received through the segments in chunks, because the link could not read the sender's
+    /// buffer (shared memory without permission for `process_vm_readv`, or
+    /// [`RndvConfig::stream_only`]).
+    pub streamed: u64,
 }
 
 /// What arrived while this side waited for a rendezvous answer: kept in order for the next
 /// receive.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) enum Ready {
     /// A data message, accepted, held in place.
     Data(Delivery),
@@ -95,8 +133,18 @@ pub(super) enum Ready {
         /// Its sequence number.
         seq: u32,
     },
+    /// A data message copied out of its partitions (it arrived while a rendezvous message was
+    /// being streamed: its partitions went back to the sender at once).
+    Owned {
+        /// The payload.
+        data: Vec<u8>,
+        /// Its sequence number.
+        seq: u32,
+    },
     /// A rendezvous request to refuse at the next receive.
     Refuse {
+        /// Its chunks follow it and are still to be discarded.
+        streamed: bool,
         /// The sender's id.
         id: u64,
         /// Announced length.
@@ -114,6 +162,9 @@ pub(super) struct RndvInner {
     pub(super) switch: usize,
     max_eager: usize,
     sends: RndvSends,
+    /// The peer asked for a transfer through the segments (it cannot read our memory): later
+    /// transfers are streamed at once, without waiting to be asked.
+    peer_cannot_read: bool,
     pub(super) ready: VecDeque<Ready>,
     stats: RndvStats,
 }
@@ -129,18 +180,33 @@ impl RndvInner {
             cfg,
             max_eager,
             sends: RndvSends::new(),
+            peer_cannot_read: false,
             ready: VecDeque::new(),
             stats: RndvStats::default(),
         }
     }
 }
 
+impl RndvInner {
+    /// Sequence numbers of the rendezvous sends not answered yet.
+    pub(super) fn unconfirmed(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sends.unconfirmed()
+    }
+
+    /// Rendezvous sends the receiver answered done.
+    pub(super) fn confirmed(&self) -> u64 {
+        self.sends.confirmed()
+    }
+}
+
 impl<L: Link> Inner<L> {
-    /// Sends a control message, waiting for credits.
-    fn send_control_blocking(&mut self, msg: &ControlMessage) -> Result<(), TransportError> {
+    /// Sends a control message, waiting for credits; returns its sequence number.
+    fn send_control_blocking(&mut self, msg: &ControlMessage) -> Result<u32, TransportError> {
         loop {
+            // The message takes the next sequence number (nothing else is sent meanwhile).
+            let seq = self.tx.next_seq();
             match self.send_control(msg) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(seq),
                 Err(SendError::WouldBlock) => self.wait_credit()?,
                 Err(SendError::Transport(e)) => return Err(e),
                 Err(e) => return Err(TransportError::Failed(e.to_string())),
@@ -171,7 +237,7 @@ impl<L: Link> Inner<L> {
                         let msg = ControlMessage::decode(body);
                         self.release(d.token)?;
                         if let Some(r) = self.file_control(msg?, d.seq)? {
-                            self.rndv.ready.push_back(r);
+                            self.file_ready(target, r)?;
                         }
                     }
                 }
@@ -197,6 +263,19 @@ impl<L: Link> Inner<L> {
                 self.rndv.sends.answer(id, Some(reason))?;
                 Ok(None)
             }
+            ControlMessage::RendezvousStream { id } => {
+                // Our exposure is not readable by the peer: the handle sends the chunks, and
+                // later transfers are streamed at once.
+                self.rndv.sends.stream(id)?;
+                self.rndv.peer_cannot_read = true;
+                Ok(None)
+            }
+            ControlMessage::RendezvousChunk { len, .. } => Err(ProtocolError::BadControl {
+                ty: 6,
+                len: CHUNK_HEADER_LEN + len as usize,
+                reason: "rendezvous chunk outside a streamed transfer",
+            }
+            .into()),
             ControlMessage::RendezvousRequest {
                 id,
                 addr,
@@ -205,10 +284,51 @@ impl<L: Link> Inner<L> {
             } => Ok(Some(
                 match RndvRequest::validate(id, addr, len, rkey, self.rndv.cfg.max_recv) {
                     Ok(req) => Ready::Request { req, seq },
-                    Err(reason) => Ready::Refuse { id, len, reason },
+                    Err(reason) => Ready::Refuse {
+                        streamed: rkey == STREAMED_RKEY && self.link.rndv_can_stream(),
+                        id,
+                        len,
+                        reason,
+                    },
                 },
             )),
         }
+    }
+
+    /// Queues `r` for the next receive. A streamed request (its chunks follow it) cannot wait
+    /// there: its chunks are taken now, into a buffer the queued message owns (or discarded,
+    /// for a request to refuse).
+    fn file_ready(&mut self, target: &impl TargetMemory, r: Ready) -> Result<(), TransportError> {
+        let r = match r {
+            Ready::Request { req, seq }
+                if req.rkey == STREAMED_RKEY && self.link.rndv_can_stream() =>
+            {
+                let mut data = vec![0u8; req.len];
+                self.stream_into(target, req.id, req.len as u64, Some(&mut data[..]), false)?;
+                self.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })?;
+                self.rndv.stats.streamed += 1;
+                self.rndv.stats.received += 1;
+                self.rndv.stats.received_bytes += req.len as u64;
+                Ready::Owned { data, seq }
+            }
+            Ready::Refuse {
+                streamed: true,
+                id,
+                len,
+                reason,
+            } => {
+                self.stream_into(target, id, len, None, false)?;
+                Ready::Refuse {
+                    streamed: false,
+                    id,
+                    len,
+                    reason,
+                }
+            }
+            r => r,
+        };
+        self.rndv.ready.push_back(r);
+        Ok(())
     }
 
     /// Refuses request `id` towards the sender and builds this side's error.
@@ -216,27 +336,166 @@ impl<L: Link> Inner<L> {
         self.rndv.stats.refused_here += 1;
         tracing::debug!(id, len, reason, "refusing a rendezvous request");
         match self.send_control_blocking(&ControlMessage::RendezvousRefused { id, reason }) {
-            Ok(()) => TransportError::RendezvousRefused { len, reason },
+            Ok(_) => TransportError::RendezvousRefused { len, reason },
             Err(e) => e,
         }
     }
 
-    /// Reads request `req` into `dst` and answers done.
+    /// Reads request `req` into `dst` and answers done. When the link cannot read the
+    /// sender's buffer but can stream (shared memory without permission for
+    /// `process_vm_readv`, or [`RndvConfig::stream_only`]), the sender is asked for the message
+    /// through the segments instead.
     fn read_and_answer(
         &mut self,
+        target: &impl TargetMemory,
         req: &RndvRequest,
         dst: &mut [u8],
         cacheable: bool,
     ) -> Result<(), TransportError> {
-        match self.link.rndv_read(req, dst, cacheable)? {
-            Ok(()) => {
-                self.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })?;
-                self.rndv.stats.received += 1;
-                self.rndv.stats.received_bytes += req.len as u64;
-                Ok(())
+        let can_stream = self.link.rndv_can_stream();
+        let r = if can_stream && req.rkey == STREAMED_RKEY {
+            // The chunks follow the request.
+            self.stream_into(target, req.id, req.len as u64, Some(&mut *dst), false)?;
+            self.rndv.stats.streamed += 1;
+            Ok(())
+        } else if can_stream && self.rndv.cfg.stream_only {
+            Err(refuse_reason::NO_ACCESS)
+        } else {
+            self.link.rndv_read(req, dst, cacheable)?
+        };
+        match r {
+            Ok(()) => {}
+            Err(refuse_reason::NO_ACCESS) if can_stream => {
+                self.stream_into(target, req.id, req.len as u64, Some(dst), true)?;
+                self.rndv.stats.streamed += 1;
             }
-            Err(reason) => Err(self.refuse(req.id, req.len as u64, reason)),
+            Err(reason) => return Err(self.refuse(req.id, req.len as u64, reason)),
         }
+        self.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })?;
+        self.rndv.stats.received += 1;
+        self.rndv.stats.received_bytes += req.len as u64;
+        Ok(())
+    }
+
+    /// Copies the `len` bytes of transfer `id` into `dst` (`None`: discards them) as its chunks
+    /// come, after asking the sender for them (`ask`) unless they follow the request anyway.
+    /// Data messages that arrive meanwhile (sent before the sender learned) are copied out so
+    /// that their partitions go back at once: the chunks need them.
+    fn stream_into(
+        &mut self,
+        target: &impl TargetMemory,
+        id: u64,
+        len: u64,
+        mut dst: Option<&mut [u8]>,
+        ask: bool,
+    ) -> Result<(), TransportError> {
+        tracing::debug!(id, len, keep = dst.is_some(), "rendezvous by stream");
+        // Messages already waiting in their partitions are copied out too.
+        for i in 0..self.rndv.ready.len() {
+            if let Some(&Ready::Data(d)) = self.rndv.ready.get(i) {
+                let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
+                self.release(d.token)?;
+                self.rndv.ready[i] = Ready::Owned { data, seq: d.seq };
+            }
+        }
+        if ask {
+            self.send_control_blocking(&ControlMessage::RendezvousStream { id })?;
+        }
+        let bad = |len: usize, reason| ProtocolError::BadControl { ty: 6, len, reason };
+        let mut got = 0u64;
+        while got < len {
+            let Some(imm) = self.next_immediate(Wait::Forever)? else {
+                continue;
+            };
+            if let ImmediateKind::Credit { .. } = Immediate(imm).decode()? {
+                self.tx.handle_credit_notice(imm)?;
+                continue;
+            }
+            let arrival = self.rx.on_immediate(imm)?;
+            let header = target.bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
+            let d = self.rx.accept(arrival, header)?;
+            let body = target.bytes(d.token.segment(), d.offset, d.len)?;
+            if d.kind == MessageKind::Data {
+                let data = body.to_vec();
+                self.release(d.token)?;
+                self.rndv.ready.push_back(Ready::Owned { data, seq: d.seq });
+                continue;
+            }
+            let msg = ControlMessage::decode(body);
+            match msg {
+                Ok(ControlMessage::RendezvousChunk {
+                    id: cid,
+                    offset,
+                    len: n,
+                }) => {
+                    let end = got + u64::from(n);
+                    if cid != id {
+                        return Err(bad(body.len(), "chunk of another transfer").into());
+                    }
+                    if offset != got || end > len {
+                        return Err(
+                            bad(body.len(), "chunk out of order or beyond the message").into()
+                        );
+                    }
+                    if let Some(dst) = dst.as_deref_mut() {
+                        let slot = dst
+                            .get_mut(got as usize..end as usize)
+                            .ok_or_else(|| bad(body.len(), "chunk beyond the destination"))?;
+                        slot.copy_from_slice(&body[CHUNK_HEADER_LEN..]);
+                    }
+                    got = end;
+                    self.release(d.token)?;
+                }
+                other => {
+                    self.release(d.token)?;
+                    if let Some(r) = self.file_control(other?, d.seq)? {
+                        self.file_ready(target, r)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the message of transfer `id` through the segments in chunks, waiting for credits as
+    /// a blocking send does, and marks the transfer streamed.
+    fn push_chunks(&mut self, id: u64, data: &[u8]) -> Result<(), SendError> {
+        let chunk = self.rndv.max_eager.saturating_sub(CHUNK_HEADER_LEN).max(1);
+        for (i, part) in data.chunks(chunk).enumerate() {
+            let head = ControlMessage::RendezvousChunk {
+                id,
+                offset: (i * chunk) as u64,
+                len: part.len() as u32,
+            }
+            .encode();
+            loop {
+                match self.send_chunk(head.as_slice(), part) {
+                    Ok(()) => break,
+                    Err(SendError::WouldBlock) => {
+                        let r = self.wait_credit();
+                        self.note(r.map_err(SendError::from))?;
+                    }
+                    Err(e) => return self.note(Err(e)),
+                }
+            }
+        }
+        self.rndv.sends.streamed(id);
+        tracing::trace!(id, len = data.len(), "rendezvous streamed");
+        Ok(())
+    }
+
+    /// Sends one chunk (control message: fixed part `head`, then `data`) if partitions are free.
+    fn send_chunk(&mut self, head: &[u8], data: &[u8]) -> Result<(), SendError> {
+        let res = self.reserve(MessageKind::Control, head.len() + data.len())?;
+        self.link.send_message(
+            res.segment,
+            res.offset,
+            &res.header,
+            &[head, data],
+            res.wire_len(),
+            res.immediate.get(),
+        )?;
+        Ok(())
     }
 }
 
@@ -260,17 +519,40 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                     seq: d.seq,
                 }))
             }
-            Ready::Refuse { id, len, reason } => Err(inner.refuse(id, len, reason)),
+            Ready::Owned { data, seq } => Ok(Got::Msg(Message {
+                conn: self,
+                token: None,
+                data: &[],
+                owned: Some(data),
+                seq,
+            })),
+            Ready::Refuse {
+                streamed,
+                id,
+                len,
+                reason,
+            } => {
+                if streamed {
+                    inner.stream_into(&self.target, id, len, None, false)?;
+                }
+                Err(inner.refuse(id, len, reason))
+            }
             Ready::Request { req, seq } => match dst {
                 Some(buf) if buf.len() >= req.len => {
-                    inner.read_and_answer(&req, &mut buf[..req.len], true)?;
+                    inner.read_and_answer(&self.target, &req, &mut buf[..req.len], true)?;
                     inner.rndv.stats.into_caller_buffer += 1;
                     Ok(Got::Landed(req.len))
                 }
-                Some(_) => Err(inner.refuse(req.id, req.len as u64, refuse_reason::NO_ROOM)),
+                Some(_) => {
+                    if req.rkey == STREAMED_RKEY && inner.link.rndv_can_stream() {
+                        // Its chunks follow: take them off the segments first.
+                        inner.stream_into(&self.target, req.id, req.len as u64, None, false)?;
+                    }
+                    Err(inner.refuse(req.id, req.len as u64, refuse_reason::NO_ROOM))
+                }
                 None => {
                     let mut v = vec![0u8; req.len];
-                    inner.read_and_answer(&req, &mut v, false)?;
+                    inner.read_and_answer(&self.target, &req, &mut v, false)?;
                     Ok(Got::Msg(Message {
                         conn: self,
                         token: None,
@@ -330,15 +612,29 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             });
         };
         let id = inner.rndv.sends.start();
+        // Streamed at once (the chunks follow the request) when the peer cannot read us.
+        let stream_now = inner.link.rndv_can_stream()
+            && (inner.rndv.cfg.stream_only || inner.rndv.peer_cannot_read);
         let req = ControlMessage::RendezvousRequest {
             id,
             addr: exposure.addr(),
             len: buf.len() as u64,
-            rkey: exposure.rkey(),
+            rkey: if stream_now {
+                STREAMED_RKEY
+            } else {
+                exposure.rkey()
+            },
         };
-        if let Err(e) = inner.send_control_blocking(&req) {
+        match inner.send_control_blocking(&req) {
+            Ok(seq) => inner.rndv.sends.requested(id, seq),
+            Err(e) => {
+                inner.rndv.sends.forget(id);
+                return Err(e.into());
+            }
+        }
+        if stream_now && let Err(e) = inner.push_chunks(id, buf) {
             inner.rndv.sends.forget(id);
-            return Err(e.into());
+            return Err(e);
         }
         tracing::trace!(id, len = buf.len(), "rendezvous requested");
         Ok((id, exposure))
@@ -371,7 +667,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         loop {
             inner.check()?;
             match inner.rndv.sends.state(id) {
-                Some(RndvState::Waiting) => {}
+                Some(RndvState::Waiting | RndvState::Streamed) => {}
                 Some(s) => return Ok(s),
                 None => {
                     return Err(SendError::Transport(TransportError::Failed(
@@ -388,6 +684,134 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
     }
 
+    /// Receives at least one and at most `bufs.len()` messages, one into each buffer in order,
+    /// waiting only for the first; returns their lengths. Rendezvous messages among them are read
+    /// concurrently where the link can (verbs: their RDMA READs are in flight together, up to the
+    /// QP's limit), which is what a stream of large messages needs to keep the link busy. A
+    /// message that cannot join the batch (a refusal, a buffer too short, a message over shared
+    /// memory) ends it, or, as the first, is received as [`Connection::recv_into`] would.
+    ///
+    /// # Errors
+    /// As [`Connection::recv_into`].
+    pub fn recv_into_many(&self, bufs: &mut [&mut [u8]]) -> Result<Vec<usize>, TransportError> {
+        if bufs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inner = self.inner.borrow_mut();
+        inner.check()?;
+        // Whatever has arrived, and at least one message.
+        loop {
+            let w = if inner.rndv.ready.is_empty() {
+                Wait::Forever
+            } else if inner.rndv.ready.len() < bufs.len() {
+                Wait::No
+            } else {
+                break;
+            };
+            match inner.progress(&self.target, w) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => return Err(inner.fail(e)),
+            }
+        }
+        let batchable = |inner: &Inner<L>, r: &Ready, room: usize| match r {
+            Ready::Data(d) => d.len <= room,
+            Ready::Owned { data, .. } => data.len() <= room,
+            Ready::Request { req, .. } => req.len <= room && !inner.link.rndv_can_stream(),
+            Ready::Refuse { .. } => false,
+        };
+        let first_ok = inner
+            .rndv
+            .ready
+            .front()
+            .is_some_and(|r| batchable(&inner, r, bufs[0].len()));
+        if !first_ok {
+            // Received alone, as `recv_into` receives it.
+            drop(inner);
+            return self.recv_into(bufs[0]).map(|n| vec![n]);
+        }
+        let mut lens = Vec::with_capacity(bufs.len());
+        let mut reqs = Vec::new();
+        let mut dsts: Vec<&mut [u8]> = Vec::new();
+        for buf in bufs.iter_mut() {
+            let Some(r) = inner.rndv.ready.front() else {
+                break;
+            };
+            if !batchable(&inner, r, buf.len()) {
+                break;
+            }
+            let Some(r) = inner.rndv.ready.pop_front() else {
+                break;
+            };
+            match r {
+                Ready::Data(d) => {
+                    let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
+                    buf[..d.len].copy_from_slice(data);
+                    if let Err(e) = inner.release(d.token) {
+                        return Err(inner.fail(e));
+                    }
+                    lens.push(d.len);
+                }
+                Ready::Owned { data, .. } => {
+                    buf[..data.len()].copy_from_slice(&data);
+                    lens.push(data.len());
+                }
+                Ready::Request { req, .. } => {
+                    lens.push(req.len);
+                    dsts.push(&mut buf[..req.len]);
+                    reqs.push(req);
+                }
+                other => {
+                    // Not batchable (checked above): left for the next receive.
+                    inner.rndv.ready.push_front(other);
+                    break;
+                }
+            }
+        }
+        if reqs.is_empty() {
+            return Ok(lens);
+        }
+        let r = match inner.link.rndv_read_many(&reqs, &mut dsts) {
+            Some(r) => r,
+            None => {
+                // One at a time (requests are batched only on links that read them together,
+                // so this is only a fallback).
+                let mut r = Ok(());
+                for (req, dst) in reqs.iter().zip(dsts.iter_mut()) {
+                    match inner.link.rndv_read(req, dst, true) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(reason)) => {
+                            r = Err(TransportError::Failed(format!(
+                                "rendezvous read refused in a batch: {}",
+                                refuse_reason::describe(reason)
+                            )));
+                            break;
+                        }
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                }
+                r
+            }
+        };
+        if let Err(e) = r {
+            return Err(inner.fail(e));
+        }
+        for req in &reqs {
+            if let Err(e) =
+                inner.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })
+            {
+                return Err(inner.fail(e));
+            }
+            inner.rndv.stats.received += 1;
+            inner.rndv.stats.received_bytes += req.len as u64;
+            inner.rndv.stats.into_caller_buffer += 1;
+        }
+        Ok(lens)
+    }
+
     /// The rendezvous settings.
     pub fn rndv_config(&self) -> RndvConfig {
         self.inner.borrow().rndv.cfg
@@ -399,8 +823,14 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         let mut inner = self.inner.borrow_mut();
         let max_eager = inner.rndv.max_eager;
         inner.rndv.switch = cfg.switch_point(max_eager);
+        let old = inner.rndv.cfg;
         inner.rndv.cfg = cfg;
-        inner.link.rndv_set_cache_cap(cfg.cache_bytes);
+        if old.cache_bytes != cfg.cache_bytes {
+            inner.link.rndv_set_cache_cap(cfg.cache_bytes);
+        }
+        if old.send_cache_bytes != cfg.send_cache_bytes {
+            inner.link.rndv_set_send_cache_cap(cfg.send_cache_bytes);
+        }
     }
 
     /// The longest message sent eagerly (through partitions); longer ones go by rendezvous.
@@ -418,9 +848,16 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         self.inner.borrow().link.rndv_cache_stats()
     }
 
-    /// Drops cached registrations overlapping `buf`: call it before freeing or unmapping a
-    /// buffer given to [`Connection::recv_into`] while the cache is enabled (see
-    /// `docs/rendezvous.md`). Returns how many were dropped.
+    /// The send-buffer registration cache's counters (verbs with memory windows and
+    /// [`RndvConfig::send_cache_bytes`] set), if any.
+    pub fn rndv_send_cache_stats(&self) -> Option<RegCacheStats> {
+        self.inner.borrow().link.rndv_send_cache_stats()
+    }
+
+    /// Drops cached registrations overlapping `buf` (receive destinations and send buffers):
+    /// call it before freeing or unmapping a buffer given to [`Connection::recv_into`] or sent
+    /// by rendezvous while a cache is enabled (see `docs/rendezvous.md`). Returns how many were
+    /// dropped.
     pub fn rndv_invalidate(&self, buf: &[u8]) -> usize {
         self.inner
             .borrow_mut()
@@ -493,28 +930,57 @@ impl<L: Link, T: TargetMemory> SendHandle<'_, '_, L, T> {
         let Some(id) = self.id else {
             return Ok(());
         };
-        if self.exposure.is_none() {
-            return Ok(());
-        }
-        let s = match self.conn.rndv_poll(id, true) {
-            Ok(s) => s,
-            Err(e) => {
-                self.finish(id);
-                return Err(e);
+        loop {
+            if self.exposure.is_none() {
+                return Ok(());
             }
+            let s = match self.conn.rndv_poll(id, true) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.finish(id);
+                    return Err(e);
+                }
+            };
+            if self.settle(id, s)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends the message through the segments in chunks (the receiver asked for it: it cannot
+    /// read our buffer).
+    fn push_chunks(&mut self, id: u64) -> Result<(), SendError> {
+        let mut inner = self.conn.inner.borrow_mut();
+        let Some(data) = self.exposure.as_ref().and_then(|e| e.data) else {
+            let e = TransportError::from(ProtocolError::BadControl {
+                ty: 5,
+                len: 12,
+                reason: "stream request for a buffer this link exposes only by key",
+            });
+            return Err(SendError::Transport(inner.fail(e)));
         };
-        self.settle(id, s).map(|_| ())
+        inner.push_chunks(id, data)
     }
 
     fn finish(&mut self, id: u64) {
+        let mut inner = self.conn.inner.borrow_mut();
         // Revoke the exposure first: from here the peer cannot read the buffer.
-        self.exposure = None;
-        self.conn.inner.borrow_mut().rndv.sends.forget(id);
+        if let Some(e) = self.exposure.take() {
+            inner.link.rndv_revoke(e);
+        }
+        inner.rndv.sends.forget(id);
     }
 
     fn settle(&mut self, id: u64, s: RndvState) -> Result<bool, SendError> {
         match s {
-            RndvState::Waiting => Ok(false),
+            RndvState::Waiting | RndvState::Streamed => Ok(false),
+            RndvState::Stream => match self.push_chunks(id) {
+                Ok(()) => Ok(false),
+                Err(e) => {
+                    self.finish(id);
+                    Err(e)
+                }
+            },
             RndvState::Done => {
                 self.finish(id);
                 let mut inner = self.conn.inner.borrow_mut();

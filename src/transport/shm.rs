@@ -558,6 +558,10 @@ impl Link for ShmLink {
         Ok(Some(Exposure::by_address(buf)))
     }
 
+    fn rndv_can_stream(&self) -> bool {
+        true
+    }
+
     fn rndv_read(
         &mut self,
         req: &RndvRequest,

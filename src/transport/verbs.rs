@@ -74,7 +74,10 @@ use crate::verbs::{
 // Rendezvous (transport/rndv.rs).
 use super::rndv::Exposure;
 use crate::core::{RndvConfig, RndvRequest};
-use crate::verbs::{ReadOptions, RegCache, RegCacheStats, RemoteReadGrant};
+use crate::verbs::{
+    AccessFlags, BoundWindow, MemoryWindow, ReadJob, ReadOptions, RegCache, RegCacheStats,
+    RemoteReadGrant,
+};
 
 const MAGIC: [u8; 4] = *b"RSVB";
 const VERSION: u16 = 1;
@@ -743,6 +746,41 @@ impl SendSide {
         Ok(credit.freed.saturating_sub(posted) >= urgent)
     }
 
+    /// Posts one work request of the rendezvous (a memory window bind or invalidation) in line
+    /// with the others; with `wait`, returns once it has completed.
+    fn post_local(&mut self, wr: &mut SendWr, wait: bool) -> Result<(), TransportError> {
+        loop {
+            self.check()?;
+            while self.outstanding() + 1 > self.depth {
+                self.reap()?;
+                std::hint::spin_loop();
+            }
+            let id = self.posted;
+            // Signaled when waited for, or where selective signaling wants one.
+            let k = self.signal_every;
+            wr.set_wr_id(WrId(id))
+                .set_signaled(wait || (id + 1) / k != id / k);
+            match self.qp.post_send(wr) {
+                Ok(()) => {
+                    self.posted += 1;
+                    while wait && self.completed <= id {
+                        self.reap()?;
+                        std::hint::spin_loop();
+                    }
+                    return Ok(());
+                }
+                Err(VerbsError::SendQueueFull { .. }) => self.reap()?,
+                Err(e) => {
+                    self.dead = Some(Dead {
+                        peer_gone: false,
+                        reason: format!("posting a memory window operation: {e}"),
+                    });
+                    return Err(TransportError::Verbs(e));
+                }
+            }
+        }
+    }
+
     /// Why the QP went to the error state, seen from a flushed receive. A send that failed first
     /// says why (its completion precedes the flush: a peer that vanished gives
     /// `RETRY_EXC_ERR`). When none did, this side's device moved the QP to error itself because
@@ -853,6 +891,35 @@ pub struct VerbsLink {
     device: String,
     /// Rendezvous receive destinations' registrations (transport/rndv.rs).
     rndv_cache: RegCache,
+    /// Rendezvous send buffers' registrations and the memory windows bound over them, when
+    /// the send cache is on and the device has memory windows (transport/rndv.rs).
+    rndv_send: Option<SendCache>,
+}
+
+/// The send cache of a verbs link: `MW_BIND` registrations, and idle windows to bind.
+struct SendCache {
+    regs: RegCache,
+    idle: Vec<MemoryWindow>,
+}
+
+impl SendCache {
+    /// A send cache of `cap` bytes, or `None` for 0 or when the device has no memory windows
+    /// (then each transfer registers its buffer with remote read).
+    fn new(pd: &ProtectionDomain, cap: usize) -> Option<SendCache> {
+        if cap == 0 {
+            return None;
+        }
+        match MemoryWindow::alloc(pd) {
+            Ok(mw) => Some(SendCache {
+                regs: RegCache::for_send(pd, cap),
+                idle: vec![mw],
+            }),
+            Err(e) => {
+                tracing::info!(error = %e, "no memory windows: rendezvous sends register per transfer");
+                None
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for VerbsLink {
@@ -875,6 +942,80 @@ impl VerbsLink {
     /// The device this connection uses.
     pub fn device(&self) -> &str {
         &self.device
+    }
+}
+
+impl VerbsLink {
+    /// The READs of several rendezvous requests, in flight together (see `Link::rndv_read_many`).
+    fn read_many(
+        &mut self,
+        reqs: &[RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Result<(), TransportError> {
+        let tx = self.tx.get_mut();
+        tx.check()?;
+        if reqs.len() != dsts.len() || reqs.iter().zip(dsts.iter()).any(|(r, d)| r.len != d.len()) {
+            return Err(TransportError::Failed(
+                "rendezvous reads: destinations do not match the requests".into(),
+            ));
+        }
+        let mrs = dsts
+            .iter_mut()
+            .map(|d| self.rndv_cache.get(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut jobs: Vec<ReadJob<'_>> = mrs
+            .iter()
+            .zip(dsts.iter_mut())
+            .zip(reqs)
+            .map(|((mr, dst), r)| ReadJob {
+                mr,
+                dst,
+                remote_addr: r.addr,
+                rkey: Rkey(r.rkey),
+            })
+            .collect();
+        let SendSide {
+            qp,
+            cq,
+            posted,
+            completed,
+            dead,
+            depth,
+            ..
+        } = tx;
+        let opts = ReadOptions {
+            first_wr_id: *posted,
+            chunk: RNDV_READ_CHUNK,
+            window: (*depth / 2).clamp(1, 16) as u32,
+        };
+        let mut other_failed: Option<Dead> = None;
+        let r = qp.read_many(cq, &mut jobs, opts, |wc| {
+            if wc.is_success() {
+                *completed = (*completed).max(wc.wr_id().0 + 1);
+            } else if other_failed.is_none() {
+                other_failed = Some(dead_from(wc, "send"));
+            }
+        });
+        match r {
+            Ok(n) => {
+                *posted += n;
+                *completed = *posted;
+                if let Some(d) = other_failed {
+                    let e = d.error();
+                    dead.get_or_insert(d);
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let d = other_failed.unwrap_or(Dead {
+                    peer_gone: false,
+                    reason: format!("rendezvous read: {e}"),
+                });
+                dead.get_or_insert(d);
+                Err(TransportError::Verbs(e))
+            }
+        }
     }
 }
 
@@ -1091,8 +1232,60 @@ impl Link for VerbsLink {
     fn rndv_expose<'b>(&mut self, buf: &'b [u8]) -> Result<Option<Exposure<'b>>, TransportError> {
         let tx = self.tx.get_mut();
         tx.check()?;
-        let grant = RemoteReadGrant::new(tx.qp.pd(), buf)?;
-        Ok(Some(Exposure::registered(grant)))
+        let Some(sc) = self.rndv_send.as_mut() else {
+            let grant = RemoteReadGrant::new(tx.qp.pd(), buf)?;
+            return Ok(Some(Exposure::registered(grant)));
+        };
+        // A cached registration without remote access, and a window with remote read over
+        // exactly `buf`: bound by a work request that executes before the request goes out.
+        let mr = sc.regs.get_send(buf)?;
+        let mut mw = match sc.idle.pop() {
+            Some(mw) => mw,
+            None => MemoryWindow::alloc(tx.qp.pd())?,
+        };
+        let rkey = mw.next_rkey();
+        let mut wr = SendWr::bind_mw(
+            WrId(0),
+            &mw,
+            rkey,
+            &mr,
+            buf.as_ptr() as u64,
+            buf.len(),
+            AccessFlags::REMOTE_READ,
+        )?;
+        tx.post_local(&mut wr, false)?;
+        drop(wr);
+        mw.set_rkey(rkey);
+        Ok(Some(Exposure::windowed(buf, BoundWindow::new(mw, mr))))
+    }
+
+    fn rndv_revoke(&mut self, mut exposure: Exposure<'_>) {
+        if let Some(w) = exposure.take_window() {
+            let (mw, _mr) = w.into_parts();
+            // Invalidate before the buffer's borrow ends: the peer's key is dead when this
+            // returns. If that fails (the connection is failing), the window is deallocated,
+            // which revokes it as well.
+            let mut wr = SendWr::local_inv(WrId(0), mw.rkey());
+            let tx = self.tx.get_mut();
+            match tx.post_local(&mut wr, true) {
+                Ok(()) => {
+                    if let Some(sc) = self.rndv_send.as_mut() {
+                        sc.idle.push(mw);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "memory window invalidation failed"),
+            }
+        }
+        drop(exposure);
+    }
+
+    fn rndv_set_send_cache_cap(&mut self, bytes: usize) {
+        let pd = self.tx.get_mut().qp.pd().clone();
+        self.rndv_send = SendCache::new(&pd, bytes);
+    }
+
+    fn rndv_send_cache_stats(&self) -> Option<RegCacheStats> {
+        self.rndv_send.as_ref().map(|sc| sc.regs.stats())
     }
 
     fn rndv_read(
@@ -1153,6 +1346,14 @@ impl Link for VerbsLink {
         }
     }
 
+    fn rndv_read_many(
+        &mut self,
+        reqs: &[RndvRequest],
+        dsts: &mut [&mut [u8]],
+    ) -> Option<Result<(), TransportError>> {
+        Some(self.read_many(reqs, dsts))
+    }
+
     fn rndv_set_cache_cap(&mut self, bytes: usize) {
         let pd = self.tx.get_mut().qp.pd().clone();
         self.rndv_cache = RegCache::new(&pd, bytes);
@@ -1163,7 +1364,11 @@ impl Link for VerbsLink {
     }
 
     fn rndv_invalidate(&mut self, addr: u64, len: usize) -> usize {
-        self.rndv_cache.invalidate(addr, len)
+        let sent = self
+            .rndv_send
+            .as_mut()
+            .map_or(0, |sc| sc.regs.invalidate(addr, len));
+        self.rndv_cache.invalidate(addr, len) + sent
     }
 }
 
@@ -1293,6 +1498,7 @@ fn finish(
         sq_depth = depth,
         "verbs connection up"
     );
+    let rndv_env = RndvConfig::from_env().unwrap_or_default();
     let link = VerbsLink {
         tx: RefCell::new(tx),
         rx,
@@ -1302,7 +1508,8 @@ fn finish(
         drain_on_post: mode != PollMode::Busy,
         last_probe: Cell::new(Instant::now()),
         device,
-        rndv_cache: RegCache::new(pd, RndvConfig::from_env().unwrap_or_default().cache_bytes),
+        rndv_cache: RegCache::new(pd, rndv_env.cache_bytes),
+        rndv_send: SendCache::new(pd, rndv_env.send_cache_bytes),
     };
     let target = VerbsTarget {
         segments: receiving.targets,

@@ -100,6 +100,9 @@ pub enum VerbsError {
         #[source]
         source: io::Error,
     },
+    /// `ibv_alloc_mw(3)` failed (`EOPNOTSUPP`: the device has no memory windows).
+    #[error("ibv_alloc_mw failed")]
+    AllocMw(#[source] io::Error),
     /// `ibv_create_comp_channel(3)` failed.
     #[error("ibv_create_comp_channel failed")]
     CreateCompChannel(#[source] io::Error),

@@ -40,6 +40,7 @@ mod device;
 mod error;
 mod image;
 mod mr;
+mod mw;
 mod qp;
 mod regcache;
 mod test_support;
@@ -54,11 +55,12 @@ pub use device::{
 pub use error::{Result, VerbsError};
 pub use image::{CreditWords, SourceImage, TargetImage};
 pub use mr::{MemoryRegion, ProtectionDomain};
+pub use mw::MemoryWindow;
 pub use qp::{
-    ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, ReadOptions, RecvWr,
-    SendOp, SendWr,
+    ConnectParams, MAX_SGE, QpCaps, QpConfig, QpEndpoint, QpState, QueuePair, ReadJob, ReadOptions,
+    RecvWr, SendOp, SendWr,
 };
-pub use regcache::{RangeCache, RegCache, RegCacheStats, RemoteReadGrant};
+pub use regcache::{BoundWindow, RangeCache, RegCache, RegCacheStats, RemoteReadGrant};
 pub use test_support::{
     CountingAllocator, ENV_DEVICE, ENV_REQUIRE, count_allocations, test_context,
 };

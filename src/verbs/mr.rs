@@ -230,6 +230,11 @@ impl MemoryRegion {
         })
     }
 
+    /// The registration handle, for a memory window bind (`struct ibv_mw_bind_info`).
+    pub(crate) fn as_raw(&self) -> *mut ibv_mr {
+        self.inner.mr.as_ptr()
+    }
+
     fn raw(&self) -> &ibv_mr {
         // SAFETY: the MR stays registered (and its struct allocated) while `inner` lives; its
         // fields are written by libibverbs only during registration.

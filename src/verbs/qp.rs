@@ -14,6 +14,7 @@ use super::cq::{CompletionQueue, CqInner};
 use super::device::GidSelector;
 use super::error::{Result, VerbsError};
 use super::mr::{MemoryRegion, ProtectionDomain};
+use super::mw::MemoryWindow;
 use super::types::{AccessFlags, Gid, GidIndex, LinkLayer, Mtu, Psn, QpNum, Rkey, WrId};
 
 /// Most scatter/gather entries a [`SendWr`] or [`RecvWr`] holds (they are stored inline so that
@@ -601,19 +602,10 @@ impl QueuePair {
 
     /// RDMA READ of `remote_addr..+dst.len()` (key `rkey`) straight into `dst`, waiting until
     /// it has landed (rendezvous receive). `mr` is a `LOCAL_WRITE` registration covering `dst`.
-    ///
-    /// The read is split into chunks of at most `opts.chunk` bytes, each a signaled work request
-    /// with ids `opts.first_wr_id..`, at most `opts.window` outstanding; the send completions of
-    /// other work requests polled from `cq` meanwhile (ids below `opts.first_wr_id`) are handed to
-    /// `other`. Returns the number of ids used. Because `dst` is borrowed for the whole call and
-    /// the call returns only once every chunk has completed or been flushed, the device never
-    /// writes `dst` after the borrow ends.
+    /// One job of [`QueuePair::read_many`], which says how it is split and numbered.
     ///
     /// # Errors
-    /// [`VerbsError::OutOfBounds`] when `mr` does not cover `dst`;
-    /// [`VerbsError::InvalidWorkRequest`] when `mr` lacks `LOCAL_WRITE` or `dst` is empty;
-    /// [`VerbsError::ReadFailed`] when a chunk completes in error (the QP is then moved to the
-    /// error state: a failed READ leaves the connection unusable); post and poll errors.
+    /// As [`QueuePair::read_many`].
     #[allow(clippy::too_many_arguments)] // the parts of one READ, each used once
     pub fn read_into(
         &mut self,
@@ -623,32 +615,76 @@ impl QueuePair {
         remote_addr: u64,
         rkey: Rkey,
         opts: ReadOptions,
+        other: impl FnMut(&super::WorkCompletion),
+    ) -> Result<u64> {
+        self.read_many(
+            cq,
+            &mut [ReadJob {
+                mr,
+                dst,
+                remote_addr,
+                rkey,
+            }],
+            opts,
+            other,
+        )
+    }
+
+    /// RDMA READs of several remote buffers straight into their destinations, all in flight
+    /// together, waiting until every one has landed (several rendezvous messages at once).
+    ///
+    /// Each job is split into chunks of at most `opts.chunk` bytes, each a signaled work request
+    /// with ids `opts.first_wr_id..` (the jobs' chunks in order), at most `opts.window`
+    /// outstanding across jobs; the send completions of other work requests polled from `cq`
+    /// meanwhile (ids below `opts.first_wr_id`) are handed to `other`. Returns the number of ids
+    /// used. Because the destinations are borrowed for the whole call and the call returns only
+    /// once every chunk has completed or been flushed, the device never writes them after the
+    /// borrow ends.
+    ///
+    /// # Errors
+    /// [`VerbsError::OutOfBounds`] when a job's `mr` does not cover its destination;
+    /// [`VerbsError::InvalidWorkRequest`] when a region lacks `LOCAL_WRITE`, a destination is
+    /// empty or a remote range wraps (nothing is posted then);
+    /// [`VerbsError::ReadFailed`] when a chunk completes in error (the QP is then moved to the
+    /// error state: a failed READ leaves the connection unusable); post and poll errors.
+    pub fn read_many(
+        &mut self,
+        cq: &CompletionQueue,
+        jobs: &mut [ReadJob<'_>],
+        opts: ReadOptions,
         mut other: impl FnMut(&super::WorkCompletion),
     ) -> Result<u64> {
-        let len = dst.len();
-        if len == 0 {
-            return Err(VerbsError::InvalidWorkRequest("RDMA READ of zero bytes"));
-        }
-        if !mr.access().contains(AccessFlags::LOCAL_WRITE) {
-            return Err(VerbsError::InvalidWorkRequest(
-                "RDMA READ target registered without LOCAL_WRITE",
-            ));
-        }
-        let start = (dst.as_ptr() as u64)
-            .checked_sub(mr.addr())
-            .ok_or(VerbsError::OutOfBounds {
-                offset: 0,
-                len,
-                region_len: mr.len(),
-            })? as usize;
-        mr.check_range(start, len)?;
-        if remote_addr.checked_add(len as u64).is_none() {
-            return Err(VerbsError::InvalidWorkRequest("RDMA READ range wraps"));
-        }
         let chunk = opts.chunk.clamp(4096, 1 << 30);
+        // Validate every job first: (offset of the destination in its region, chunks).
+        let mut plan = Vec::with_capacity(jobs.len());
+        for job in jobs.iter() {
+            let len = job.dst.len();
+            if len == 0 {
+                return Err(VerbsError::InvalidWorkRequest("RDMA READ of zero bytes"));
+            }
+            if !job.mr.access().contains(AccessFlags::LOCAL_WRITE) {
+                return Err(VerbsError::InvalidWorkRequest(
+                    "RDMA READ target registered without LOCAL_WRITE",
+                ));
+            }
+            let start = (job.dst.as_ptr() as u64).checked_sub(job.mr.addr()).ok_or(
+                VerbsError::OutOfBounds {
+                    offset: 0,
+                    len,
+                    region_len: job.mr.len(),
+                },
+            )? as usize;
+            job.mr.check_range(start, len)?;
+            if job.remote_addr.checked_add(len as u64).is_none() {
+                return Err(VerbsError::InvalidWorkRequest("RDMA READ range wraps"));
+            }
+            plan.push((start, len.div_ceil(chunk) as u64));
+        }
         let window = u64::from(opts.window.max(1));
-        let n = len.div_ceil(chunk) as u64;
+        let n: u64 = plan.iter().map(|p| p.1).sum();
         let first = opts.first_wr_id;
+        // The next chunk to post: job index and chunk within the job.
+        let (mut job_i, mut chunk_i) = (0usize, 0u64);
         let mut posted = 0u64;
         let mut done = 0u64;
         let mut failure: Option<VerbsError> = None;
@@ -656,19 +692,28 @@ impl QueuePair {
         while done < n {
             // Post while the window allows (and nothing failed).
             while failure.is_none() && posted < n && posted - done < window {
-                let off = posted as usize * chunk;
-                let l = chunk.min(len - off);
+                while chunk_i == plan[job_i].1 {
+                    job_i += 1;
+                    chunk_i = 0;
+                }
+                let (start, _) = plan[job_i];
+                let job = &jobs[job_i];
+                let off = chunk_i as usize * chunk;
+                let l = chunk.min(job.dst.len() - off);
                 let mut wr = SendWr::read(
                     WrId(first + posted),
-                    mr,
+                    job.mr,
                     start + off,
                     l,
-                    remote_addr + off as u64,
-                    rkey,
+                    job.remote_addr + off as u64,
+                    job.rkey,
                 )?;
                 wr.set_signaled(true);
                 match self.post_send(&mut wr) {
-                    Ok(()) => posted += 1,
+                    Ok(()) => {
+                        posted += 1;
+                        chunk_i += 1;
+                    }
                     Err(VerbsError::SendQueueFull { .. }) => break,
                     Err(e) => failure = Some(e),
                 }
@@ -679,7 +724,7 @@ impl QueuePair {
             let got = match cq.poll(&mut wcs) {
                 Ok(k) => k,
                 Err(e) => {
-                    // The CQ cannot be polled: stop the QP so that nothing more lands in `dst`.
+                    // The CQ cannot be polled: stop the QP so that nothing more lands.
                     let _ = self.set_error();
                     return Err(e);
                 }
@@ -692,7 +737,7 @@ impl QueuePair {
                 }
                 if !wc.is_success() && failure.is_none() {
                     failure = Some(VerbsError::ReadFailed {
-                        len,
+                        len: jobs.iter().map(|j| j.dst.len()).sum(),
                         status: wc.status(),
                         vendor_err: wc.vendor_err(),
                     });
@@ -776,7 +821,29 @@ impl QueuePair {
     }
 }
 
-/// How [`QueuePair::read_into`] splits and numbers its work requests.
+/// One RDMA READ of [`QueuePair::read_many`]: `remote_addr..+dst.len()` (key `rkey`) into
+/// `dst`, which `mr` (a `LOCAL_WRITE` registration) covers.
+pub struct ReadJob<'a> {
+    /// The registration covering `dst`.
+    pub mr: &'a MemoryRegion,
+    /// Where the bytes land.
+    pub dst: &'a mut [u8],
+    /// The peer's address.
+    pub remote_addr: u64,
+    /// The peer's key.
+    pub rkey: Rkey,
+}
+
+impl std::fmt::Debug for ReadJob<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadJob")
+            .field("len", &self.dst.len())
+            .field("remote_addr", &format_args!("{:#x}", self.remote_addr))
+            .finish()
+    }
+}
+
+/// How [`QueuePair::read_many`] splits and numbers its work requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadOptions {
     /// Work request id of the first chunk; the others follow.
@@ -811,6 +878,10 @@ pub enum SendOp {
     Send,
     /// SEND with a 32-bit immediate.
     SendWithImm,
+    /// Bind a type-2 memory window over a slice of a registered region ([`SendWr::bind_mw`]).
+    BindMw,
+    /// Invalidate a memory window's key ([`SendWr::local_inv`]).
+    LocalInv,
 }
 
 impl SendOp {
@@ -821,6 +892,8 @@ impl SendOp {
             SendOp::RdmaRead => ibv_wr_opcode::IBV_WR_RDMA_READ,
             SendOp::Send => ibv_wr_opcode::IBV_WR_SEND,
             SendOp::SendWithImm => ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+            SendOp::BindMw => ibv_wr_opcode::IBV_WR_BIND_MW,
+            SendOp::LocalInv => ibv_wr_opcode::IBV_WR_LOCAL_INV,
         }
     }
     fn has_remote(self) -> bool {
@@ -865,6 +938,8 @@ pub struct SendWr {
     raw: ibv_send_wr,
     sges: [ibv_sge; MAX_SGE],
     mrs: [Option<MemoryRegion>; MAX_SGE],
+    /// A bind's window and region, kept alive while the work request exists.
+    bind: Option<(MemoryWindow, MemoryRegion)>,
     num_sge: usize,
     op: SendOp,
     signaled: bool,
@@ -905,6 +980,7 @@ impl SendWr {
             raw,
             sges: [EMPTY_SGE; MAX_SGE],
             mrs: Default::default(),
+            bind: None,
             num_sge: 0,
             op,
             signaled: true,
@@ -950,6 +1026,62 @@ impl SendWr {
         wr.push_sge(local, offset, len)?;
         wr.set_remote(remote_addr, rkey)?;
         Ok(wr)
+    }
+
+    /// Binds type-2 window `mw` with key `rkey` over `len` bytes of `mr` at address `addr`,
+    /// granting `access` (e.g. [`AccessFlags::REMOTE_READ`]) to the peer of the QP it is posted
+    /// on. Work requests posted after it on the same QP execute after the bind.
+    ///
+    /// # Errors
+    /// [`VerbsError::OutOfBounds`] when the range is not inside `mr`;
+    /// [`VerbsError::InvalidWorkRequest`] when `mr` was not registered with
+    /// [`AccessFlags::MW_BIND`] or the range is empty.
+    pub fn bind_mw(
+        wr_id: WrId,
+        mw: &MemoryWindow,
+        rkey: Rkey,
+        mr: &MemoryRegion,
+        addr: u64,
+        len: usize,
+        access: AccessFlags,
+    ) -> Result<SendWr> {
+        if !mr.access().contains(AccessFlags::MW_BIND) {
+            return Err(VerbsError::InvalidWorkRequest(
+                "memory window bound over a region registered without MW_BIND",
+            ));
+        }
+        if len == 0 {
+            return Err(VerbsError::InvalidWorkRequest(
+                "memory window of zero bytes",
+            ));
+        }
+        let offset = addr.checked_sub(mr.addr()).ok_or(VerbsError::OutOfBounds {
+            offset: 0,
+            len,
+            region_len: mr.len(),
+        })? as usize;
+        mr.check_range(offset, len)?;
+        let mut wr = SendWr::new(SendOp::BindMw, wr_id);
+        wr.raw.bind_mw_tso_union.bind_mw = rdma_sys::bind_mw_t {
+            mw: mw.as_raw(),
+            rkey: rkey.0,
+            bind_info: rdma_sys::ibv_mw_bind_info {
+                mr: mr.as_raw(),
+                addr,
+                length: len as u64,
+                mw_access_flags: access.bits(),
+            },
+        };
+        wr.bind = Some((mw.clone(), mr.clone()));
+        Ok(wr)
+    }
+
+    /// Invalidates the memory window key `rkey` (`IBV_WR_LOCAL_INV`): once it executes, no peer
+    /// access through that key succeeds.
+    pub fn local_inv(wr_id: WrId, rkey: Rkey) -> SendWr {
+        let mut wr = SendWr::new(SendOp::LocalInv, wr_id);
+        wr.raw.imm_data_invalidated_rkey_union.invalidated_rkey = rkey.0;
+        wr
     }
 
     /// Append an SGE covering `mr[offset..offset+len]`.

@@ -1,14 +1,18 @@
-//! The rendezvous registrations: a cache of local registrations for receive destinations, and
-//! scoped remote-read grants for send buffers.
+//! The rendezvous registrations: caches of local registrations for receive destinations and
+//! send buffers, and scoped remote-read grants for send buffers.
 //!
 //! # What is cached, what is not
 //! - Receive destinations (the READ target, `LOCAL_WRITE` only, no remote access) may be kept
 //!   in a [`RegCache`] keyed by address range, under a byte cap with LRU eviction. A hit saves
 //!   `ibv_reg_mr` (pinning every page) and `ibv_dereg_mr`.
-//! - Send buffers are never cached: a [`RemoteReadGrant`] registers the buffer with
-//!   `REMOTE_READ` for one transfer and deregisters it when dropped (after the receiver's done).
-//!   No memory of the process is remotely readable outside a transfer in flight, and a stale
-//!   rkey a peer kept is useless once the transfer ends.
+//! - Send buffers are never cached with remote access. By default a [`RemoteReadGrant`]
+//!   registers the buffer with `REMOTE_READ` for one transfer and deregisters it when dropped
+//!   (after the receiver's done). With a send cache ([`RegCache::for_send`]) the buffer's
+//!   registration is kept with [`AccessFlags::MW_BIND`] only (no remote access) and each
+//!   transfer binds a memory window with remote read over exactly the buffer
+//!   ([`BoundWindow`]), invalidated when the transfer ends. Either way no memory of the process
+//!   is remotely readable outside a transfer in flight, and a stale rkey a peer kept is useless
+//!   once the transfer ends.
 //!
 //! # Invalidation: what the cache can and cannot see
 //! The cache holds registrations of memory it does not own. If the application frees a buffer
@@ -24,12 +28,19 @@
 //!
 //! Entries are also dropped by LRU eviction when the cap is reached, and all of them with the
 //! cache.
+//!
+//! The send cache has the same contract, with a different failure: a send buffer freed while
+//! cached, whose address range later holds new memory, is sent from the *old* pages (the window
+//! is bound over the stale registration): the receiver silently gets stale bytes. Hence the send
+//! cache is off by default too, and [`RegCache::invalidate`] must be called (through the
+//! connection) before freeing or unmapping a buffer that was sent by rendezvous while it is on.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 
 use super::error::Result;
 use super::mr::{MemoryRegion, ProtectionDomain};
+use super::mw::MemoryWindow;
 use super::types::{AccessFlags, Rkey};
 
 /// Counters of a registration cache.
@@ -170,17 +181,19 @@ impl<V: Clone> RangeCache<V> {
 }
 
 /// A registration cache for rendezvous receive destinations (`LOCAL_WRITE` registrations, no
-/// remote access), keyed by address range, capped in bytes, LRU. See the module docs for the
-/// invalidation contract.
+/// remote access) or send buffers (`MW_BIND` registrations, no remote access), keyed by address
+/// range, capped in bytes, LRU. See the module docs for the invalidation contract.
 pub struct RegCache {
     pd: ProtectionDomain,
     inner: RangeCache<MemoryRegion>,
+    access: AccessFlags,
 }
 
 impl std::fmt::Debug for RegCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegCache")
             .field("cap", &self.inner.cap())
+            .field("access", &self.access)
             .field("stats", &self.inner.stats())
             .finish()
     }
@@ -193,7 +206,56 @@ impl RegCache {
         RegCache {
             pd: pd.clone(),
             inner: RangeCache::new(cap),
+            access: AccessFlags::LOCAL_WRITE,
         }
+    }
+
+    /// A cache of send-buffer registrations in `pd` (access [`AccessFlags::MW_BIND`] only: the
+    /// device reads the buffer only through a memory window bound per transfer), holding at most
+    /// `cap` bytes.
+    pub fn for_send(pd: &ProtectionDomain, cap: usize) -> Self {
+        RegCache {
+            pd: pd.clone(),
+            inner: RangeCache::new(cap),
+            access: AccessFlags::MW_BIND,
+        }
+    }
+
+    /// An `MW_BIND` registration covering the send buffer `buf`: cached, or registered now (and
+    /// cached if it fits the cap). Only for a cache made by [`RegCache::for_send`].
+    ///
+    /// The handle may outlive `buf`; a window bound through it after `buf` is gone reads the pages
+    /// it pinned, not whatever memory later sits at that address (no memory of the process is
+    /// exposed beyond those pages, but the peer receives stale bytes): the invalidation contract.
+    ///
+    /// # Errors
+    /// [`super::VerbsError::InvalidWorkRequest`] for a receive cache;
+    /// [`super::VerbsError::RegMr`].
+    pub fn get_send(&mut self, buf: &[u8]) -> Result<MemoryRegion> {
+        if self.access != AccessFlags::MW_BIND {
+            return Err(super::VerbsError::InvalidWorkRequest(
+                "send buffer looked up in a receive registration cache",
+            ));
+        }
+        let addr = buf.as_ptr() as u64;
+        if let Some(mr) = self.inner.lookup(addr, buf.len()) {
+            return Ok(mr);
+        }
+        // SAFETY: `buf` is live now. The access is MW_BIND only: the device never writes the
+        // region (windows bound over it grant remote read only), so the shared borrow is
+        // respected. The region may outlive `buf`: the kernel keeps the pinned pages until
+        // deregistration, so a late read only reaches those pages (stale data, as the module
+        // docs say), never memory the process uses otherwise.
+        let mr = unsafe {
+            MemoryRegion::register(
+                &self.pd,
+                buf.as_ptr().cast_mut(),
+                buf.len(),
+                AccessFlags::MW_BIND,
+            )
+        }?;
+        drop(self.inner.insert(addr, buf.len(), mr.clone()));
+        Ok(mr)
     }
 
     /// A local-write registration covering `dst`: cached, or registered now (and cached if it
@@ -207,6 +269,11 @@ impl RegCache {
     /// # Errors
     /// [`super::VerbsError::RegMr`] (e.g. the locked-memory limit).
     pub fn get(&mut self, dst: &mut [u8]) -> Result<MemoryRegion> {
+        if self.access != AccessFlags::LOCAL_WRITE {
+            return Err(super::VerbsError::InvalidWorkRequest(
+                "receive destination looked up in a send registration cache",
+            ));
+        }
         let addr = dst.as_ptr() as u64;
         if let Some(mr) = self.inner.lookup(addr, dst.len()) {
             return Ok(mr);
@@ -267,6 +334,40 @@ impl RegCache {
     /// The byte cap.
     pub fn cap(&self) -> usize {
         self.inner.cap()
+    }
+}
+
+/// A memory window bound with remote read over one send buffer, for one rendezvous transfer,
+/// over a cached `MW_BIND` registration. The link that bound it invalidates it when the
+/// transfer ends ([`BoundWindow::into_parts`], then `IBV_WR_LOCAL_INV`) and reuses the window;
+/// dropped any other way, the window is deallocated, which also revokes it.
+pub struct BoundWindow {
+    mw: MemoryWindow,
+    mr: MemoryRegion,
+}
+
+impl std::fmt::Debug for BoundWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundWindow")
+            .field("rkey", &self.mw.rkey())
+            .finish()
+    }
+}
+
+impl BoundWindow {
+    /// A window whose bind over (part of) `mr` was posted; `mw` carries the bind's key.
+    pub fn new(mw: MemoryWindow, mr: MemoryRegion) -> Self {
+        BoundWindow { mw, mr }
+    }
+
+    /// The key the peer reads with.
+    pub fn rkey(&self) -> Rkey {
+        self.mw.rkey()
+    }
+
+    /// The window and the registration it is bound over (to invalidate and reuse the window).
+    pub fn into_parts(self) -> (MemoryWindow, MemoryRegion) {
+        (self.mw, self.mr)
     }
 }
 

@@ -341,6 +341,8 @@ impl AccessFlags {
     pub const REMOTE_WRITE: AccessFlags = AccessFlags(ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0);
     /// Peers may RDMA READ from the region.
     pub const REMOTE_READ: AccessFlags = AccessFlags(ibv_access_flags::IBV_ACCESS_REMOTE_READ.0);
+    /// Memory windows may be bound over the region (the region itself grants no remote access).
+    pub const MW_BIND: AccessFlags = AccessFlags(ibv_access_flags::IBV_ACCESS_MW_BIND.0);
 
     /// Local use only: source images, receive and RDMA READ destination buffers.
     pub const fn local_only() -> AccessFlags {

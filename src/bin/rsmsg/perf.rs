@@ -422,13 +422,37 @@ fn serve_one<L: Link, T: TargetMemory>(conn: &Connection<L, T>) -> Result<()> {
                 let size: usize = size.parse().context("bad size in plan")?;
                 let iters: u64 = iters.parse().context("bad iterations in plan")?;
                 let buf = vec![0x5a; size];
+                // Above the switch point messages come by rendezvous: read straight into one
+                // buffer (zero copy) rather than into a fresh one per message.
+                let mut dst = if size > conn.switch_point() {
+                    vec![0u8; size]
+                } else {
+                    Vec::new()
+                };
                 match test {
                     Test::Lat => {
                         for _ in 0..iters {
-                            let m = conn.recv()?;
-                            drop(m);
+                            if dst.is_empty() {
+                                let m = conn.recv()?;
+                                drop(m);
+                            } else {
+                                conn.recv_into(&mut dst)?;
+                            }
                             conn.send(&buf)?;
                         }
+                    }
+                    Test::Bw | Test::Rate if !dst.is_empty() => {
+                        // Several rendezvous messages per receive: their reads overlap.
+                        let mut bufs: Vec<Vec<u8>> =
+                            (0..RNDV_WINDOW).map(|_| vec![0u8; size]).collect();
+                        let mut got = 0u64;
+                        while got < iters {
+                            let want = ((iters - got) as usize).min(RNDV_WINDOW);
+                            let mut views: Vec<&mut [u8]> =
+                                bufs[..want].iter_mut().map(|b| &mut b[..]).collect();
+                            got += conn.recv_into_many(&mut views)?.len() as u64;
+                        }
+                        conn.send(b"ack")?;
                     }
                     Test::Bw | Test::Rate => {
                         for _ in 0..iters {
@@ -452,10 +476,12 @@ fn client<L: Link, T: TargetMemory>(args: &Args, conn: &Connection<L, T>) -> Res
     let mut rows = Vec::new();
     if !args.json {
         println!(
-            "# rsmsg perf: transport {}, poll {}, largest eager message {} B",
+            "# rsmsg perf: transport {}, poll {}, largest eager message {} B, switch point {} B \
+             (longer messages go by rendezvous)",
             args.transport,
             poll_name(args.poll),
-            max
+            max,
+            conn.switch_point()
         );
     }
     for test in tests {
@@ -467,9 +493,6 @@ fn client<L: Link, T: TargetMemory>(args: &Args, conn: &Connection<L, T>) -> Res
             print_header(test);
         }
         for &size in &sizes {
-            if size > max {
-                bail!("size {size} exceeds the largest eager message ({max} B) of this layout");
-            }
             let row = measure(args, conn, test, size)?;
             if !args.json {
                 print_row(&row);
@@ -647,6 +670,10 @@ fn measure<L: Link, T: TargetMemory>(
     })
 }
 
+/// Rendezvous transfers a bandwidth stream keeps in flight (each handle borrows the one send
+/// buffer; the receiver serves them in order).
+const RNDV_WINDOW: usize = 16;
+
 /// Sends a plan and runs it; returns the time of the measured part. Round trips go into `hist`
 /// (nanoseconds) for latency tests.
 fn run_plan<L: Link, T: TargetMemory>(
@@ -658,8 +685,47 @@ fn run_plan<L: Link, T: TargetMemory>(
 ) -> Result<Duration> {
     conn.send(format!("{} {size} {iters}", test.name()).as_bytes())?;
     let buf = vec![0xa5u8; size];
+    // Above the switch point: rendezvous, echoes read into one buffer, streams with several
+    // transfers in flight.
+    let rndv = size > conn.switch_point();
+    let mut dst = if rndv { vec![0u8; size] } else { Vec::new() };
     let start = Instant::now();
     match test {
+        Test::Lat if rndv => {
+            let mut last = Instant::now();
+            for _ in 0..iters {
+                conn.send(&buf)?;
+                let n = conn.recv_into(&mut dst)?;
+                if n != size {
+                    bail!("echo of {n} bytes for a {size}-byte message");
+                }
+                let now = Instant::now();
+                if let Some(h) = hist.as_deref_mut() {
+                    h.saturating_record((now - last).as_nanos() as u64);
+                }
+                last = now;
+            }
+        }
+        Test::Bw | Test::Rate if rndv => {
+            let mut inflight: std::collections::VecDeque<
+                rsmsg::transport::SendHandle<'_, '_, L, T>,
+            > = std::collections::VecDeque::with_capacity(RNDV_WINDOW);
+            for _ in 0..iters {
+                if inflight.len() == RNDV_WINDOW
+                    && let Some(h) = inflight.pop_front()
+                {
+                    h.wait()?;
+                }
+                inflight.push_back(conn.send_start(&buf)?);
+            }
+            for h in inflight {
+                h.wait()?;
+            }
+            let ack = conn.recv()?;
+            if &*ack != b"ack" {
+                bail!("server did not acknowledge the stream");
+            }
+        }
         Test::Lat => {
             // One clock read per round trip: each round trip runs from the previous read to
             // this one, so the clock's own cost is paid once, not twice.

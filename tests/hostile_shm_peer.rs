@@ -56,7 +56,7 @@ impl Hostile {
             .unwrap();
         let mut hello = [0u8; HELLO_LEN];
         hello[0..4].copy_from_slice(b"RSHM");
-        hello[4..6].copy_from_slice(&2u16.to_le_bytes());
+        hello[4..6].copy_from_slice(&3u16.to_le_bytes());
         hello[8..12].copy_from_slice(&std::process::id().to_le_bytes());
         let text = mine.to_string();
         hello[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
@@ -71,7 +71,7 @@ impl Hostile {
             .unwrap();
         // The victim's regions.
         let tables = Tables::new(victim.clone());
-        // Control region, wake-up eventfd, then the segments (handshake version 2).
+        // Control region, wake-up eventfd, then the segments (handshake version 3).
         let expected = 2 + tables.segments().len();
         let mut fds = Vec::new();
         while fds.len() < expected {
@@ -123,6 +123,14 @@ impl Hostile {
 
     fn ring(&mut self, imm: u32) {
         assert_eq!(self.bell.try_push(imm).unwrap(), PushOutcome::Pushed);
+    }
+
+    /// Rings with `header` in the doorbell slot (the copy the receiver validates first).
+    fn ring_with(&mut self, imm: u32, header: [u8; 16]) {
+        assert_eq!(
+            self.bell.try_push_with(imm, &header).unwrap(),
+            PushOutcome::Pushed
+        );
     }
 }
 
@@ -218,6 +226,38 @@ fn attacks() -> Vec<Attack> {
                 h.ring(first_message_imm(Generation::from_lap(0)));
             },
             |e| matches!(e, ProtocolError::BadMagic { .. }),
+        ),
+        (
+            "bad header magic in the doorbell slot (a valid header in the partition)",
+            |h| {
+                h.header(0, 0, data_header(10, Generation::from_lap(0)));
+                h.ring_with(first_message_imm(Generation::from_lap(0)), [0xff; 16]);
+            },
+            |e| matches!(e, ProtocolError::BadMagic { .. }),
+        ),
+        (
+            "header in the doorbell slot with a length beyond the span",
+            |h| {
+                h.header(0, 0, data_header(10, Generation::from_lap(0)));
+                let bad = data_header(4 * 256, Generation::from_lap(0)).encode();
+                h.ring_with(first_message_imm(Generation::from_lap(0)), bad);
+            },
+            |e| {
+                matches!(
+                    e,
+                    ProtocolError::LengthBeyondSpan { .. }
+                        | ProtocolError::LengthBeyondSegmentEnd { .. }
+                )
+            },
+        ),
+        (
+            "header in the doorbell slot with a stale generation",
+            |h| {
+                h.header(0, 0, data_header(10, Generation::from_lap(0)));
+                let bad = data_header(10, Generation(64)).encode();
+                h.ring_with(first_message_imm(Generation::from_lap(0)), bad);
+            },
+            |e| matches!(e, ProtocolError::StaleGeneration { .. }),
         ),
         (
             "out-of-sequence message",

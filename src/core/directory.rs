@@ -89,7 +89,7 @@ impl Directory {
     }
 
     /// Claim 7: whether the `count` partitions from `start` exist and are all free.
-    #[inline]
+    #[inline(always)]
     pub fn is_free_run(&self, start: u32, count: u32) -> bool {
         let (s, e) = (start as usize, start as usize + count as usize);
         match self.entries.get(s..e) {
@@ -135,7 +135,7 @@ impl Directory {
     ///
     /// The caller has checked the run with [`Directory::is_free_run`]. Returns `false` and
     /// changes nothing when `count` is 0 or the run does not fit in the segment.
-    #[inline]
+    #[inline(always)]
     pub fn mark_message(
         &mut self,
         start: u32,
@@ -185,7 +185,7 @@ impl Directory {
     }
 
     /// Frees `count` entries from `start`.
-    #[inline]
+    #[inline(always)]
     pub fn free_run(&mut self, start: u32, count: u32) {
         let s = start as usize;
         let e = (s + count as usize).min(self.entries.len());

@@ -49,7 +49,7 @@ impl TargetSegment {
     }
 
     /// Advances `freed` over the contiguous run of released or padding partitions.
-    #[inline]
+    #[inline(always)]
     fn advance(&mut self) {
         let n = u64::from(self.partitions);
         while self.freed < self.head {
@@ -68,7 +68,7 @@ impl TargetSegment {
 
     /// The credit to emit now, if the rule of `docs/protocol.md` says so: `freed` moved by at
     /// least a quarter segment since the last credit, or the segment has nothing in use.
-    #[inline]
+    #[inline(always)]
     fn take_credit(&mut self) -> Option<u64> {
         let moved = self.freed - self.reported;
         if moved > 0 && (moved >= self.quarter || self.freed == self.head) {
@@ -297,7 +297,7 @@ impl Receiver {
     /// credit notice), [`ProtocolError::UnknownSegment`], [`ProtocolError::PartitionOutOfRange`],
     /// [`ProtocolError::UnexpectedPartition`], [`ProtocolError::StaleGeneration`],
     /// [`ProtocolError::PartitionNotFree`].
-    #[inline]
+    #[inline(always)]
     pub fn on_immediate(&self, imm: u32) -> Result<Arrival, ProtocolError> {
         let ImmediateKind::Message {
             segment,
@@ -382,7 +382,7 @@ impl Receiver {
     /// [`ProtocolError::StaleGeneration`], [`ProtocolError::LengthBeyondSpan`],
     /// [`ProtocolError::LengthBeyondSegmentEnd`], [`ProtocolError::NeedlessPadding`],
     /// [`ProtocolError::OutOfSequence`], [`ProtocolError::PartitionNotFree`].
-    #[inline]
+    #[inline(always)]
     pub fn accept(&mut self, arrival: Arrival, header: &[u8]) -> Result<Delivery, ProtocolError> {
         let segment = arrival.segment;
         let s = self
@@ -512,7 +512,7 @@ impl Receiver {
     /// [`ProtocolError::UnknownSegment`], [`ProtocolError::PartitionOutOfRange`],
     /// [`ProtocolError::InvalidToken`] for a double release or a token that names no held message
     /// (forged, or from an earlier lap).
-    #[inline]
+    #[inline(always)]
     pub fn release(&mut self, token: ReleaseToken) -> Result<Option<CreditUpdate>, ProtocolError> {
         let segment = token.segment;
         let s = self
@@ -558,13 +558,22 @@ impl Receiver {
         if d.extent != token.count {
             return Err(invalid("partition count differs from the message's"));
         }
-        s.directory.set_first_state(first, EntryState::Released);
         s.held -= 1;
-        let before = s.freed;
-        s.advance();
         self.stats.releases += 1;
-        if s.freed == before {
-            self.stats.out_of_order_releases += 1;
+        if s.freed < s.head && ring_index(s.freed, u64::from(s.partitions)) == first {
+            // In order (the common case): the message is where `freed` stands, so it is freed
+            // at once, then whatever released messages follow it (what `advance` would do
+            // after marking it released).
+            s.directory.free_run(first, d.extent);
+            s.freed += u64::from(d.extent);
+            s.advance();
+        } else {
+            s.directory.set_first_state(first, EntryState::Released);
+            let before = s.freed;
+            s.advance();
+            if s.freed == before {
+                self.stats.out_of_order_releases += 1;
+            }
         }
         let credit = s.take_credit();
         if credit.is_some() {

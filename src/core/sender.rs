@@ -1,7 +1,5 @@
 //! The sending side of one direction: source images, selection and allocation, credits.
 
-use std::collections::VecDeque;
-
 use super::config::Layout;
 use super::control::{ControlBuf, ControlMessage};
 use super::directory::{Directory, EntryState};
@@ -25,7 +23,7 @@ struct SourceSegment {
     shift: u32,
     directory: Directory,
     /// Messages of this segment not yet covered by a credit, oldest first.
-    unconfirmed: VecDeque<Outstanding>,
+    unconfirmed: OutstandingRing,
 }
 
 // ---- delivery confirmation (see `Sender::unconfirmed`) ----------------------------------------
@@ -39,9 +37,78 @@ struct Outstanding {
     data: bool,
 }
 
+/// The messages of one segment not yet covered by a credit, oldest first: a ring with room
+/// for one message per partition, which is the most a segment can have in flight (each
+/// message holds at least one partition until a credit covers it), so it never grows and a
+/// push is a store.
+#[derive(Debug, Clone)]
+struct OutstandingRing {
+    buf: Box<[Outstanding]>,
+    start: usize,
+    len: usize,
+}
+
+impl OutstandingRing {
+    fn new(capacity: u32) -> Self {
+        let empty = Outstanding {
+            seq: 0,
+            end: 0,
+            data: false,
+        };
+        OutstandingRing {
+            buf: vec![empty; capacity.max(1) as usize].into_boxed_slice(),
+            start: 0,
+            len: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn push_back(&mut self, o: Outstanding) {
+        let cap = self.buf.len();
+        let mut i = self.start + self.len;
+        if i >= cap {
+            i -= cap;
+        }
+        // `len < cap` by the bound above; a full ring would mean more messages in flight than
+        // partitions, which the ring allocation rules out.
+        debug_assert!(self.len < cap, "more messages in flight than partitions");
+        if let Some(slot) = self.buf.get_mut(i)
+            && self.len < cap
+        {
+            *slot = o;
+            self.len += 1;
+        }
+    }
+
+    #[inline]
+    fn front(&self) -> Option<&Outstanding> {
+        if self.len == 0 {
+            None
+        } else {
+            self.buf.get(self.start)
+        }
+    }
+
+    #[inline]
+    fn pop_front(&mut self) {
+        if self.len > 0 {
+            self.start += 1;
+            if self.start == self.buf.len() {
+                self.start = 0;
+            }
+            self.len -= 1;
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Outstanding> {
+        let (tail, head) = self.buf.split_at(self.start.min(self.buf.len()));
+        head.iter().chain(tail).take(self.len)
+    }
+}
+
 impl SourceSegment {
     /// Records a message just committed (its partitions end at `self.head`).
-    #[inline]
+    #[inline(always)]
     fn track(&mut self, seq: u32, kind: MessageKind) {
         self.unconfirmed.push_back(Outstanding {
             seq,
@@ -99,12 +166,12 @@ impl SourceSegment {
             partitions,
             shift: partition_size.trailing_zeros(),
             directory: Directory::new(partitions),
-            unconfirmed: VecDeque::new(),
+            unconfirmed: OutstandingRing::new(partitions),
         }
     }
 
     /// Where `count` partitions would go now: `(first, padding)`, or `None` when they do not fit.
-    #[inline]
+    #[inline(always)]
     fn place(&self, count: u32) -> Option<(u32, u32)> {
         let n = u64::from(self.partitions);
         let avail = n - (self.head - self.freed);
@@ -325,7 +392,7 @@ impl Sender {
     }
 
     /// Header and payload bytes of a `len`-byte payload, if it goes eagerly.
-    #[inline]
+    #[inline(always)]
     fn wire_len(&self, len: usize) -> Result<u64, ReserveError> {
         if len <= self.max_eager {
             // `max_eager` < 2^32, so `len` fits.
@@ -349,7 +416,7 @@ impl Sender {
     /// # Errors
     /// [`ReserveError::WouldBlock`] (the first group has no room now) or
     /// [`ReserveError::NeedsRendezvous`].
-    #[inline]
+    #[inline(always)]
     pub fn reserve_first_choice(
         &mut self,
         kind: MessageKind,
@@ -362,7 +429,7 @@ impl Sender {
         r
     }
 
-    #[inline]
+    #[inline(always)]
     fn first_choice(&mut self, kind: MessageKind, len: usize) -> Result<Reservation, ReserveError> {
         let wire = self.wire_len(len)?;
         // The common case: a length like the last one, room in the group's first segment.
@@ -485,7 +552,7 @@ impl Sender {
         Ok((r, body))
     }
 
-    #[inline]
+    #[inline(always)]
     fn commit(&mut self, sel: Selection, kind: MessageKind, len: usize) -> Reservation {
         let s = &mut self.segments[sel.segment.index()];
         let n = u64::from(s.partitions);
@@ -654,5 +721,58 @@ impl Sender {
                 .resize(self.tables.groups().len(), GroupStats::default());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outstanding_ring_keeps_order_across_wrap_around() {
+        let mut r = OutstandingRing::new(3);
+        let o = |seq| Outstanding {
+            seq,
+            end: u64::from(seq),
+            data: seq % 2 == 0,
+        };
+        let seqs = |r: &OutstandingRing| r.iter().map(|o| o.seq).collect::<Vec<_>>();
+        for lap in 0..5u32 {
+            r.push_back(o(lap * 10));
+            r.push_back(o(lap * 10 + 1));
+            r.push_back(o(lap * 10 + 2));
+            assert_eq!(seqs(&r), [lap * 10, lap * 10 + 1, lap * 10 + 2]);
+            r.pop_front();
+            assert_eq!(r.front().map(|o| o.seq), Some(lap * 10 + 1));
+            r.pop_front();
+            r.pop_front();
+            assert!(r.front().is_none() && seqs(&r).is_empty());
+            // Leave one behind so that the next lap starts elsewhere in the buffer.
+            r.push_back(o(99));
+            r.pop_front();
+        }
+    }
+
+    #[test]
+    fn unconfirmed_messages_survive_many_laps_of_a_segment() {
+        let mut tx = Sender::new("256:4:1,4k:4:1".parse().unwrap());
+        let seg = SegmentId(0);
+        for round in 0..10u64 {
+            // First choice only: the 4 KiB group stays out of it.
+            for _ in 0..4 {
+                tx.reserve_first_choice(MessageKind::Data, 10).unwrap();
+            }
+            assert!(
+                tx.reserve_first_choice(MessageKind::Data, 10).is_err(),
+                "four partitions, four messages"
+            );
+            let first = (round * 4) as u32;
+            assert_eq!(tx.unconfirmed(), [first, first + 1, first + 2, first + 3]);
+            tx.handle_credit(seg, round * 4 + 3).unwrap();
+            assert_eq!(tx.unconfirmed(), [first + 3]);
+            tx.handle_credit(seg, round * 4 + 4).unwrap();
+            assert!(tx.unconfirmed().is_empty());
+            assert_eq!(tx.confirmed(), round * 4 + 4);
+        }
     }
 }

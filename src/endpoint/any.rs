@@ -130,6 +130,10 @@ impl Link for AnyLink {
         each_link!(self, l => l.next_immediate(mode, timeout))
     }
     #[inline]
+    fn header_with_immediate(&self) -> Option<[u8; crate::core::wire::HEADER_LEN]> {
+        each_link!(self, l => l.header_with_immediate())
+    }
+    #[inline]
     fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
         each_link!(self, l => l.publish_credit(credit))
     }

@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | 0 | 8 (line of 128) | consumer | `tail`: absolute count of entries consumed (u64) |
 //! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps on the futex or is about to, 2 while it waits on its eventfd ([`DoorbellConsumer::arm`]) |
-//! | 256 | 8 × capacity | producer | slots: `tag << 32 \| value`, `tag = (position + 1) mod 2^32` |
+//! | 256 | 32 × capacity | producer | slots of 32 bytes: the word `tag << 32 \| value` (`tag = (position + 1) mod 2^32`), then 16 bytes of header (all zero: none), then 8 spare bytes |
 //!
 //! The memory starts zeroed (a fresh [`ShmRegion`](super::ShmRegion) is): tail 0, nobody
 //! sleeping, and every slot tagged 0, which no position `< capacity` uses.
@@ -19,13 +19,20 @@
 //! line does not ping-pong. Both sides keep their own position locally and never trust the
 //! shared copy of it.
 //!
+//! A slot also carries 16 bytes beside the value ([`DoorbellProducer::try_push_with`]): the
+//! transport puts a copy of the message header there, so the consumer validates a message
+//! from the line it polled and does not wait for a second line (the header in the partition)
+//! to come over from the producer's core. The payload lines are read only when the
+//! application reads them.
+//!
 //! # Memory ordering
-//! - Publish: the producer stores the slot with `Release`; the consumer loads it with `Acquire`,
-//!   so whatever the producer wrote before (the message bytes in the partitions) is visible
-//!   once the immediate is.
-//! - Release of a slot: the consumer stores `tail` with `Release` after reading the slot; the
-//!   producer loads `tail` with `Acquire` before overwriting it, so the consumer's read of the
-//!   old value happens before the overwrite.
+//! - Publish: the producer stores the slot's 16 extra bytes (`Relaxed`), then the slot's word
+//!   with `Release`; the consumer loads the word with `Acquire`, then the extra bytes, so
+//!   whatever the producer wrote before (the message bytes in the partitions, the extra bytes)
+//!   is visible once the immediate is.
+//! - Release of a slot: the consumer stores `tail` with `Release` after reading the slot (word
+//!   and extra bytes); the producer loads `tail` with `Acquire` before overwriting it, so the
+//!   consumer's reads of the old entry happen before the overwrite.
 //! - Sleep/wake (Dekker): the consumer sets `sleeping = 1` (a swap), issues a `SeqCst` fence and
 //!   re-reads the slot before sleeping; the producer stores the slot, issues a `SeqCst` fence and
 //!   reads `sleeping`. By the fences' total order at least one of them sees the other's store:
@@ -112,7 +119,35 @@ impl RingLayout {
 
     /// The bytes the ring occupies in its region.
     pub fn bytes(&self) -> usize {
-        SLOTS_OFFSET + 8 * self.capacity as usize
+        SLOTS_OFFSET + SLOT_BYTES * self.capacity as usize
+    }
+}
+
+/// Bytes of one slot.
+const SLOT_BYTES: usize = 32;
+
+/// Bytes a slot carries beside its value ([`DoorbellProducer::try_push_with`]).
+pub const SLOT_EXTRA: usize = 16;
+
+/// One slot of the ring: the tagged value, then [`SLOT_EXTRA`] bytes as two words.
+#[derive(Debug)]
+#[repr(C, align(32))]
+struct Slot {
+    word: AtomicU64,
+    extra: [AtomicU64; 2],
+    _spare: AtomicU64,
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_BYTES);
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            word: AtomicU64::new(0),
+            extra: [AtomicU64::new(0), AtomicU64::new(0)],
+            _spare: AtomicU64::new(0),
+        }
     }
 }
 
@@ -167,7 +202,7 @@ struct Line<T>(T);
 struct HeapRing {
     tail: Line<AtomicU64>,
     sleeping: Line<AtomicU32>,
-    slots: Box<[AtomicU64]>,
+    slots: Box<[Slot]>,
     #[cfg(loom)]
     futex: ModelFutex,
 }
@@ -177,7 +212,7 @@ struct HeapRing {
 struct RingPtrs {
     tail: *const AtomicU64,
     sleeping: *const AtomicU32,
-    slots: *const AtomicU64,
+    slots: *const Slot,
     mask: u64,
 }
 
@@ -186,9 +221,10 @@ impl RingPtrs {
     fn in_region(region: &ShmRegion, offset: usize, layout: RingLayout) -> Result<Self, ShmError> {
         let base = region.ptr_at(offset, layout.bytes(), RingLayout::ALIGN)?;
         // SAFETY: `base..base + layout.bytes()` is inside the mapping (checked) and the three
-        // offsets plus their sizes stay within `layout.bytes()`; all are 8-byte aligned since
+        // offsets plus their sizes stay within `layout.bytes()`; all are 32-byte aligned since
         // `base` is 128-aligned relative to a page-aligned mapping. `AtomicU64`/`AtomicU32`
-        // have the size and alignment of `u64`/`u32`, and every byte pattern is a valid value.
+        // have the size and alignment of `u64`/`u32`, `Slot` is four `AtomicU64` (`repr(C)`,
+        // 32 bytes, align 32), and every byte pattern is a valid value.
         unsafe {
             Ok(Self {
                 tail: base.add(TAIL_OFFSET).cast(),
@@ -217,7 +253,7 @@ impl RingPtrs {
     }
 
     #[inline(always)]
-    fn slot(&self, position: u64) -> &AtomicU64 {
+    fn slot(&self, position: u64) -> &Slot {
         // SAFETY: `position & mask < capacity`, and the slot array has `capacity` entries in
         // bounds (see above), whatever `position` is.
         unsafe { &*self.slots.add((position & self.mask) as usize) }
@@ -231,7 +267,7 @@ pub fn heap_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
     let ring = Arc::new(HeapRing {
         tail: Line(AtomicU64::new(0)),
         sleeping: Line(AtomicU32::new(0)),
-        slots: (0..layout.capacity).map(|_| AtomicU64::new(0)).collect(),
+        slots: (0..layout.capacity).map(|_| Slot::new()).collect(),
         #[cfg(loom)]
         futex: ModelFutex::default(),
     });
@@ -259,6 +295,7 @@ pub fn heap_pair(layout: RingLayout) -> (DoorbellProducer, DoorbellConsumer) {
             tail: 0,
             cap,
             sleeps: 0,
+            extra: [0; 2],
         },
     )
 }
@@ -318,8 +355,9 @@ impl DoorbellProducer {
         self.event = Some(event);
     }
 
-    /// Publishes `value` if the ring has room. Allocation-free; one `Release` store to the slot,
-    /// plus an `Acquire` load of the consumer's `tail` only when the cached copy says "full".
+    /// Publishes `value` if the ring has room, with the slot's extra bytes zeroed. Allocation-free;
+    /// one `Release` store to the slot, plus an `Acquire` load of the consumer's `tail` only
+    /// when the cached copy says "full".
     ///
     /// Does not wake a sleeping consumer: follow with [`notify`](Self::notify), or use
     /// [`try_push_notify`](Self::try_push_notify), when the consumer may use event mode.
@@ -329,6 +367,20 @@ impl DoorbellProducer {
     /// published (a faulty peer); the ring is unusable then.
     #[inline]
     pub fn try_push(&mut self, value: u32) -> Result<PushOutcome, ShmError> {
+        self.try_push_with(value, &[0; SLOT_EXTRA])
+    }
+
+    /// As [`try_push`](Self::try_push), with `extra` in the slot beside the value (the consumer
+    /// reads it with [`DoorbellConsumer::extra`] after taking the value).
+    ///
+    /// # Errors
+    /// As [`try_push`](Self::try_push).
+    #[inline]
+    pub fn try_push_with(
+        &mut self,
+        value: u32,
+        extra: &[u8; SLOT_EXTRA],
+    ) -> Result<PushOutcome, ShmError> {
         if self.head - self.tail_cache >= self.cap {
             let tail = self.ptrs.tail().load(Ordering::Acquire);
             if tail < self.tail_cache || tail > self.head {
@@ -343,8 +395,14 @@ impl DoorbellProducer {
                 return Ok(PushOutcome::Full);
             }
         }
+        let slot = self.ptrs.slot(self.head);
+        let (lo, hi) = extra.split_at(8);
+        let lo = u64::from_le_bytes(lo.try_into().expect("8 bytes"));
+        let hi = u64::from_le_bytes(hi.try_into().expect("8 bytes"));
+        slot.extra[0].store(lo, Ordering::Relaxed);
+        slot.extra[1].store(hi, Ordering::Relaxed);
         let entry = (u64::from(tag(self.head)) << 32) | u64::from(value);
-        self.ptrs.slot(self.head).store(entry, Ordering::Release);
+        slot.word.store(entry, Ordering::Release);
         self.head += 1;
         Ok(PushOutcome::Pushed)
     }
@@ -428,6 +486,8 @@ pub struct DoorbellConsumer {
     tail: u64,
     cap: u64,
     sleeps: u64,
+    /// The extra bytes of the last entry taken, as two little-endian words.
+    extra: [u64; 2],
 }
 
 // SAFETY: as for `DoorbellProducer`: pointers into `owner`'s memory, atomics only.
@@ -458,20 +518,37 @@ impl DoorbellConsumer {
             tail: 0,
             cap: u64::from(layout.capacity),
             sleeps: 0,
+            extra: [0; 2],
         })
     }
 
-    /// Takes the next entry if there is one. Allocation-free: one `Acquire` load of the slot
-    /// and, for an entry, one `Release` store of `tail`.
+    /// The extra bytes that came with the last entry taken ([`DoorbellProducer::try_push_with`];
+    /// zeros after [`DoorbellProducer::try_push`]). Copied out of the slot when the entry was
+    /// taken: the producer may reuse the slot since.
+    #[inline]
+    pub fn extra(&self) -> [u8; SLOT_EXTRA] {
+        let mut b = [0u8; SLOT_EXTRA];
+        b[..8].copy_from_slice(&self.extra[0].to_le_bytes());
+        b[8..].copy_from_slice(&self.extra[1].to_le_bytes());
+        b
+    }
+
+    /// Takes the next entry if there is one. Allocation-free: one `Acquire` load of the slot's
+    /// word and, for an entry, two loads of its extra bytes and one `Release` store of `tail`.
     ///
     /// # Errors
     /// [`ShmError::RingCorrupt`] if the slot carries a tag that neither the expected entry nor
     /// the previous lap's can have (a faulty or hostile producer); the ring is unusable then.
     #[inline]
     pub fn try_pop(&mut self) -> Result<Option<u32>, ShmError> {
-        let raw = self.ptrs.slot(self.tail).load(Ordering::Acquire);
+        let slot = self.ptrs.slot(self.tail);
+        let raw = slot.word.load(Ordering::Acquire);
         let found = (raw >> 32) as u32;
         if found == tag(self.tail) {
+            self.extra = [
+                slot.extra[0].load(Ordering::Relaxed),
+                slot.extra[1].load(Ordering::Relaxed),
+            ];
             self.tail += 1;
             self.ptrs.tail().store(self.tail, Ordering::Release);
             return Ok(Some(raw as u32));
@@ -599,7 +676,7 @@ impl DoorbellConsumer {
 
     /// Whether the next entry is there, without taking it.
     fn peek(&self) -> Result<bool, ShmError> {
-        let raw = self.ptrs.slot(self.tail).load(Ordering::Acquire);
+        let raw = self.ptrs.slot(self.tail).word.load(Ordering::Acquire);
         let found = (raw >> 32) as u32;
         if found == tag(self.tail) {
             return Ok(true);
@@ -879,7 +956,7 @@ mod tests {
             );
         }
         let l = RingLayout::new(16).unwrap();
-        assert_eq!((l.capacity(), l.bytes()), (16, 256 + 128));
+        assert_eq!((l.capacity(), l.bytes()), (16, 256 + 16 * 32));
         let region = Arc::new(ShmRegion::create("layout", 4096).unwrap());
         assert!(matches!(
             DoorbellConsumer::new(region.clone(), 64, l),
@@ -892,7 +969,7 @@ mod tests {
             DoorbellProducer::new(region.clone(), 4096 - 256, l),
             Err(ShmError::OutOfBounds { .. })
         ));
-        assert!(DoorbellProducer::new(region, 4096 - 384, l).is_ok());
+        assert!(DoorbellProducer::new(region, 4096 - 768, l).is_ok());
     }
 
     #[test]
@@ -922,6 +999,28 @@ mod tests {
     }
 
     #[test]
+    fn extra_bytes_travel_with_their_entry() {
+        let Setup {
+            mut producer,
+            mut consumer,
+            ..
+        } = setup(2);
+        for lap in 0..5u8 {
+            let extra: [u8; SLOT_EXTRA] = std::array::from_fn(|i| lap * 16 + i as u8 + 1);
+            assert_eq!(
+                producer.try_push_with(u32::from(lap), &extra).unwrap(),
+                PushOutcome::Pushed
+            );
+            // A plain push over the same slot a lap later must not leave the old bytes.
+            assert_eq!(producer.try_push(99).unwrap(), PushOutcome::Pushed);
+            assert_eq!(consumer.try_pop().unwrap(), Some(u32::from(lap)));
+            assert_eq!(consumer.extra(), extra);
+            assert_eq!(consumer.try_pop().unwrap(), Some(99));
+            assert_eq!(consumer.extra(), [0; SLOT_EXTRA]);
+        }
+    }
+
+    #[test]
     fn producer_tag_far_ahead_is_rejected() {
         let Setup {
             mut producer,
@@ -933,7 +1032,7 @@ mod tests {
         // Slot 1 claims position 1 + 1000 * 8: a producer running laps ahead.
         write_u64(
             &mut peer,
-            SLOTS_OFFSET + 8,
+            SLOTS_OFFSET + SLOT_BYTES,
             (u64::from(tag(8001)) << 32) | 5,
         );
         match consumer.try_pop() {
@@ -950,7 +1049,11 @@ mod tests {
             Err(ShmError::RingCorrupt { .. })
         ));
         // A slot claiming the next position but one is also impossible.
-        write_u64(&mut peer, SLOTS_OFFSET + 8, u64::from(tag(2)) << 32);
+        write_u64(
+            &mut peer,
+            SLOTS_OFFSET + SLOT_BYTES,
+            u64::from(tag(2)) << 32,
+        );
         assert!(matches!(
             consumer.try_pop(),
             Err(ShmError::RingCorrupt { .. })
@@ -1065,12 +1168,25 @@ mod heap_tests {
 
     const N: u32 = if cfg!(miri) { 200 } else { 100_000 };
 
+    fn extra_for(i: u32) -> [u8; SLOT_EXTRA] {
+        let w = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut b = [0u8; SLOT_EXTRA];
+        b[..8].copy_from_slice(&w.to_le_bytes());
+        b[8..].copy_from_slice(&(!w).to_le_bytes());
+        b
+    }
+
     #[test]
     fn heap_ring_busy_across_threads() {
         let (mut producer, mut consumer) = heap_pair(RingLayout::new(8).unwrap());
         let t = thread::spawn(move || {
             for i in 0..N {
-                while producer.try_push(i.wrapping_mul(0x9e37_79b1)).unwrap() == PushOutcome::Full {
+                let extra = extra_for(i);
+                while producer
+                    .try_push_with(i.wrapping_mul(0x9e37_79b1), &extra)
+                    .unwrap()
+                    == PushOutcome::Full
+                {
                     thread::yield_now();
                 }
             }
@@ -1078,6 +1194,7 @@ mod heap_tests {
         for i in 0..N {
             let v = consumer.wait(WaitMode::Busy, None).unwrap();
             assert_eq!(v, Some(i.wrapping_mul(0x9e37_79b1)));
+            assert_eq!(consumer.extra(), extra_for(i));
         }
         t.join().unwrap();
         assert_eq!(consumer.try_pop().unwrap(), None);

@@ -6,7 +6,7 @@
 //! same ring and mailbox code as normal builds; only the storage is on the heap, since loom's
 //! atomics cannot live in a real mapping.
 
-use crate::shm::{CreditMailbox, PushOutcome, RingLayout, WaitMode, heap_pair};
+use crate::shm::{CreditMailbox, PushOutcome, RingLayout, SLOT_EXTRA, WaitMode, heap_pair};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
@@ -19,6 +19,11 @@ unsafe impl Sync for Partitions {}
 // SAFETY (test): as above.
 unsafe impl Send for Partitions {}
 
+/// Distinct extra bytes for entry `i`, different in both words.
+fn extra_for(i: u32) -> [u8; SLOT_EXTRA] {
+    std::array::from_fn(|k| (i as u8).wrapping_mul(31).wrapping_add(k as u8 + 1))
+}
+
 #[test]
 fn ring_publish_consume_in_order_with_wraparound() {
     loom::model(|| {
@@ -29,7 +34,9 @@ fn ring_publish_consume_in_order_with_wraparound() {
         let t = thread::spawn(move || {
             for i in 0..N {
                 d.0[i as usize].with_mut(|p| unsafe { *p = 100 + i });
-                while producer.try_push(i).unwrap() == PushOutcome::Full {
+                // The slot's extra bytes (a copy of the header) travel with the entry; with
+                // wrap-around the producer rewrites them in a slot the consumer read a lap ago.
+                while producer.try_push_with(i, &extra_for(i)).unwrap() == PushOutcome::Full {
                     thread::yield_now();
                 }
             }
@@ -42,6 +49,11 @@ fn ring_publish_consume_in_order_with_wraparound() {
                 thread::yield_now();
             };
             assert_eq!(v, i);
+            assert_eq!(
+                consumer.extra(),
+                extra_for(i),
+                "extra bytes of another entry"
+            );
             assert_eq!(data.0[i as usize].with(|p| unsafe { *p }), 100 + i);
         }
         t.join().unwrap();

@@ -50,7 +50,7 @@ mod vmread;
 pub use doorbell::EventFd;
 pub use doorbell::{
     DoorbellConsumer, DoorbellProducer, PushOutcome, RingLayout, SLEEP_ARMED, SLEEP_FUTEX,
-    WaitMode, heap_pair,
+    SLOT_EXTRA, WaitMode, heap_pair,
 };
 pub use error::ShmError;
 pub use fdpass::{MAX_FDS, recv_fds, send_fds};

@@ -26,6 +26,9 @@ pub(super) enum Wait {
     For(Duration),
 }
 
+/// The header that came beside an immediate ([`Link::header_with_immediate`]), if any.
+type InlineHeader = Option<[u8; HEADER_LEN]>;
+
 /// How long a blocking wait sleeps before it looks at the peer's liveness again.
 const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 
@@ -189,6 +192,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// [`SendError::WouldBlock`] under back-pressure, [`SendError::TooLarge`],
     /// [`SendError::Transport`] if the connection failed.
+    #[inline]
     pub fn try_send(&self, msg: &[u8]) -> Result<(), SendError> {
         self.try_send_vectored(&[msg])
     }
@@ -197,15 +201,17 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     ///
     /// # Errors
     /// As [`Connection::try_send`].
+    #[inline]
     pub fn try_send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         // ---- rendezvous branch (transport/rndv.rs): above the switch point ----
-        if parts.iter().map(|p| p.len()).sum::<usize>() > inner.rndv.switch {
+        if len > inner.rndv.switch {
             drop(inner);
             return self.send_large(parts);
         }
-        let r = inner.send_parts(parts);
+        let r = inner.send_parts(parts, len);
         inner.want_credit = matches!(r, Err(SendError::WouldBlock));
         inner.note(r)
     }
@@ -269,6 +275,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// [`SendError::TooLarge`] (only on a link without rendezvous), [`SendError::Refused`],
     /// [`SendError::Transport`] (including a peer that went away).
+    #[inline]
     pub fn send(&self, msg: &[u8]) -> Result<(), SendError> {
         self.send_vectored(&[msg])
     }
@@ -277,17 +284,19 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     ///
     /// # Errors
     /// As [`Connection::send`].
+    #[inline]
     pub fn send_vectored(&self, parts: &[&[u8]]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         // ---- rendezvous branch (transport/rndv.rs): above the switch point ----
-        if parts.iter().map(|p| p.len()).sum::<usize>() > inner.rndv.switch {
+        if len > inner.rndv.switch {
             drop(inner);
             return self.send_large(parts);
         }
         // ---- eager ----
         loop {
-            match inner.send_parts(parts) {
+            match inner.send_parts(parts, len) {
                 Err(SendError::WouldBlock) => {
                     let r = inner.wait_credit();
                     inner.note(r.map_err(SendError::from))?;
@@ -310,7 +319,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     pub(super) fn send_eager(&self, msg: &[u8]) -> Result<(), SendError> {
         let mut inner = self.inner.borrow_mut();
         loop {
-            match inner.send_parts(&[msg]) {
+            match inner.send_parts(&[msg], msg.len()) {
                 Err(SendError::WouldBlock) => {
                     let r = inner.wait_credit();
                     inner.note(r.map_err(SendError::from))?;
@@ -492,12 +501,12 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             };
         }
         loop {
-            let imm = match inner.next_immediate(deadline) {
-                Ok(Some(imm)) => imm,
+            let (imm, inline) = match inner.next_arrival(deadline) {
+                Ok(Some(got)) => got,
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(inner.fail(e)),
             };
-            match self.accept(&mut inner, imm, dst.as_deref_mut()) {
+            match self.accept(&mut inner, imm, inline, dst.as_deref_mut()) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => continue,
                 Err(e) => return Err(refused_or_fail(&mut inner, e)),
@@ -506,10 +515,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     }
 
     /// Handles one immediate: a data message is returned, credits and control are consumed.
+    /// `inline` is the header that came beside the immediate, if the link carries one;
+    /// otherwise the header is read from the partition.
     fn accept(
         &self,
         inner: &mut Inner<L>,
         imm: u32,
+        inline: InlineHeader,
         dst: Option<&mut [u8]>,
     ) -> Result<Option<Got<'_, L, T>>, TransportError> {
         // The type bits alone pick the path; `on_immediate` decodes (and validates) the rest.
@@ -520,9 +532,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             }
             _ => {
                 let arrival = inner.rx.on_immediate(imm)?;
-                let header =
-                    self.target
-                        .bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
+                let header: &[u8] = match &inline {
+                    Some(h) => h,
+                    None => {
+                        self.target
+                            .bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?
+                    }
+                };
                 let d = inner.rx.accept(arrival, header)?;
                 let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
                 match d.kind {
@@ -641,9 +657,9 @@ impl<L: Link> Inner<L> {
         }
     }
 
+    /// One eager message of `len` bytes (the sum of the parts' lengths).
     #[inline]
-    fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), SendError> {
-        let len = parts.iter().map(|p| p.len()).sum();
+    fn send_parts(&mut self, parts: &[&[u8]], len: usize) -> Result<(), SendError> {
         let res = self.reserve(MessageKind::Data, len)?;
         self.link.send_message(
             res.segment,
@@ -676,12 +692,22 @@ impl<L: Link> Inner<L> {
     }
 
     pub(super) fn next_immediate(&mut self, deadline: Wait) -> Result<Option<u32>, TransportError> {
+        Ok(self.next_arrival(deadline)?.map(|(imm, _)| imm))
+    }
+
+    /// As [`Inner::next_immediate`], with the header that came beside an immediate fresh from
+    /// the link ([`Link::header_with_immediate`]); `None` for a stashed one.
+    #[inline]
+    pub(super) fn next_arrival(
+        &mut self,
+        deadline: Wait,
+    ) -> Result<Option<(u32, InlineHeader)>, TransportError> {
         if let Some(imm) = self.stash.pop_front() {
-            return Ok(Some(imm));
+            return Ok(Some((imm, None)));
         }
         // Fast path without a clock read: the immediate is often already there.
         if let Some(imm) = self.link.next_immediate(self.mode, Some(Duration::ZERO))? {
-            return Ok(Some(imm));
+            return Ok(Some((imm, self.link.header_with_immediate())));
         }
         let deadline = match deadline {
             Wait::Forever => None,
@@ -696,7 +722,7 @@ impl<L: Link> Inner<L> {
                     .min(LIVENESS_SLICE),
             };
             if let Some(imm) = self.link.next_immediate(self.mode, Some(slice))? {
-                return Ok(Some(imm));
+                return Ok(Some((imm, self.link.header_with_immediate())));
             }
             self.link.check_peer()?;
             if deadline.is_some_and(|d| Instant::now() >= d) {

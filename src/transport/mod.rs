@@ -196,6 +196,16 @@ pub trait Link {
         timeout: Option<Duration>,
     ) -> Result<Option<u32>, TransportError>;
 
+    /// The message header that came with the immediate `next_immediate` returned last, when
+    /// the link carries one beside the immediate (shared memory: a copy in the doorbell slot,
+    /// so the receiver need not pull the partition's first line from the sender's core).
+    /// `None` (the default): read the header from the target segment. Either copy is
+    /// validated the same way.
+    #[inline]
+    fn header_with_immediate(&self) -> Option<[u8; crate::core::wire::HEADER_LEN]> {
+        None
+    }
+
     /// Publishes a credit into the peer's mailbox (and, if the peer sleeps for credits, a credit
     /// notice immediate).
     ///

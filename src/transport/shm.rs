@@ -46,8 +46,9 @@ use crate::shm::{
 };
 
 const MAGIC: [u8; 4] = *b"RSHM";
-/// Version 2: the fds passed are the control region, the receiver's eventfd, then the segments.
-const VERSION: u16 = 2;
+/// Version 3: the fds passed are the control region, the receiver's eventfd, then the segments;
+/// doorbell slots are 32 bytes and carry a copy of the message header (version 2: 8-byte slots).
+const VERSION: u16 = 3;
 const HELLO_LEN: usize = 512;
 const LAYOUT_MAX: usize = HELLO_LEN - 16;
 /// Mailbox slots: one per possible segment id, then the "waiting for a credit" word.
@@ -392,7 +393,17 @@ impl ShmLink {
 
     #[inline]
     fn push(&mut self, imm: u32) -> Result<(), TransportError> {
-        match self.doorbell.try_push(imm)? {
+        self.push_with(imm, &[0; crate::core::wire::HEADER_LEN])
+    }
+
+    /// Pushes `imm` with a copy of its message's header in the slot (zeros: none).
+    #[inline]
+    fn push_with(
+        &mut self,
+        imm: u32,
+        header: &[u8; crate::core::wire::HEADER_LEN],
+    ) -> Result<(), TransportError> {
+        match self.doorbell.try_push_with(imm, header)? {
             PushOutcome::Pushed => {}
             PushOutcome::Full => {
                 // The ring holds every message the core lets us have in flight plus our credit
@@ -472,7 +483,9 @@ impl Link for ShmLink {
             d.copy_from_slice(p);
             dst = rest;
         }
-        self.push(imm)
+        // The header also rides in the doorbell slot: the receiver validates the message from
+        // the line it polls, without pulling the partition's first line from our core.
+        self.push_with(imm, header)
     }
 
     #[inline]
@@ -485,6 +498,14 @@ impl Link for ShmLink {
             return Ok(self.bell.try_pop()?);
         }
         Ok(self.bell.wait(wait_mode(mode), timeout)?)
+    }
+
+    #[inline]
+    fn header_with_immediate(&self) -> Option<[u8; crate::core::wire::HEADER_LEN]> {
+        // All zeros (no magic): the entry came without one (a credit notice, a message posted
+        // with `post`); the header is then read from the partition.
+        let h = self.bell.extra();
+        ((h[0] | h[1]) != 0).then_some(h)
     }
 
     fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {

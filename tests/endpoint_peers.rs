@@ -13,7 +13,7 @@ use rsmsg::transport::{SendError, TransportError};
 use rsmsg::{Endpoint, PeerId};
 
 mod common;
-use common::payload;
+use common::{payload, wakeups};
 
 /// Guard against a hang, not a performance bound.
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -382,18 +382,6 @@ fn counters_follow_messages_partitions_and_back_pressure() {
         "{too_big:?}"
     );
     assert!(client.counters().rendezvous_needed >= 1);
-}
-
-/// Voluntary context switches of the calling thread so far (each one a wake-up after a sleep).
-fn wakeups() -> i64 {
-    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .expect("voluntary_ctxt_switches in /proc/thread-self/status")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[test]

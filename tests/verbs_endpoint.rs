@@ -17,7 +17,7 @@ use rsmsg::verbs::{Context, test_context};
 use rsmsg::{Endpoint, PeerId};
 
 mod common;
-use common::payload;
+use common::{payload, wakeups};
 
 /// Guard against a hang, not a performance bound.
 const HANG_GUARD: Duration = Duration::from_secs(120);
@@ -290,18 +290,6 @@ fn a_verbs_peer_that_vanishes_is_removed_and_the_other_carries_on() {
     }
     assert!(server.peer(from_gone.unwrap()).is_none());
     assert_eq!(stayer.join().unwrap(), Transport::Verbs);
-}
-
-/// Voluntary context switches of the calling thread so far (each one a wake-up after a sleep).
-fn wakeups() -> i64 {
-    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .expect("voluntary_ctxt_switches in /proc/thread-self/status")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[test]

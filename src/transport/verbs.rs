@@ -806,6 +806,54 @@ impl SendSide {
         })
     }
 
+    /// Runs rendezvous READs on this queue pair and keeps its bookkeeping: our own work requests
+    /// complete in order before the READs, which use the next ids; a failed completion of ours
+    /// seen meanwhile, or a failed READ, kills the link.
+    fn read_jobs(&mut self, jobs: &mut [ReadJob<'_>]) -> Result<(), TransportError> {
+        let SendSide {
+            qp,
+            cq,
+            posted,
+            completed,
+            dead,
+            depth,
+            ..
+        } = self;
+        let opts = ReadOptions {
+            first_wr_id: *posted,
+            chunk: RNDV_READ_CHUNK,
+            window: (*depth / 2).clamp(1, 16) as u32,
+        };
+        let mut other_failed: Option<Dead> = None;
+        let r = qp.read_many(cq, jobs, opts, |wc| {
+            if wc.is_success() {
+                *completed = (*completed).max(wc.wr_id().0 + 1);
+            } else if other_failed.is_none() {
+                other_failed = Some(dead_from(wc, "send"));
+            }
+        });
+        match r {
+            Ok(n) => {
+                *posted += n;
+                *completed = *posted;
+                if let Some(d) = other_failed {
+                    let e = d.error();
+                    dead.get_or_insert(d);
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let d = other_failed.unwrap_or(Dead {
+                    peer_gone: false,
+                    reason: format!("rendezvous read: {e}"),
+                });
+                dead.get_or_insert(d);
+                Err(TransportError::Verbs(e))
+            }
+        }
+    }
+
     /// Posts the pending credits on their own, if any.
     #[inline]
     fn flush_credits(&mut self) -> Result<(), TransportError> {
@@ -974,48 +1022,7 @@ impl VerbsLink {
                 rkey: Rkey(r.rkey),
             })
             .collect();
-        let SendSide {
-            qp,
-            cq,
-            posted,
-            completed,
-            dead,
-            depth,
-            ..
-        } = tx;
-        let opts = ReadOptions {
-            first_wr_id: *posted,
-            chunk: RNDV_READ_CHUNK,
-            window: (*depth / 2).clamp(1, 16) as u32,
-        };
-        let mut other_failed: Option<Dead> = None;
-        let r = qp.read_many(cq, &mut jobs, opts, |wc| {
-            if wc.is_success() {
-                *completed = (*completed).max(wc.wr_id().0 + 1);
-            } else if other_failed.is_none() {
-                other_failed = Some(dead_from(wc, "send"));
-            }
-        });
-        match r {
-            Ok(n) => {
-                *posted += n;
-                *completed = *posted;
-                if let Some(d) = other_failed {
-                    let e = d.error();
-                    dead.get_or_insert(d);
-                    return Err(e);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let d = other_failed.unwrap_or(Dead {
-                    peer_gone: false,
-                    reason: format!("rendezvous read: {e}"),
-                });
-                dead.get_or_insert(d);
-                Err(TransportError::Verbs(e))
-            }
-        }
+        tx.read_jobs(&mut jobs)
     }
 }
 
@@ -1301,49 +1308,13 @@ impl Link for VerbsLink {
         } else {
             self.rndv_cache.get_uncached(dst)?
         };
-        // Our own work requests complete in order before the READ's; the READ uses the next ids.
-        let SendSide {
-            qp,
-            cq,
-            posted,
-            completed,
-            dead,
-            depth,
-            ..
-        } = tx;
-        let opts = ReadOptions {
-            first_wr_id: *posted,
-            chunk: RNDV_READ_CHUNK,
-            window: (*depth / 2).clamp(1, 16) as u32,
-        };
-        let mut other_failed: Option<Dead> = None;
-        let r = qp.read_into(cq, &mr, dst, req.addr, Rkey(req.rkey), opts, |wc| {
-            if wc.is_success() {
-                *completed = (*completed).max(wc.wr_id().0 + 1);
-            } else if other_failed.is_none() {
-                other_failed = Some(dead_from(wc, "send"));
-            }
-        });
-        match r {
-            Ok(n) => {
-                *posted += n;
-                *completed = *posted;
-                if let Some(d) = other_failed {
-                    let e = d.error();
-                    dead.get_or_insert(d);
-                    return Err(e);
-                }
-                Ok(Ok(()))
-            }
-            Err(e) => {
-                let d = other_failed.unwrap_or(Dead {
-                    peer_gone: false,
-                    reason: format!("rendezvous read: {e}"),
-                });
-                dead.get_or_insert(d);
-                Err(TransportError::Verbs(e))
-            }
-        }
+        let mut job = [ReadJob {
+            mr: &mr,
+            dst,
+            remote_addr: req.addr,
+            rkey: Rkey(req.rkey),
+        }];
+        tx.read_jobs(&mut job).map(Ok)
     }
 
     fn rndv_read_many(

@@ -13,3 +13,17 @@ pub fn payload(seq: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Voluntary context switches of the calling thread so far (each one a wake-up after a sleep),
+/// from `/proc/thread-self/status`.
+#[allow(dead_code)] // not every test target that includes this module counts wake-ups
+pub fn wakeups() -> i64 {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("voluntary_ctxt_switches in /proc/thread-self/status")
+        .trim()
+        .parse()
+        .unwrap()
+}

@@ -115,12 +115,17 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
     let mut buf = vec![0u8; sizes.iter().copied().max().unwrap_or(0)];
     for &size in sizes {
         let n = iters_for(a, size);
+        // The stream's destinations, several per receive (their READs in flight together),
+        // written once here, before the latency rounds: the client starts its clock right
+        // after them, and `ib_write_bw` too touches its buffers before it does. Zeroed memory
+        // would be faulted in (and zeroed) by the first registration inside the timed stream.
+        let mut bufs: Vec<Vec<u8>> = (0..a.window.min(n as usize))
+            .map(|_| vec![0x5au8; size])
+            .collect();
         for _ in 0..lat_iters_for(a, size) + 1 {
             let got = c.recv_into(&mut buf)?;
             c.send(&buf[..got])?;
         }
-        // Several messages per receive: their READs in flight together.
-        let mut bufs: Vec<Vec<u8>> = (0..a.window).map(|_| vec![0u8; size]).collect();
         let mut got = 0;
         while got < n {
             let want = ((n - got) as usize).min(bufs.len());

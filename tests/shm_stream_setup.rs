@@ -282,3 +282,46 @@ fn short_deadlines_while_chunks_arrive_lose_nothing() {
     assert_eq!(rx.rndv_stats().streamed, sizes.len() as u64);
     eprintln!("{timeouts} timeouts, {nones} empty polls before the messages");
 }
+
+/// A `Hello` of handshake version 4 for the default layout, with `probe` as its probe address.
+fn raw_hello(version: u16, probe: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[0..4].copy_from_slice(b"RSHM");
+    h[4..6].copy_from_slice(&version.to_le_bytes());
+    h[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    let text = Layout::default().to_string();
+    h[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
+    h[18..18 + text.len()].copy_from_slice(text.as_bytes());
+    h[504..].copy_from_slice(&probe.to_le_bytes());
+    h
+}
+
+/// A connector whose hello names no usable probe, or speaks the version before probes, is
+/// refused with a handshake error naming the field; the listener keeps accepting.
+#[test]
+fn a_hello_without_a_valid_probe_is_refused() {
+    use std::io::Write;
+    let path = sock_path();
+    let listener = ShmListener::bind_path(&path, Layout::default(), PollMode::Busy).expect("bind");
+    let cases: [(u16, u64, &str); 3] = [
+        (4, 0, "probe address"),
+        (4, u64::MAX - 8, "probe address"),
+        (3, rsmsg::shm::probe_addr(), "version 3"),
+    ];
+    for (version, probe, want) in cases {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.write_all(&raw_hello(version, probe)).unwrap();
+        match listener.accept() {
+            Err(TransportError::Handshake { reason, .. }) => {
+                assert!(reason.contains(want), "{reason:?} should name {want:?}")
+            }
+            other => panic!("expected a handshake error, got {:?}", other.map(|_| ())),
+        }
+    }
+    // An honest connector still gets through.
+    let h = thread::spawn(move || listener.accept().expect("accept"));
+    let c = connect_path(&path, Layout::default(), PollMode::Busy).expect("connect");
+    let a = h.join().unwrap();
+    c.send(b"hi").unwrap();
+    assert_eq!(&*a.recv().unwrap(), b"hi");
+}

@@ -283,6 +283,57 @@ fn short_deadlines_while_chunks_arrive_lose_nothing() {
     eprintln!("{timeouts} timeouts, {nones} empty polls before the messages");
 }
 
+/// Both peers stream to each other at once (neither may read the other), messages many times
+/// the segments' room: `send_start` waits for credits while it sends the chunks, and takes the
+/// peer's chunks meanwhile, so that neither waits for the other for good. Then each receives and
+/// waits on its handles, as for any exchange.
+#[test]
+fn crossing_streamed_transfers_complete() {
+    for mode in [PollMode::Busy, PollMode::Event] {
+        let path = sock_path();
+        let listener = ShmListener::bind_path(&path, Layout::default(), mode).expect("bind");
+        let h = thread::spawn(move || listener.accept().expect("accept"));
+        let b = connect_path(&path, Layout::default(), mode).expect("connect");
+        let a = h.join().expect("listener thread");
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut sides = Vec::new();
+        for (k, c) in [a, b].into_iter().enumerate() {
+            c.set_rndv_config(RndvConfig {
+                stream_only: true,
+                ..c.rndv_config()
+            });
+            let done = done_tx.clone();
+            sides.push(thread::spawn(move || {
+                let mine: Vec<Vec<u8>> = (0..3u64)
+                    .map(|i| payload(10 * k as u64 + i, (6 << 20) + 1000 * i as usize))
+                    .collect();
+                let handles: Vec<_> = mine.iter().map(|m| c.send_start(m).unwrap()).collect();
+                for i in 0..3u64 {
+                    let m = c.recv().expect("crossing receive");
+                    let want = payload(10 * (1 - k as u64) + i, (6 << 20) + 1000 * i as usize);
+                    assert!(*m == want[..], "side {k}, message {i}");
+                }
+                for h in handles {
+                    h.wait().expect("crossing transfer");
+                }
+                assert_eq!(c.rndv_stats().streamed, 3);
+                assert_eq!(c.rndv_stats().sent, 3);
+                done.send(()).unwrap();
+                c
+            }));
+        }
+        // A hang guard: a deadlock fails the test instead of stalling the suite.
+        for _ in 0..2 {
+            done_rx
+                .recv_timeout(GUARD)
+                .unwrap_or_else(|_| panic!("{mode:?}: the crossing transfers did not complete"));
+        }
+        for s in sides {
+            s.join().expect("side");
+        }
+    }
+}
+
 /// A `Hello` of handshake version 4 for the default layout, with `probe` as its probe address.
 fn raw_hello(version: u16, probe: u64) -> [u8; 512] {
     let mut h = [0u8; 512];

@@ -121,6 +121,9 @@ pub struct RndvStats {
     pub streamed: u64,
 }
 
+/// How long a chunk sender waits for one arrival before it looks at its credits again.
+const CREDIT_POLL: Duration = Duration::from_micros(200);
+
 /// The error of a receive whose deadline passed while a streamed message was still coming.
 fn timed_out(wait: Wait) -> TransportError {
     TransportError::Timeout(match wait {
@@ -276,8 +279,12 @@ impl<L: Link> Inner<L> {
                         let msg = ControlMessage::decode(body);
                         if let Ok(ControlMessage::RendezvousChunk { id, offset, .. }) = msg {
                             let r = self.absorb(id, offset, &body[CHUNK_HEADER_LEN..]);
+                            // Released before the answer: it may wait for credits.
                             self.release(d.token)?;
-                            return r.map(|()| true);
+                            if let Some(i) = r? {
+                                self.complete_partial(i)?;
+                            }
+                            return Ok(true);
                         }
                         self.release(d.token)?;
                         if let Some(r) = self.file_control(msg?, d.seq)? {
@@ -401,9 +408,14 @@ impl<L: Link> Inner<L> {
     }
 
     /// Files a chunk of transfer `id` that arrived while no receive was taking that transfer:
-    /// into its [`Ready::Partial`]. A message it completes is answered done (or, drained, turns
-    /// into a refusal for the next receive).
-    fn absorb(&mut self, id: u64, offset: u64, bytes: &[u8]) -> Result<(), TransportError> {
+    /// into its [`Ready::Partial`]. Returns the queue position of the message when this chunk
+    /// completed it (for [`Inner::complete_partial`], once the chunk's partitions are released).
+    fn absorb(
+        &mut self,
+        id: u64,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<Option<usize>, TransportError> {
         let bad = |reason| ProtocolError::BadControl {
             ty: 6,
             len: CHUNK_HEADER_LEN + bytes.len(),
@@ -431,9 +443,12 @@ impl<L: Link> Inner<L> {
             slot.copy_from_slice(bytes);
         }
         *got = end;
-        if end < *len {
-            return Ok(());
-        }
+        Ok((end == *len).then_some(i))
+    }
+
+    /// Answers the streamed message completed at queue position `i` done (it is then delivered
+    /// by the next receive), or, drained, turns it into a refusal for the next receive.
+    fn complete_partial(&mut self, i: usize) -> Result<(), TransportError> {
         let Some(Ready::Partial {
             id,
             len,
@@ -627,7 +642,9 @@ impl<L: Link> Inner<L> {
                         // Another streamed transfer, filed for a later receive.
                         let r = self.absorb(cid, offset, &body[CHUNK_HEADER_LEN..]);
                         self.release(d.token)?;
-                        r?;
+                        if let Some(i) = r? {
+                            self.complete_partial(i)?;
+                        }
                         continue;
                     }
                     let end = got + u64::from(n);
@@ -657,8 +674,14 @@ impl<L: Link> Inner<L> {
     }
 
     /// Sends the message of transfer `id` through the segments in chunks, waiting for credits as
-    /// a blocking send does, and marks the transfer streamed.
-    fn push_chunks(&mut self, id: u64, data: &[u8]) -> Result<(), SendError> {
+    /// a blocking send does, and marks the transfer streamed. While it waits it takes what
+    /// arrives ([`Inner::wait_credit_taking`]), so two peers streaming to each other both get on.
+    fn push_chunks(
+        &mut self,
+        target: &impl TargetMemory,
+        id: u64,
+        data: &[u8],
+    ) -> Result<(), SendError> {
         let chunk = self.rndv.max_eager.saturating_sub(CHUNK_HEADER_LEN).max(1);
         for (i, part) in data.chunks(chunk).enumerate() {
             let head = ControlMessage::RendezvousChunk {
@@ -671,7 +694,7 @@ impl<L: Link> Inner<L> {
                 match self.send_chunk(head.as_slice(), part) {
                     Ok(()) => break,
                     Err(SendError::WouldBlock) => {
-                        let r = self.wait_credit();
+                        let r = self.wait_credit_taking(target);
                         self.note(r.map_err(SendError::from))?;
                     }
                     Err(e) => return self.note(Err(e)),
@@ -680,6 +703,19 @@ impl<L: Link> Inner<L> {
         }
         self.rndv.sends.streamed(id);
         tracing::trace!(id, len = data.len(), "rendezvous streamed");
+        Ok(())
+    }
+
+    /// Waits a little for credits while taking what arrives: chunks of the peer's streamed
+    /// messages are filed (their partitions go back at once), requests and data are queued for
+    /// the next receive, credit notices are counted. A peer streaming to us while we stream to it
+    /// needs its chunks released to send ours credits back; a plain credit wait would leave both
+    /// waiting. Returns after one arrival or [`CREDIT_POLL`].
+    fn wait_credit_taking(&mut self, target: &impl TargetMemory) -> Result<(), TransportError> {
+        // Event modes: the peer rings when it returns credit (busy peers ignore the request and
+        // the next reservation re-reads the mailbox).
+        self.link.want_credit_notice();
+        self.progress(target, Wait::For(CREDIT_POLL))?;
         Ok(())
     }
 
@@ -873,7 +909,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 exposure: None,
             });
         }
-        let r = Self::start_rndv(&mut inner, buf);
+        let r = Self::start_rndv(&mut inner, &self.target, buf);
         let (id, exposure) = inner.note(r)?;
         Ok(SendHandle {
             conn: self,
@@ -885,6 +921,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
 
     fn start_rndv<'b>(
         inner: &mut Inner<L>,
+        target: &T,
         buf: &'b [u8],
     ) -> Result<(u64, Exposure<'b>), SendError> {
         let Some(exposure) = inner.link.rndv_expose(buf)? else {
@@ -919,7 +956,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 return Err(e.into());
             }
         }
-        if stream_now && let Err(e) = inner.push_chunks(id, buf) {
+        if stream_now && let Err(e) = inner.push_chunks(target, id, buf) {
             inner.rndv.sends.forget(id);
             return Err(e);
         }
@@ -931,7 +968,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     pub(super) fn send_rndv(&self, buf: &[u8]) -> Result<(), SendError> {
         let r = {
             let mut inner = self.inner.borrow_mut();
-            Self::start_rndv(&mut inner, buf)
+            Self::start_rndv(&mut inner, &self.target, buf)
         };
         match r {
             Ok((id, exposure)) => SendHandle {
@@ -1264,7 +1301,7 @@ impl<L: Link, T: TargetMemory> SendHandle<'_, '_, L, T> {
             });
             return Err(SendError::Transport(inner.fail(e)));
         };
-        inner.push_chunks(id, data)
+        inner.push_chunks(&self.conn.target, id, data)
     }
 
     fn finish(&mut self, id: u64) {

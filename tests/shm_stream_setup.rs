@@ -174,6 +174,45 @@ fn transfers_started_before_any_wait_reach_a_peer_that_may_not_read() {
     assert!(st.success(), "the child failed: {st}");
 }
 
+/// The runtime fallback: the receiver stops reading after the connection was made (here
+/// `stream_only` set on it alone, after the handshake found the read permitted), so it asks for
+/// the first transfer through the segments. The sender has started several transfers and waits
+/// on the latest first while the receiver only receives: the chunks asked for go from whatever
+/// call on the sender's connection brings the request, not only from that transfer's handle.
+#[test]
+fn the_runtime_fallback_does_not_wait_for_the_asked_transfers_handle() {
+    let (rx, tx) = pair();
+    assert!(tx.rndv_peer_can_read());
+    rx.set_rndv_config(RndvConfig {
+        stream_only: true,
+        ..rx.rndv_config()
+    });
+    let receiver = thread::spawn(move || {
+        let mut buf = vec![0u8; 4 << 20];
+        for (i, &len) in SIZES.iter().enumerate() {
+            let n = rx.recv_into(&mut buf).expect("receive");
+            assert!(n == len && buf[..n] == payload(i as u64, len)[..], "{i}");
+        }
+        let s = rx.rndv_stats();
+        assert_eq!(s.streamed, SIZES.len() as u64, "{s:?}");
+        rx
+    });
+    let bufs: Vec<Vec<u8>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| payload(i as u64, len))
+        .collect();
+    let mut handles: Vec<_> = bufs.iter().map(|b| tx.send_start(b).unwrap()).collect();
+    // The latest first: its wait brings the request for the first one's chunks.
+    while let Some(h) = handles.pop() {
+        h.wait().expect("transfer");
+    }
+    drop(handles);
+    assert!(!tx.rndv_peer_can_read(), "learnt from the stream request");
+    assert_eq!(tx.rndv_stats().sent, SIZES.len() as u64);
+    receiver.join().expect("receiver");
+}
+
 /// In one process both sides may read each other, and the handshake finds so (unless the
 /// whole process streams).
 #[test]

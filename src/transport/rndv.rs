@@ -9,7 +9,7 @@
 //! ([`Link::rndv_read`]: one RDMA READ, or `process_vm_readv`), and done goes back. Zero copies
 //! on verbs, one on shared memory. See `docs/rendezvous.md`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
@@ -200,6 +200,10 @@ pub(super) struct RndvInner {
     /// We cannot read the peer's memory (the shared-memory handshake found so): a request to
     /// read is answered "stream" without trying.
     we_cannot_read: bool,
+    /// Transfers requested for the peer to read (shared memory, rkey 0) and not answered yet:
+    /// id -> (address, length) of the buffer, so that the connection can send the chunks itself
+    /// if the peer asks for them ([`Inner::push_own`]).
+    exposed: HashMap<u64, (u64, usize)>,
     pub(super) ready: VecDeque<Ready>,
     stats: RndvStats,
 }
@@ -217,6 +221,7 @@ impl RndvInner {
             sends: RndvSends::new(),
             peer_cannot_read: false,
             we_cannot_read: false,
+            exposed: HashMap::new(),
             ready: VecDeque::new(),
             stats: RndvStats::default(),
         }
@@ -308,17 +313,23 @@ impl<L: Link> Inner<L> {
             ControlMessage::Close { .. } => Err(TransportError::PeerClosed),
             ControlMessage::RendezvousDone { id } => {
                 self.rndv.sends.answer(id, None)?;
+                self.rndv.exposed.remove(&id);
                 Ok(None)
             }
             ControlMessage::RendezvousRefused { id, reason } => {
                 self.rndv.sends.answer(id, Some(reason))?;
+                self.rndv.exposed.remove(&id);
                 Ok(None)
             }
             ControlMessage::RendezvousStream { id } => {
-                // Our exposure is not readable by the peer: the handle sends the chunks, and
-                // later transfers are streamed at once.
+                // Our exposure is not readable by the peer (the read was permitted at connection
+                // setup, not any more): the chunks go now, from whatever call brought the
+                // request, and later transfers are streamed at once.
                 self.rndv.sends.stream(id)?;
                 self.rndv.peer_cannot_read = true;
+                if let Some((addr, len)) = self.rndv.exposed.remove(&id) {
+                    self.push_own(id, addr, len)?;
+                }
                 Ok(None)
             }
             ControlMessage::RendezvousChunk { len, .. } => Err(ProtocolError::BadControl {
@@ -706,6 +717,46 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
+    /// Sends the chunks of transfer `id` (the peer asked for them: it may no longer read our
+    /// memory) from the buffer at `addr`, `len` bytes of this process, read with
+    /// `process_vm_readv` on this very process: the kernel always permits that, and it copies or
+    /// fails (a range no longer mapped, after a leaked handle), it never faults. So the chunks go
+    /// from any call on the connection, not only from the transfer's handle, which the
+    /// application may not poll before it receives. Waits for credits as a blocking send does:
+    /// the peer is receiving these very chunks, or takes them as they come from any of its calls.
+    fn push_own(&mut self, id: u64, addr: u64, len: usize) -> Result<(), TransportError> {
+        let chunk = self.rndv.max_eager.saturating_sub(CHUNK_HEADER_LEN).max(1);
+        let mut part = vec![0u8; chunk.min(len)];
+        let pid = std::process::id() as i32;
+        let mut off = 0usize;
+        while off < len {
+            let n = chunk.min(len - off);
+            crate::shm::read_peer_memory(pid, addr + off as u64, &mut part[..n]).map_err(|e| {
+                TransportError::Failed(format!(
+                    "rendezvous buffer of transfer {id} no longer readable: {e}"
+                ))
+            })?;
+            let head = ControlMessage::RendezvousChunk {
+                id,
+                offset: off as u64,
+                len: n as u32,
+            }
+            .encode();
+            loop {
+                match self.send_chunk(head.as_slice(), &part[..n]) {
+                    Ok(()) => break,
+                    Err(SendError::WouldBlock) => self.wait_credit()?,
+                    Err(SendError::Transport(e)) => return Err(e),
+                    Err(e) => return Err(TransportError::Failed(e.to_string())),
+                }
+            }
+            off += n;
+        }
+        self.rndv.sends.streamed(id);
+        tracing::debug!(id, len, "rendezvous streamed on request");
+        Ok(())
+    }
+
     /// Waits a little for credits while taking what arrives: chunks of the peer's streamed
     /// messages are filed (their partitions go back at once), requests and data are queued for
     /// the next receive, credit notices are counted. A peer streaming to us while we stream to it
@@ -959,6 +1010,10 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         if stream_now && let Err(e) = inner.push_chunks(target, id, buf) {
             inner.rndv.sends.forget(id);
             return Err(e);
+        }
+        if !stream_now && inner.link.rndv_can_stream() {
+            // Should the peer ask for the chunks, the connection sends them itself.
+            inner.rndv.exposed.insert(id, (exposure.addr(), buf.len()));
         }
         tracing::trace!(id, len = buf.len(), "rendezvous requested");
         Ok((id, exposure))
@@ -1310,6 +1365,7 @@ impl<L: Link, T: TargetMemory> SendHandle<'_, '_, L, T> {
         if let Some(e) = self.exposure.take() {
             inner.link.rndv_revoke(e);
         }
+        inner.rndv.exposed.remove(&id);
         inner.rndv.sends.forget(id);
     }
 

@@ -1345,7 +1345,8 @@ impl<L: Link, T: TargetMemory> SendHandle<'_, '_, L, T> {
     }
 
     /// Sends the message through the segments in chunks (the receiver asked for it: it cannot
-    /// read our buffer).
+    /// read our buffer), when the connection did not already send them on the request's arrival
+    /// ([`Inner::push_own`]; it does for every transfer it exposed by address).
     fn push_chunks(&mut self, id: u64) -> Result<(), SendError> {
         let mut inner = self.conn.inner.borrow_mut();
         let Some(data) = self.exposure.as_ref().and_then(|e| e.data) else {

@@ -56,11 +56,13 @@ impl Hostile {
             .unwrap();
         let mut hello = [0u8; HELLO_LEN];
         hello[0..4].copy_from_slice(b"RSHM");
-        hello[4..6].copy_from_slice(&3u16.to_le_bytes());
+        hello[4..6].copy_from_slice(&4u16.to_le_bytes());
         hello[8..12].copy_from_slice(&std::process::id().to_le_bytes());
         let text = mine.to_string();
         hello[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
         hello[18..18 + text.len()].copy_from_slice(text.as_bytes());
+        // Handshake version 4: the readability probe's address in the last 8 bytes.
+        hello[HELLO_LEN - 8..].copy_from_slice(&rsmsg::shm::probe_addr().to_le_bytes());
         sock.write_all(&hello).unwrap();
         let mut theirs = [0u8; HELLO_LEN];
         sock.read_exact(&mut theirs).unwrap();
@@ -71,7 +73,7 @@ impl Hostile {
             .unwrap();
         // The victim's regions.
         let tables = Tables::new(victim.clone());
-        // Control region, wake-up eventfd, then the segments (handshake version 3).
+        // Control region, wake-up eventfd, then the segments.
         let expected = 2 + tables.segments().len();
         let mut fds = Vec::new();
         while fds.len() < expected {
@@ -106,7 +108,9 @@ impl Hostile {
         for chunk in all.chunks(MAX_FDS) {
             send_fds(&sock, &(chunk.len() as u64).to_le_bytes(), chunk).unwrap();
         }
-        let mut ok = [0u8; 1];
+        // Whether we can read the victim (version 4), then its status and its own verdict.
+        sock.write_all(&[1]).unwrap();
+        let mut ok = [0u8; 2];
         sock.read_exact(&mut ok).unwrap();
         assert_eq!(ok[0], 1);
         Hostile {

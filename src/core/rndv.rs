@@ -61,7 +61,12 @@ pub struct RndvConfig {
     pub send_cache_bytes: usize,
     /// Shared memory: never read the sender's memory (`process_vm_readv`); have every
     /// rendezvous message sent through the segments in chunks instead (two copies), as happens
-    /// anyway when the kernel does not permit the read.
+    /// anyway when the kernel does not permit the read. Set by `RSMSG_RNDV_STREAM_ONLY=1` when a
+    /// connection is made, it is also told to the peer in the shared-memory handshake (this side
+    /// says it cannot read the peer), so both ends stream from the first transfer; set later
+    /// with `Connection::set_rndv_config`, the peer learns it from the first transfer this side
+    /// receives (the runtime fallback, `docs/rendezvous.md`). This side streams its own
+    /// transfers either way.
     pub stream_only: bool,
 }
 

@@ -59,4 +59,6 @@ pub use fdwait::wait_readable_any;
 pub use liveness::{PeerStatus, PidWatch, socket_peer_pid, socket_peer_status};
 pub use mailbox::CreditMailbox;
 pub use region::{REQUIRED_SEALS, RegionView, ShmRegion};
-pub use vmread::{may_read_peer, read_peer_memory};
+pub use vmread::{
+    PROBE_CONTENT, PROBE_LEN, may_read_peer, probe_addr, probe_peer, read_peer_memory,
+};

@@ -53,6 +53,37 @@ pub fn read_peer_memory(pid: i32, addr: u64, dst: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Length of the readability probe ([`probe_addr`]).
+pub const PROBE_LEN: usize = 16;
+
+/// The probe's content, the same in every process (documented in `docs/shm.md`).
+pub const PROBE_CONTENT: [u8; PROBE_LEN] = *b"rsmsg-vm-probe\x5a\xa5";
+
+/// The probe buffer of this process: [`PROBE_CONTENT`] at a fixed address for the life of the
+/// process.
+static PROBE: [u8; PROBE_LEN] = PROBE_CONTENT;
+
+/// The address of this process's readability probe: [`PROBE_LEN`] bytes of [`PROBE_CONTENT`],
+/// offered to a shared-memory peer in the handshake so that it can find out whether the kernel
+/// lets it read this process (`process_vm_readv`) before any transfer.
+pub fn probe_addr() -> u64 {
+    PROBE.as_ptr() as u64
+}
+
+/// Whether this process may read process `pid`'s memory: reads the [`PROBE_LEN`] bytes the
+/// peer named as its probe at `addr` and checks that they hold [`PROBE_CONTENT`]. Any failure
+/// (`EPERM`, no such process, an unmapped address, other content) is `false`.
+pub fn probe_peer(pid: i32, addr: u64) -> bool {
+    let mut b = [0u8; PROBE_LEN];
+    match read_peer_memory(pid, addr, &mut b) {
+        Ok(()) => b == PROBE_CONTENT,
+        Err(e) => {
+            tracing::debug!(error = %e, pid, "the peer's probe is not readable");
+            false
+        }
+    }
+}
+
 /// Whether this process may read the memory of `pid` (one probe of `len` 0 is not enough for
 /// the kernel's check, so it reads one byte at `addr`).
 pub fn may_read_peer(pid: i32, addr: u64) -> bool {
@@ -75,5 +106,17 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
         assert!(may_read_peer(pid, src.as_ptr() as u64));
         assert!(read_peer_memory(pid, u64::MAX - 3, &mut dst[..16]).is_err());
+    }
+
+    #[test]
+    fn probe_is_readable_by_this_process_and_checked() {
+        let pid = std::process::id() as i32;
+        assert!(probe_peer(pid, probe_addr()));
+        // Readable memory with other content is not the probe.
+        let other = [0u8; PROBE_LEN];
+        assert!(!probe_peer(pid, other.as_ptr() as u64));
+        // An unmapped address, an address that wraps.
+        assert!(!probe_peer(pid, 8));
+        assert!(!probe_peer(pid, u64::MAX - 3));
     }
 }

@@ -498,10 +498,9 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         inner.check()?;
         // ---- rendezvous branch: what arrived while a send waited for its answer ----
         if let Some(r) = inner.rndv.ready.pop_front() {
-            return match self.serve(&mut inner, r, dst) {
-                Ok(g) => Ok(Some(g)),
-                Err(e) => Err(refused_or_fail(&mut inner, e)),
-            };
+            return self
+                .serve_for_recv(&mut inner, r, dst, deadline)
+                .map_err(|e| refused_or_fail(&mut inner, e));
         }
         loop {
             let (imm, inline) = match inner.next_arrival(deadline) {
@@ -509,7 +508,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(inner.fail(e)),
             };
-            match self.accept(&mut inner, imm, inline, dst.as_deref_mut()) {
+            match self.accept(&mut inner, imm, inline, dst.as_deref_mut(), deadline) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => continue,
                 Err(e) => return Err(refused_or_fail(&mut inner, e)),
@@ -526,6 +525,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         imm: u32,
         inline: InlineHeader,
         dst: Option<&mut [u8]>,
+        deadline: Wait,
     ) -> Result<Option<Got<'_, L, T>>, TransportError> {
         // The type bits alone pick the path; `on_immediate` decodes (and validates) the rest.
         match Immediate(imm).kind_bits() {
@@ -557,7 +557,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                         inner.release(d.token)?;
                         // ---- rendezvous branch: requests are served, answers filed ----
                         match inner.file_control(msg?, d.seq)? {
-                            Some(r) => self.serve(inner, r, dst).map(Some),
+                            Some(r) => self.serve_for_recv(inner, r, dst, deadline),
                             None => Ok(None),
                         }
                     }
@@ -574,10 +574,11 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     }
 }
 
-/// A refused rendezvous leaves the connection up; anything else fails it.
+/// A refused rendezvous, or a deadline that passed while a streamed one was coming in (it is
+/// resumed by the next receive), leaves the connection up; anything else fails it.
 fn refused_or_fail<L: Link>(inner: &mut Inner<L>, e: TransportError) -> TransportError {
     match e {
-        TransportError::RendezvousRefused { .. } => e,
+        TransportError::RendezvousRefused { .. } | TransportError::Timeout(_) => e,
         e => inner.fail(e),
     }
 }

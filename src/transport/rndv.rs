@@ -9,8 +9,9 @@
 //! ([`Link::rndv_read`]: one RDMA READ, or `process_vm_readv`), and done goes back. Zero copies
 //! on verbs, one on shared memory. See `docs/rendezvous.md`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
+use std::time::{Duration, Instant};
 
 use super::conn::{Connection, Got, Inner, Message, SendError, Wait};
 use super::{Link, TargetMemory, TransportError};
@@ -120,6 +121,17 @@ pub struct RndvStats {
     pub streamed: u64,
 }
 
+/// How long a chunk sender waits for one arrival before it looks at its credits again.
+const CREDIT_POLL: Duration = Duration::from_micros(200);
+
+/// The error of a receive whose deadline passed while a streamed message was still coming.
+fn timed_out(wait: Wait) -> TransportError {
+    TransportError::Timeout(match wait {
+        Wait::For(t) => t,
+        Wait::No | Wait::Forever => Duration::ZERO,
+    })
+}
+
 /// What arrived while this side waited for a rendezvous answer: kept in order for the next
 /// receive.
 #[derive(Debug, Clone)]
@@ -140,6 +152,25 @@ pub(super) enum Ready {
         data: Vec<u8>,
         /// Its sequence number.
         seq: u32,
+    },
+    /// A streamed rendezvous message whose chunks are still coming: its receive's deadline
+    /// passed first, or it arrived while no receive was taking it. Its chunks are filed here
+    /// wherever they arrive (any call that makes progress on the connection), and the next
+    /// receive resumes it.
+    Partial {
+        /// The sender's id.
+        id: u64,
+        /// Announced length.
+        len: u64,
+        /// Its sequence number.
+        seq: u32,
+        /// Bytes received so far (the chunks come in order).
+        got: u64,
+        /// The message so far, `len` bytes long; `None` when its chunks are only drained, to
+        /// refuse it with `refuse` once they are all in.
+        data: Option<Vec<u8>>,
+        /// Refusal code for a drained message.
+        refuse: u32,
     },
     /// A rendezvous request to refuse at the next receive.
     Refuse {
@@ -162,9 +193,17 @@ pub(super) struct RndvInner {
     pub(super) switch: usize,
     max_eager: usize,
     sends: RndvSends,
-    /// The peer asked for a transfer through the segments (it cannot read our memory): later
-    /// transfers are streamed at once, without waiting to be asked.
+    /// The peer cannot read our memory (the shared-memory handshake found so, or the peer
+    /// asked for a transfer through the segments): transfers are streamed at once, without
+    /// waiting to be asked.
     peer_cannot_read: bool,
+    /// We cannot read the peer's memory (the shared-memory handshake found so): a request to
+    /// read is answered "stream" without trying.
+    we_cannot_read: bool,
+    /// Transfers requested for the peer to read (shared memory, rkey 0) and not answered yet:
+    /// id -> (address, length) of the buffer, so that the connection can send the chunks itself
+    /// if the peer asks for them ([`Inner::push_own`]).
+    exposed: HashMap<u64, (u64, usize)>,
     pub(super) ready: VecDeque<Ready>,
     stats: RndvStats,
 }
@@ -181,6 +220,8 @@ impl RndvInner {
             max_eager,
             sends: RndvSends::new(),
             peer_cannot_read: false,
+            we_cannot_read: false,
+            exposed: HashMap::new(),
             ready: VecDeque::new(),
             stats: RndvStats::default(),
         }
@@ -231,10 +272,25 @@ impl<L: Link> Inner<L> {
                     target.bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
                 let d = self.rx.accept(arrival, header)?;
                 match d.kind {
+                    MessageKind::Data if self.has_partial() => {
+                        // A streamed message is still coming: its chunks need the partitions.
+                        let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
+                        self.release(d.token)?;
+                        self.rndv.ready.push_back(Ready::Owned { data, seq: d.seq });
+                    }
                     MessageKind::Data => self.rndv.ready.push_back(Ready::Data(d)),
                     MessageKind::Control => {
                         let body = target.bytes(d.token.segment(), d.offset, d.len)?;
                         let msg = ControlMessage::decode(body);
+                        if let Ok(ControlMessage::RendezvousChunk { id, offset, .. }) = msg {
+                            let r = self.absorb(id, offset, &body[CHUNK_HEADER_LEN..]);
+                            // Released before the answer: it may wait for credits.
+                            self.release(d.token)?;
+                            if let Some(i) = r? {
+                                self.complete_partial(i)?;
+                            }
+                            return Ok(true);
+                        }
                         self.release(d.token)?;
                         if let Some(r) = self.file_control(msg?, d.seq)? {
                             self.file_ready(target, r)?;
@@ -257,17 +313,23 @@ impl<L: Link> Inner<L> {
             ControlMessage::Close { .. } => Err(TransportError::PeerClosed),
             ControlMessage::RendezvousDone { id } => {
                 self.rndv.sends.answer(id, None)?;
+                self.rndv.exposed.remove(&id);
                 Ok(None)
             }
             ControlMessage::RendezvousRefused { id, reason } => {
                 self.rndv.sends.answer(id, Some(reason))?;
+                self.rndv.exposed.remove(&id);
                 Ok(None)
             }
             ControlMessage::RendezvousStream { id } => {
-                // Our exposure is not readable by the peer: the handle sends the chunks, and
-                // later transfers are streamed at once.
+                // Our exposure is not readable by the peer (the read was permitted at connection
+                // setup, not any more): the chunks go now, from whatever call brought the
+                // request, and later transfers are streamed at once.
                 self.rndv.sends.stream(id)?;
                 self.rndv.peer_cannot_read = true;
+                if let Some((addr, len)) = self.rndv.exposed.remove(&id) {
+                    self.push_own(id, addr, len)?;
+                }
                 Ok(None)
             }
             ControlMessage::RendezvousChunk { len, .. } => Err(ProtocolError::BadControl {
@@ -295,21 +357,23 @@ impl<L: Link> Inner<L> {
         }
     }
 
-    /// Queues `r` for the next receive. A streamed request (its chunks follow it) cannot wait
-    /// there: its chunks are taken now, into a buffer the queued message owns (or discarded,
-    /// for a request to refuse).
+    /// Queues `r` for the next receive. A streamed request (its chunks follow it) is queued as
+    /// [`Ready::Partial`]: its chunks are filed there as they arrive (or discarded, for a
+    /// request to refuse), by whatever call makes progress, without waiting for them here.
     fn file_ready(&mut self, target: &impl TargetMemory, r: Ready) -> Result<(), TransportError> {
         let r = match r {
             Ready::Request { req, seq }
                 if req.rkey == STREAMED_RKEY && self.link.rndv_can_stream() =>
             {
-                let mut data = vec![0u8; req.len];
-                self.stream_into(target, req.id, req.len as u64, Some(&mut data[..]), false)?;
-                self.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })?;
-                self.rndv.stats.streamed += 1;
-                self.rndv.stats.received += 1;
-                self.rndv.stats.received_bytes += req.len as u64;
-                Ready::Owned { data, seq }
+                self.copy_out_held(target)?;
+                Ready::Partial {
+                    id: req.id,
+                    len: req.len as u64,
+                    seq,
+                    got: 0,
+                    data: Some(vec![0u8; req.len]),
+                    refuse: 0,
+                }
             }
             Ready::Refuse {
                 streamed: true,
@@ -317,17 +381,112 @@ impl<L: Link> Inner<L> {
                 len,
                 reason,
             } => {
-                self.stream_into(target, id, len, None, false)?;
-                Ready::Refuse {
-                    streamed: false,
+                self.copy_out_held(target)?;
+                Ready::Partial {
                     id,
                     len,
-                    reason,
+                    seq: 0,
+                    got: 0,
+                    data: None,
+                    refuse: reason,
                 }
             }
             r => r,
         };
         self.rndv.ready.push_back(r);
+        Ok(())
+    }
+
+    /// Whether a streamed message is still coming in (its chunks need partitions).
+    fn has_partial(&self) -> bool {
+        self.rndv
+            .ready
+            .iter()
+            .any(|r| matches!(r, Ready::Partial { .. }))
+    }
+
+    /// Copies the data messages held in their partitions out of them, so that the partitions go
+    /// back to the sender at once: the chunks of a streamed message need them.
+    fn copy_out_held(&mut self, target: &impl TargetMemory) -> Result<(), TransportError> {
+        for i in 0..self.rndv.ready.len() {
+            if let Some(&Ready::Data(d)) = self.rndv.ready.get(i) {
+                let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
+                self.release(d.token)?;
+                self.rndv.ready[i] = Ready::Owned { data, seq: d.seq };
+            }
+        }
+        Ok(())
+    }
+
+    /// Files a chunk of transfer `id` that arrived while no receive was taking that transfer:
+    /// into its [`Ready::Partial`]. Returns the queue position of the message when this chunk
+    /// completed it (for [`Inner::complete_partial`], once the chunk's partitions are released).
+    fn absorb(
+        &mut self,
+        id: u64,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<Option<usize>, TransportError> {
+        let bad = |reason| ProtocolError::BadControl {
+            ty: 6,
+            len: CHUNK_HEADER_LEN + bytes.len(),
+            reason,
+        };
+        let Some(i) = self
+            .rndv
+            .ready
+            .iter()
+            .position(|r| matches!(r, Ready::Partial { id: p, .. } if *p == id))
+        else {
+            return Err(bad("rendezvous chunk outside a streamed transfer").into());
+        };
+        let Some(Ready::Partial { len, got, data, .. }) = self.rndv.ready.get_mut(i) else {
+            return Err(TransportError::Failed("rendezvous queue changed".into()));
+        };
+        let end = *got + bytes.len() as u64;
+        if offset != *got || end > *len {
+            return Err(bad("chunk out of order or beyond the message").into());
+        }
+        if let Some(v) = data.as_mut() {
+            let slot = v
+                .get_mut(*got as usize..end as usize)
+                .ok_or_else(|| bad("chunk beyond the destination"))?;
+            slot.copy_from_slice(bytes);
+        }
+        *got = end;
+        Ok((end == *len).then_some(i))
+    }
+
+    /// Answers the streamed message completed at queue position `i` done (it is then delivered
+    /// by the next receive), or, drained, turns it into a refusal for the next receive.
+    fn complete_partial(&mut self, i: usize) -> Result<(), TransportError> {
+        let Some(Ready::Partial {
+            id,
+            len,
+            seq,
+            data,
+            refuse,
+            ..
+        }) = self.rndv.ready.remove(i)
+        else {
+            return Err(TransportError::Failed("rendezvous queue changed".into()));
+        };
+        let done = match data {
+            Some(data) => {
+                self.send_control_blocking(&ControlMessage::RendezvousDone { id })?;
+                self.rndv.stats.streamed += 1;
+                self.rndv.stats.received += 1;
+                self.rndv.stats.received_bytes += len;
+                Ready::Owned { data, seq }
+            }
+            None => Ready::Refuse {
+                streamed: false,
+                id,
+                len,
+                reason: refuse,
+            },
+        };
+        self.rndv.ready.insert(i, done);
         Ok(())
     }
 
@@ -344,32 +503,52 @@ impl<L: Link> Inner<L> {
     /// Reads request `req` into `dst` and answers done. When the link cannot read the
     /// sender's buffer but can stream (shared memory without permission for
     /// `process_vm_readv`, or [`RndvConfig::stream_only`]), the sender is asked for the message
-    /// through the segments instead.
+    /// through the segments instead. A streamed message whose chunks have not all come by
+    /// `wait`'s deadline is kept, as received so far, at the head of the queue for the next
+    /// receive to resume, and [`TransportError::Timeout`] is returned.
     fn read_and_answer(
         &mut self,
         target: &impl TargetMemory,
         req: &RndvRequest,
+        seq: u32,
         dst: &mut [u8],
         cacheable: bool,
+        wait: Wait,
     ) -> Result<(), TransportError> {
         let can_stream = self.link.rndv_can_stream();
         let r = if can_stream && req.rkey == STREAMED_RKEY {
             // The chunks follow the request.
-            self.stream_into(target, req.id, req.len as u64, Some(&mut *dst), false)?;
-            self.rndv.stats.streamed += 1;
-            Ok(())
-        } else if can_stream && self.rndv.cfg.stream_only {
-            Err(refuse_reason::NO_ACCESS)
+            Err(None)
+        } else if can_stream && (self.rndv.cfg.stream_only || self.rndv.we_cannot_read) {
+            Err(Some(refuse_reason::NO_ACCESS))
         } else {
-            self.link.rndv_read(req, dst, cacheable)?
+            self.link.rndv_read(req, dst, cacheable)?.map_err(Some)
         };
         match r {
             Ok(()) => {}
-            Err(refuse_reason::NO_ACCESS) if can_stream => {
-                self.stream_into(target, req.id, req.len as u64, Some(dst), true)?;
+            Err(ask) if can_stream && ask.is_none_or(|r| r == refuse_reason::NO_ACCESS) => {
+                let len = req.len as u64;
+                let got =
+                    self.stream_into(target, req.id, len, Some(&mut *dst), 0, ask.is_some(), wait)?;
+                if got < len {
+                    let mut data = vec![0u8; req.len];
+                    data[..got as usize].copy_from_slice(&dst[..got as usize]);
+                    self.rndv.ready.push_front(Ready::Partial {
+                        id: req.id,
+                        len,
+                        seq,
+                        got,
+                        data: Some(data),
+                        refuse: 0,
+                    });
+                    return Err(timed_out(wait));
+                }
                 self.rndv.stats.streamed += 1;
             }
-            Err(reason) => return Err(self.refuse(req.id, req.len as u64, reason)),
+            Err(reason) => {
+                let reason = reason.unwrap_or(refuse_reason::MALFORMED);
+                return Err(self.refuse(req.id, req.len as u64, reason));
+            }
         }
         self.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })?;
         self.rndv.stats.received += 1;
@@ -377,34 +556,76 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
-    /// Copies the `len` bytes of transfer `id` into `dst` (`None`: discards them) as its chunks
-    /// come, after asking the sender for them (`ask`) unless they follow the request anyway.
-    /// Data messages that arrive meanwhile (sent before the sender learned) are copied out so
-    /// that their partitions go back at once: the chunks need them.
+    /// Drains the chunks of streamed transfer `id` (to refuse it), from `got` on: the
+    /// refusal when they are all in, or, past `wait`'s deadline, [`TransportError::Timeout`]
+    /// with the drain kept at the head of the queue for the next receive.
+    fn drain_and_refuse(
+        &mut self,
+        target: &impl TargetMemory,
+        id: u64,
+        len: u64,
+        got: u64,
+        reason: u32,
+        wait: Wait,
+    ) -> TransportError {
+        match self.stream_into(target, id, len, None, got, false, wait) {
+            Ok(got) if got < len => {
+                self.rndv.ready.push_front(Ready::Partial {
+                    id,
+                    len,
+                    seq: 0,
+                    got,
+                    data: None,
+                    refuse: reason,
+                });
+                timed_out(wait)
+            }
+            Ok(_) => self.refuse(id, len, reason),
+            Err(e) => e,
+        }
+    }
+
+    /// Copies the `len` bytes of transfer `id` from offset `got` on into `dst` (`None`:
+    /// discards them) as its chunks come, after asking the sender for them (`ask`) unless they
+    /// follow the request anyway. Returns how far it got: `len`, or less when `wait`'s deadline
+    /// passed first. Data messages that arrive meanwhile are copied out so that their partitions
+    /// go back at once (the chunks need them); chunks of other streamed transfers are filed in
+    /// their [`Ready::Partial`].
+    #[allow(clippy::too_many_arguments)]
     fn stream_into(
         &mut self,
         target: &impl TargetMemory,
         id: u64,
         len: u64,
         mut dst: Option<&mut [u8]>,
+        mut got: u64,
         ask: bool,
-    ) -> Result<(), TransportError> {
-        tracing::debug!(id, len, keep = dst.is_some(), "rendezvous by stream");
+        wait: Wait,
+    ) -> Result<u64, TransportError> {
+        tracing::debug!(id, len, got, keep = dst.is_some(), "rendezvous by stream");
+        let deadline = match wait {
+            Wait::Forever => None,
+            Wait::No => Some(Instant::now()),
+            Wait::For(t) => Instant::now().checked_add(t),
+        };
         // Messages already waiting in their partitions are copied out too.
-        for i in 0..self.rndv.ready.len() {
-            if let Some(&Ready::Data(d)) = self.rndv.ready.get(i) {
-                let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
-                self.release(d.token)?;
-                self.rndv.ready[i] = Ready::Owned { data, seq: d.seq };
-            }
-        }
+        self.copy_out_held(target)?;
         if ask {
             self.send_control_blocking(&ControlMessage::RendezvousStream { id })?;
         }
         let bad = |len: usize, reason| ProtocolError::BadControl { ty: 6, len, reason };
-        let mut got = 0u64;
         while got < len {
-            let Some(imm) = self.next_immediate(Wait::Forever)? else {
+            let w = match deadline {
+                None => Wait::Forever,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Wait::For(left),
+                    _ => Wait::No,
+                },
+            };
+            let Some(imm) = self.next_immediate(w)? else {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(got);
+                }
                 continue;
             };
             if let ImmediateKind::Credit { .. } = Immediate(imm).decode()? {
@@ -428,10 +649,16 @@ impl<L: Link> Inner<L> {
                     offset,
                     len: n,
                 }) => {
-                    let end = got + u64::from(n);
                     if cid != id {
-                        return Err(bad(body.len(), "chunk of another transfer").into());
+                        // Another streamed transfer, filed for a later receive.
+                        let r = self.absorb(cid, offset, &body[CHUNK_HEADER_LEN..]);
+                        self.release(d.token)?;
+                        if let Some(i) = r? {
+                            self.complete_partial(i)?;
+                        }
+                        continue;
                     }
+                    let end = got + u64::from(n);
                     if offset != got || end > len {
                         return Err(
                             bad(body.len(), "chunk out of order or beyond the message").into()
@@ -454,12 +681,18 @@ impl<L: Link> Inner<L> {
                 }
             }
         }
-        Ok(())
+        Ok(got)
     }
 
     /// Sends the message of transfer `id` through the segments in chunks, waiting for credits as
-    /// a blocking send does, and marks the transfer streamed.
-    fn push_chunks(&mut self, id: u64, data: &[u8]) -> Result<(), SendError> {
+    /// a blocking send does, and marks the transfer streamed. While it waits it takes what
+    /// arrives ([`Inner::wait_credit_taking`]), so two peers streaming to each other both get on.
+    fn push_chunks(
+        &mut self,
+        target: &impl TargetMemory,
+        id: u64,
+        data: &[u8],
+    ) -> Result<(), SendError> {
         let chunk = self.rndv.max_eager.saturating_sub(CHUNK_HEADER_LEN).max(1);
         for (i, part) in data.chunks(chunk).enumerate() {
             let head = ControlMessage::RendezvousChunk {
@@ -472,7 +705,7 @@ impl<L: Link> Inner<L> {
                 match self.send_chunk(head.as_slice(), part) {
                     Ok(()) => break,
                     Err(SendError::WouldBlock) => {
-                        let r = self.wait_credit();
+                        let r = self.wait_credit_taking(target);
                         self.note(r.map_err(SendError::from))?;
                     }
                     Err(e) => return self.note(Err(e)),
@@ -481,6 +714,59 @@ impl<L: Link> Inner<L> {
         }
         self.rndv.sends.streamed(id);
         tracing::trace!(id, len = data.len(), "rendezvous streamed");
+        Ok(())
+    }
+
+    /// Sends the chunks of transfer `id` (the peer asked for them: it may no longer read our
+    /// memory) from the buffer at `addr`, `len` bytes of this process, read with
+    /// `process_vm_readv` on this very process: the kernel always permits that, and it copies or
+    /// fails (a range no longer mapped, after a leaked handle), it never faults. So the chunks go
+    /// from any call on the connection, not only from the transfer's handle, which the
+    /// application may not poll before it receives. Waits for credits as a blocking send does:
+    /// the peer is receiving these very chunks, or takes them as they come from any of its calls.
+    fn push_own(&mut self, id: u64, addr: u64, len: usize) -> Result<(), TransportError> {
+        let chunk = self.rndv.max_eager.saturating_sub(CHUNK_HEADER_LEN).max(1);
+        let mut part = vec![0u8; chunk.min(len)];
+        let pid = std::process::id() as i32;
+        let mut off = 0usize;
+        while off < len {
+            let n = chunk.min(len - off);
+            crate::shm::read_peer_memory(pid, addr + off as u64, &mut part[..n]).map_err(|e| {
+                TransportError::Failed(format!(
+                    "rendezvous buffer of transfer {id} no longer readable: {e}"
+                ))
+            })?;
+            let head = ControlMessage::RendezvousChunk {
+                id,
+                offset: off as u64,
+                len: n as u32,
+            }
+            .encode();
+            loop {
+                match self.send_chunk(head.as_slice(), &part[..n]) {
+                    Ok(()) => break,
+                    Err(SendError::WouldBlock) => self.wait_credit()?,
+                    Err(SendError::Transport(e)) => return Err(e),
+                    Err(e) => return Err(TransportError::Failed(e.to_string())),
+                }
+            }
+            off += n;
+        }
+        self.rndv.sends.streamed(id);
+        tracing::debug!(id, len, "rendezvous streamed on request");
+        Ok(())
+    }
+
+    /// Waits a little for credits while taking what arrives: chunks of the peer's streamed
+    /// messages are filed (their partitions go back at once), requests and data are queued for
+    /// the next receive, credit notices are counted. A peer streaming to us while we stream to it
+    /// needs its chunks released to send ours credits back; a plain credit wait would leave both
+    /// waiting. Returns after one arrival or [`CREDIT_POLL`].
+    fn wait_credit_taking(&mut self, target: &impl TargetMemory) -> Result<(), TransportError> {
+        // Event modes: the peer rings when it returns credit (busy peers ignore the request and
+        // the next reservation re-reads the mailbox).
+        self.link.want_credit_notice();
+        self.progress(target, Wait::For(CREDIT_POLL))?;
         Ok(())
     }
 
@@ -501,12 +787,16 @@ impl<L: Link> Inner<L> {
 
 impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// Serves a rendezvous request: into `dst` when given (`Got::Landed`), else into a buffer
-    /// the returned message owns.
+    /// the returned message owns. A streamed message whose chunks stall past `wait`'s deadline
+    /// stays queued, as far as it got, and [`TransportError::Timeout`] is returned: the next
+    /// receive resumes it (nothing is lost, the order is kept, the sender still waits for its
+    /// answer).
     pub(super) fn serve<'a>(
         &'a self,
         inner: &mut Inner<L>,
         ready: Ready,
         dst: Option<&mut [u8]>,
+        wait: Wait,
     ) -> Result<Got<'a, L, T>, TransportError> {
         match ready {
             Ready::Data(d) => {
@@ -533,26 +823,93 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 reason,
             } => {
                 if streamed {
-                    inner.stream_into(&self.target, id, len, None, false)?;
+                    return Err(inner.drain_and_refuse(&self.target, id, len, 0, reason, wait));
                 }
                 Err(inner.refuse(id, len, reason))
             }
+            Ready::Partial {
+                id,
+                len,
+                got,
+                data: None,
+                refuse,
+                ..
+            } => Err(inner.drain_and_refuse(&self.target, id, len, got, refuse, wait)),
+            Ready::Partial {
+                id,
+                len,
+                seq,
+                got,
+                data: Some(mut data),
+                ..
+            } => {
+                // Resumed: the rest comes into the message's own buffer.
+                let got =
+                    inner.stream_into(&self.target, id, len, Some(&mut data), got, false, wait)?;
+                if got < len {
+                    inner.rndv.ready.push_front(Ready::Partial {
+                        id,
+                        len,
+                        seq,
+                        got,
+                        data: Some(data),
+                        refuse: 0,
+                    });
+                    return Err(timed_out(wait));
+                }
+                if dst.as_ref().is_some_and(|b| b.len() < data.len()) {
+                    return Err(inner.refuse(id, len, refuse_reason::NO_ROOM));
+                }
+                inner.send_control_blocking(&ControlMessage::RendezvousDone { id })?;
+                inner.rndv.stats.streamed += 1;
+                inner.rndv.stats.received += 1;
+                inner.rndv.stats.received_bytes += len;
+                match dst {
+                    Some(buf) => {
+                        buf[..data.len()].copy_from_slice(&data);
+                        inner.rndv.stats.into_caller_buffer += 1;
+                        Ok(Got::Landed(data.len()))
+                    }
+                    None => Ok(Got::Msg(Message {
+                        conn: self,
+                        token: None,
+                        data: &[],
+                        owned: Some(data),
+                        seq,
+                    })),
+                }
+            }
             Ready::Request { req, seq } => match dst {
                 Some(buf) if buf.len() >= req.len => {
-                    inner.read_and_answer(&self.target, &req, &mut buf[..req.len], true)?;
+                    inner.read_and_answer(
+                        &self.target,
+                        &req,
+                        seq,
+                        &mut buf[..req.len],
+                        true,
+                        wait,
+                    )?;
                     inner.rndv.stats.into_caller_buffer += 1;
                     Ok(Got::Landed(req.len))
                 }
                 Some(_) => {
+                    let len = req.len as u64;
                     if req.rkey == STREAMED_RKEY && inner.link.rndv_can_stream() {
                         // Its chunks follow: take them off the segments first.
-                        inner.stream_into(&self.target, req.id, req.len as u64, None, false)?;
+                        return Err(inner.drain_and_refuse(
+                            &self.target,
+                            req.id,
+                            len,
+                            0,
+                            refuse_reason::NO_ROOM,
+                            wait,
+                        ));
                     }
-                    Err(inner.refuse(req.id, req.len as u64, refuse_reason::NO_ROOM))
+                    Err(inner.refuse(req.id, len, refuse_reason::NO_ROOM))
                 }
                 None => {
                     let mut v = vec![0u8; req.len];
-                    inner.read_and_answer(&self.target, &req, &mut v, false)?;
+                    inner.read_and_answer(&self.target, &req, seq, &mut v, false, wait)?;
                     Ok(Got::Msg(Message {
                         conn: self,
                         token: None,
@@ -562,6 +919,23 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                     }))
                 }
             },
+        }
+    }
+
+    /// As [`Connection::serve`], for a receive: a deadline that passed while a streamed
+    /// message was coming is "nothing yet" for a receive that does not wait
+    /// ([`Connection::try_recv`]), and a timeout (the connection stays up) otherwise.
+    pub(super) fn serve_for_recv<'a>(
+        &'a self,
+        inner: &mut Inner<L>,
+        ready: Ready,
+        dst: Option<&mut [u8]>,
+        wait: Wait,
+    ) -> Result<Option<Got<'a, L, T>>, TransportError> {
+        match self.serve(inner, ready, dst, wait) {
+            Ok(g) => Ok(Some(g)),
+            Err(TransportError::Timeout(_)) if matches!(wait, Wait::No) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -586,7 +960,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 exposure: None,
             });
         }
-        let r = Self::start_rndv(&mut inner, buf);
+        let r = Self::start_rndv(&mut inner, &self.target, buf);
         let (id, exposure) = inner.note(r)?;
         Ok(SendHandle {
             conn: self,
@@ -598,6 +972,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
 
     fn start_rndv<'b>(
         inner: &mut Inner<L>,
+        target: &T,
         buf: &'b [u8],
     ) -> Result<(u64, Exposure<'b>), SendError> {
         let Some(exposure) = inner.link.rndv_expose(buf)? else {
@@ -632,9 +1007,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 return Err(e.into());
             }
         }
-        if stream_now && let Err(e) = inner.push_chunks(id, buf) {
+        if stream_now && let Err(e) = inner.push_chunks(target, id, buf) {
             inner.rndv.sends.forget(id);
             return Err(e);
+        }
+        if !stream_now && inner.link.rndv_can_stream() {
+            // Should the peer ask for the chunks, the connection sends them itself.
+            inner.rndv.exposed.insert(id, (exposure.addr(), buf.len()));
         }
         tracing::trace!(id, len = buf.len(), "rendezvous requested");
         Ok((id, exposure))
@@ -644,7 +1023,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     pub(super) fn send_rndv(&self, buf: &[u8]) -> Result<(), SendError> {
         let r = {
             let mut inner = self.inner.borrow_mut();
-            Self::start_rndv(&mut inner, buf)
+            Self::start_rndv(&mut inner, &self.target, buf)
         };
         match r {
             Ok((id, exposure)) => SendHandle {
@@ -718,7 +1097,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             Ready::Data(d) => d.len <= room,
             Ready::Owned { data, .. } => data.len() <= room,
             Ready::Request { req, .. } => req.len <= room && !inner.link.rndv_can_stream(),
-            Ready::Refuse { .. } => false,
+            Ready::Refuse { .. } | Ready::Partial { .. } => false,
         };
         let first_ok = inner
             .rndv
@@ -810,6 +1189,24 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             inner.rndv.stats.into_caller_buffer += 1;
         }
         Ok(lens)
+    }
+
+    /// Whether the peer reads this side's rendezvous buffers itself. `false` on shared memory
+    /// when the connection's handshake found that the peer may not read this process
+    /// (`process_vm_readv` not permitted, or [`RndvConfig::stream_only`] set on the peer), or
+    /// when the peer asked for a transfer through the segments since: then every rendezvous
+    /// message this side sends is streamed through the segments from the start
+    /// (see `docs/rendezvous.md`). Always `true` on verbs.
+    pub fn rndv_peer_can_read(&self) -> bool {
+        !self.inner.borrow().rndv.peer_cannot_read
+    }
+
+    /// Records what the shared-memory handshake found: whether the peer can read our memory,
+    /// and whether we can read the peer's.
+    pub(super) fn set_rndv_readability(&self, peer_reads_us: bool, we_read_peer: bool) {
+        let mut inner = self.inner.borrow_mut();
+        inner.rndv.peer_cannot_read = !peer_reads_us;
+        inner.rndv.we_cannot_read = !we_read_peer;
     }
 
     /// The rendezvous settings.
@@ -948,7 +1345,8 @@ impl<L: Link, T: TargetMemory> SendHandle<'_, '_, L, T> {
     }
 
     /// Sends the message through the segments in chunks (the receiver asked for it: it cannot
-    /// read our buffer).
+    /// read our buffer), when the connection did not already send them on the request's arrival
+    /// ([`Inner::push_own`]; it does for every transfer it exposed by address).
     fn push_chunks(&mut self, id: u64) -> Result<(), SendError> {
         let mut inner = self.conn.inner.borrow_mut();
         let Some(data) = self.exposure.as_ref().and_then(|e| e.data) else {
@@ -959,7 +1357,7 @@ impl<L: Link, T: TargetMemory> SendHandle<'_, '_, L, T> {
             });
             return Err(SendError::Transport(inner.fail(e)));
         };
-        inner.push_chunks(id, data)
+        inner.push_chunks(&self.conn.target, id, data)
     }
 
     fn finish(&mut self, id: u64) {
@@ -968,6 +1366,7 @@ impl<L: Link, T: TargetMemory> SendHandle<'_, '_, L, T> {
         if let Some(e) = self.exposure.take() {
             inner.link.rndv_revoke(e);
         }
+        inner.rndv.exposed.remove(&id);
         inner.rndv.sends.forget(id);
     }
 

@@ -14,11 +14,16 @@
 //!
 //! # Handshake (over the Unix socket, fixed-size frames)
 //! 1. connector → listener: `Hello` (magic, version, poll mode, pid, the connector's receive
-//!    layout).
-//! 2. listener → connector: `Hello` with the listener's receive layout, then a frame carrying the
-//!    fds of its control region and target segments.
-//! 3. connector → listener: a frame carrying the connector's fds.
-//! 4. listener → connector: one status byte once it has mapped them.
+//!    layout, the address of its readability probe).
+//! 2. listener → connector: `Hello` with the listener's receive layout and probe, then a frame
+//!    carrying the fds of its control region and target segments.
+//! 3. connector → listener: a frame carrying the connector's fds, then one byte: whether it
+//!    can read the listener's memory (it read the listener's probe with `process_vm_readv`).
+//! 4. listener → connector: two bytes once it has mapped them: status 1, then whether it can
+//!    read the connector's memory.
+//!
+//! Each side thus knows, before any transfer, whether its peer reads its rendezvous buffers or
+//! must be sent them through the segments (`docs/rendezvous.md`).
 //!
 //! Each side checks every field and every region's size (and seals) against the layouts before
 //! it uses anything; a peer that dies leaves nothing behind once both processes are gone (the
@@ -37,8 +42,9 @@ use super::{Connection, Link, PollMode, TargetMemory, TransportError};
 use crate::core::{CreditUpdate, Layout, SegmentId};
 // Rendezvous (transport/rndv.rs).
 use super::rndv::Exposure;
+use crate::core::RndvConfig;
 use crate::core::{RndvRequest, refuse_reason};
-use crate::shm::{read_peer_memory, socket_peer_pid};
+use crate::shm::{PROBE_LEN, probe_addr, probe_peer, read_peer_memory, socket_peer_pid};
 
 use crate::shm::{
     CreditMailbox, DoorbellConsumer, DoorbellProducer, EventFd, MAX_FDS, PeerStatus, PushOutcome,
@@ -46,11 +52,16 @@ use crate::shm::{
 };
 
 const MAGIC: [u8; 4] = *b"RSHM";
-/// Version 3: the fds passed are the control region, the receiver's eventfd, then the segments;
-/// doorbell slots are 32 bytes and carry a copy of the message header (version 2: 8-byte slots).
-const VERSION: u16 = 3;
+/// Version 4: the hello carries the address of a readability probe, and the sides exchange
+/// whether they can read each other (version 3: no probe; the fds passed are the control region,
+/// the receiver's eventfd, then the segments; doorbell slots are 32 bytes and carry a copy of the
+/// message header).
+const VERSION: u16 = 4;
 const HELLO_LEN: usize = 512;
-const LAYOUT_MAX: usize = HELLO_LEN - 16;
+/// Where the probe address sits in the hello (its last 8 bytes).
+const PROBE_AT: usize = HELLO_LEN - 8;
+/// The longest layout description (it sits at bytes 18.. up to the probe address).
+const LAYOUT_TEXT_MAX: usize = PROBE_AT - 18;
 /// Mailbox slots: one per possible segment id, then the "waiting for a credit" word.
 const MAILBOX_SLOTS: usize = 257;
 const WAITER_SLOT: usize = 256;
@@ -165,6 +176,8 @@ struct Hello {
     mode: PollMode,
     pid: u32,
     layout: Layout,
+    /// Address of the sender's readability probe (`crate::shm::probe_addr`).
+    probe: u64,
 }
 
 impl Hello {
@@ -181,11 +194,12 @@ impl Hello {
         b[8..12].copy_from_slice(&self.pid.to_le_bytes());
         b[12..16].copy_from_slice(&spins.to_le_bytes());
         let text = self.layout.to_string();
-        if text.len() > LAYOUT_MAX - 2 {
+        if text.len() > LAYOUT_TEXT_MAX {
             return Err(hs("", "layout description too long for the handshake"));
         }
         b[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
         b[18..18 + text.len()].copy_from_slice(text.as_bytes());
+        b[PROBE_AT..].copy_from_slice(&self.probe.to_le_bytes());
         Ok(b)
     }
 
@@ -212,17 +226,26 @@ impl Hello {
         };
         let pid = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
         let n = u16::from_le_bytes([b[16], b[17]]) as usize;
-        if n == 0 || n > LAYOUT_MAX - 2 {
+        if n == 0 || n > LAYOUT_TEXT_MAX {
             return Err(hs(peer, format!("layout length {n} out of range")));
         }
-        if b[18 + n..].iter().any(|&x| x != 0) {
+        if b[18 + n..PROBE_AT].iter().any(|&x| x != 0) {
             return Err(hs(peer, "bytes after the layout"));
+        }
+        let probe = u64::from_le_bytes(b[PROBE_AT..].try_into().expect("8 bytes"));
+        if probe == 0 || probe.checked_add(PROBE_LEN as u64).is_none() {
+            return Err(hs(peer, format!("probe address {probe:#x} out of range")));
         }
         let text = std::str::from_utf8(&b[18..18 + n]).map_err(|_| hs(peer, "layout not UTF-8"))?;
         let layout = text
             .parse::<Layout>()
             .map_err(|e| hs(peer, format!("layout {text:?}: {e}")))?;
-        Ok(Hello { mode, pid, layout })
+        Ok(Hello {
+            mode,
+            pid,
+            layout,
+            probe,
+        })
     }
 }
 
@@ -788,7 +811,9 @@ fn handshake(
         mode,
         pid: std::process::id(),
         layout: layout.clone(),
+        probe: probe_addr(),
     };
+    let we_read = read_verdict(&sock, &theirs)?;
     sock.write_all(&ours.encode()?)
         .map_err(io("send our hello"))?;
     let my_geo = ControlGeometry::new(layout, &theirs.layout)?;
@@ -807,7 +832,11 @@ fn handshake(
         peer,
     )?;
     let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
-    sock.write_all(&[1]).map_err(io("confirm the handshake"))?;
+    let mut v = [0u8; 1];
+    read_by(&mut sock, &mut v, deadline, "read the peer's readability")?;
+    let peer_reads_us = decode_verdict(v[0], peer)?;
+    sock.write_all(&[1, u8::from(we_read)])
+        .map_err(io("confirm the handshake"))?;
     sock.set_read_timeout(None)
         .map_err(io("clear the timeout"))?;
     sock.set_write_timeout(None)
@@ -819,7 +848,31 @@ fn handshake(
         layout,
         theirs,
         mode,
+        (peer_reads_us, we_read),
     )
+}
+
+/// This side's answer to "can you read my memory?" for the handshake: no when
+/// `RSMSG_RNDV_STREAM_ONLY` is set here (this side never reads its peer), otherwise whether the
+/// peer's probe reads back from the process the kernel saw connect (`SO_PEERCRED`).
+fn read_verdict(sock: &UnixStream, theirs: &Hello) -> Result<bool, TransportError> {
+    let stream_only = RndvConfig::from_env().is_ok_and(|c| c.stream_only);
+    if stream_only {
+        return Ok(false);
+    }
+    let pid = socket_peer_pid(sock)?;
+    let readable = probe_peer(pid, theirs.probe);
+    tracing::debug!(pid, readable, "probed the peer's memory");
+    Ok(readable)
+}
+
+/// A readability byte of the handshake: 0 (cannot read) or 1 (can).
+fn decode_verdict(b: u8, peer: &str) -> Result<bool, TransportError> {
+    match b {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(hs(peer, format!("readability byte {v}, expected 0 or 1"))),
+    }
 }
 
 fn recv_frame_fds(
@@ -856,6 +909,7 @@ fn build(
     recv_layout: &Layout,
     theirs: Hello,
     mode: PollMode,
+    (peer_reads_us, we_read): (bool, bool),
 ) -> Result<ShmConnection, TransportError> {
     let bell = DoorbellConsumer::new(local.control.clone(), 0, my_geo.ring)?;
     let mailbox = CreditMailbox::new(local.control.clone(), my_geo.mailbox_offset, MAILBOX_SLOTS)?;
@@ -883,13 +937,9 @@ fn build(
     let target = ShmTarget {
         segments: local.segments,
     };
-    Ok(Connection::new(
-        link,
-        target,
-        theirs.layout,
-        recv_layout.clone(),
-        mode,
-    ))
+    let conn = Connection::new(link, target, theirs.layout, recv_layout.clone(), mode);
+    conn.set_rndv_readability(peer_reads_us, we_read);
+    Ok(conn)
 }
 
 /// Connects to the endpoint `name` (see [`socket_path`]) offering `layout` for messages sent to
@@ -922,6 +972,7 @@ pub fn connect_path(
         mode,
         pid: std::process::id(),
         layout: layout.clone(),
+        probe: probe_addr(),
     };
     sock.write_all(&ours.encode()?)
         .map_err(io("send our hello"))?;
@@ -929,6 +980,7 @@ pub fn connect_path(
     sock.read_exact(&mut b)
         .map_err(io("read the peer's hello"))?;
     let theirs = Hello::decode(&b, &peer)?;
+    let we_read = read_verdict(&sock, &theirs)?;
     let peer_geo = ControlGeometry::new(&theirs.layout, &layout)?;
     let fds = recv_frame_fds(
         &sock,
@@ -939,12 +991,15 @@ pub fn connect_path(
     let my_geo = ControlGeometry::new(&layout, &theirs.layout)?;
     let local = Local::create(&layout, my_geo)?;
     send_frame_fds(&sock, &local.fds())?;
-    let mut ok = [0u8; 1];
+    sock.write_all(&[u8::from(we_read)])
+        .map_err(io("send our readability"))?;
+    let mut ok = [0u8; 2];
     sock.read_exact(&mut ok)
         .map_err(io("wait for the peer to map our regions"))?;
     if ok[0] != 1 {
         return Err(hs(&peer, "peer refused our regions"));
     }
+    let peer_reads_us = decode_verdict(ok[1], &peer)?;
     sock.set_read_timeout(None)
         .map_err(io("clear the timeout"))?;
     build(
@@ -954,5 +1009,70 @@ pub fn connect_path(
         &layout,
         theirs,
         mode,
+        (peer_reads_us, we_read),
     )
+}
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            mode: PollMode::Adaptive { spins: 7 },
+            pid: 42,
+            layout: Layout::default(),
+            probe: probe_addr(),
+        }
+    }
+
+    #[test]
+    fn hello_round_trips_with_its_probe() {
+        let h = hello();
+        let b = h.encode().unwrap();
+        assert_eq!(b[4..6], VERSION.to_le_bytes());
+        assert_eq!(Hello::decode(&b, "t").unwrap(), h);
+    }
+
+    #[test]
+    fn hello_with_a_bad_probe_or_version_is_a_handshake_error() {
+        let good = hello().encode().unwrap();
+        let reason = |b: &[u8; HELLO_LEN]| match Hello::decode(b, "t") {
+            Err(TransportError::Handshake { reason, .. }) => reason,
+            other => panic!("expected a handshake error, got {other:?}"),
+        };
+        let mut b = good;
+        b[PROBE_AT..].fill(0);
+        assert!(reason(&b).contains("probe address"), "{}", reason(&b));
+        let mut b = good;
+        b[PROBE_AT..].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+        assert!(reason(&b).contains("probe address"), "{}", reason(&b));
+        let mut b = good;
+        b[4..6].copy_from_slice(&3u16.to_le_bytes());
+        assert!(reason(&b).contains("version 3"), "{}", reason(&b));
+        // A layout description running into the probe's bytes.
+        let mut b = good;
+        b[16..18].copy_from_slice(&((LAYOUT_TEXT_MAX + 1) as u16).to_le_bytes());
+        assert!(reason(&b).contains("out of range"), "{}", reason(&b));
+        // A stray byte between the layout and the probe.
+        let mut b = good;
+        b[PROBE_AT - 1] = 1;
+        assert!(
+            reason(&b).contains("bytes after the layout"),
+            "{}",
+            reason(&b)
+        );
+    }
+
+    #[test]
+    fn readability_bytes_are_zero_or_one() {
+        assert!(!decode_verdict(0, "t").unwrap());
+        assert!(decode_verdict(1, "t").unwrap());
+        for v in [2u8, 0x80, 0xff] {
+            assert!(matches!(
+                decode_verdict(v, "t"),
+                Err(TransportError::Handshake { .. })
+            ));
+        }
+    }
 }

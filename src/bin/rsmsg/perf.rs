@@ -675,10 +675,11 @@ fn measure<L: Link, T: TargetMemory>(
 const RNDV_WINDOW: usize = 16;
 
 /// The clock of the round trips: the TSC (through `quanta`, calibrated against the monotonic
-/// clock) where it is invariant, the monotonic clock otherwise. A TSC read costs about a third
-/// of a `clock_gettime` on the development host (12 ns against 34 ns) and far less in a QEMU
-/// guest whose clock source is the HPET (a system call there); `ucx_perftest` and perftest
-/// time with the TSC too.
+/// clock) where the CPU flags it invariant, the monotonic clock otherwise. A TSC read costs
+/// about a third of a `clock_gettime` on the development host (12 ns against 34 ns);
+/// `ucx_perftest` and perftest time with the TSC too. The Soft-RoCE guest (QEMU TCG) does not
+/// flag its TSC invariant, so there the monotonic clock is used, a system call of about 2.5 us
+/// with its HPET clock source.
 fn clock() -> &'static quanta::Clock {
     static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
     CLOCK.get_or_init(quanta::Clock::new)

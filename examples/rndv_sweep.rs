@@ -8,13 +8,16 @@
 //! ```text
 //! rndv_sweep [--transport verbs|shm] [--sizes 4k,64k,1m,...] [--threshold BYTES]
 //!            [--iters N] [--lat-iters N] [--bytes BYTES] [--window W] [--cache BYTES]
-//!            [--send-cache BYTES]
+//!            [--send-cache BYTES] [--sender-poll busy|event|adaptive[:SPINS]]
 //! ```
 //! Sizes above the switch point go by rendezvous; the table says which. `--threshold` lowers the
 //! switch point (as `RSMSG_RNDV_THRESHOLD` does); `--cache` sets the receiver's registration
 //! cache (the receiver uses `recv_into` on one buffer); `--send-cache` the sender's (memory
 //! windows over cached registrations instead of a registration per transfer; 0, the default,
-//! registers per transfer). Latency is the median (and minimum) of the round trips, halved.
+//! registers per transfer). `--sender-poll` is the poll mode of the sending end (default busy; the
+//! receiving end always spins): `event` lets it sleep while its transfers are read, as the passive
+//! side of `ib_write_bw` does, so that in one guest it does not take a CPU from the emulated device.
+//! Latency is the median (and minimum) of the round trips, halved.
 
 use std::thread;
 use std::time::Instant;
@@ -47,6 +50,7 @@ struct Args {
     window: usize,
     cache: usize,
     send_cache: usize,
+    sender_poll: PollMode,
 }
 
 fn args() -> Result<Args> {
@@ -63,6 +67,7 @@ fn args() -> Result<Args> {
         window: 16,
         cache: 256 << 20,
         send_cache: 0,
+        sender_poll: PollMode::Busy,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -77,6 +82,7 @@ fn args() -> Result<Args> {
             "--window" => a.window = v()?.parse::<usize>()?.max(1),
             "--cache" => a.cache = parse_size(&v()?)?,
             "--send-cache" => a.send_cache = parse_size(&v()?)?,
+            "--sender-poll" => a.sender_poll = v()?.parse().map_err(anyhow::Error::msg)?,
             other => bail!("unknown argument {other:?} (see the source's doc comment)"),
         }
     }
@@ -109,12 +115,17 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
     let mut buf = vec![0u8; sizes.iter().copied().max().unwrap_or(0)];
     for &size in sizes {
         let n = iters_for(a, size);
+        // The stream's destinations, several per receive (their READs in flight together),
+        // written once here, before the latency rounds: the client starts its clock right
+        // after them, and `ib_write_bw` too touches its buffers before it does. Zeroed memory
+        // would be faulted in (and zeroed) by the first registration inside the timed stream.
+        let mut bufs: Vec<Vec<u8>> = (0..a.window.min(n as usize))
+            .map(|_| vec![0x5au8; size])
+            .collect();
         for _ in 0..lat_iters_for(a, size) + 1 {
             let got = c.recv_into(&mut buf)?;
             c.send(&buf[..got])?;
         }
-        // Several messages per receive: their READs in flight together.
-        let mut bufs: Vec<Vec<u8>> = (0..a.window).map(|_| vec![0u8; size]).collect();
         let mut got = 0;
         while got < n {
             let want = ((n - got) as usize).min(bufs.len());
@@ -129,7 +140,7 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
 fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Args) -> Result<()> {
     println!(
         "# rndv_sweep: transport {}, switch point {} B, window {}, receiver cache {} B, \
-         sender cache {} B ({})",
+         sender cache {} B ({}), sender poll {:?}",
         a.transport,
         c.switch_point(),
         a.window,
@@ -139,7 +150,8 @@ fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
             "memory windows"
         } else {
             "registration per transfer"
-        }
+        },
+        a.sender_poll
     );
     println!(
         "{:>10} {:>6} {:>8} {:>12} {:>12} {:>14}",
@@ -220,6 +232,7 @@ where
         window: a.window,
         cache: a.cache,
         send_cache: a.send_cache,
+        sender_poll: a.sender_poll,
     };
     let h = thread::spawn(move || serve(&server, &sizes, &a2));
     drive(&client, &a.sizes, a)?;
@@ -247,7 +260,7 @@ fn main() -> Result<()> {
                 opts.clone(),
             )?;
             let t = thread::spawn(move || l.accept());
-            let client = verbs::connect(addr, &token, "rndv-sweep", layout, PollMode::Busy, &opts)?;
+            let client = verbs::connect(addr, &token, "rndv-sweep", layout, a.sender_poll, &opts)?;
             let server = t.join().map_err(|_| anyhow::anyhow!("accept panicked"))??;
             run(server, client, &a)
         }
@@ -257,7 +270,7 @@ fn main() -> Result<()> {
                 std::env::temp_dir().join(format!("rsmsg-rndv-sweep-{}.sock", std::process::id()));
             let l = ShmListener::bind_path(&path, layout.clone(), PollMode::Busy)?;
             let t = thread::spawn(move || l.accept());
-            let client = connect_path(&path, layout, PollMode::Busy)?;
+            let client = connect_path(&path, layout, a.sender_poll)?;
             let server = t.join().map_err(|_| anyhow::anyhow!("accept panicked"))??;
             run(server, client, &a)
         }

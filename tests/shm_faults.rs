@@ -105,12 +105,18 @@ fn sender_killed_mid_stream_receiver_keeps_what_arrived_and_gets_peer_closed() {
         let plan = conn.recv().unwrap();
         assert!(plan.starts_with(b"bw"), "warm-up plan first");
         drop(plan);
+        // The client starts its clock when the server says it took the plan.
+        conn.send(b"ready").unwrap();
         let mut got = 0u64;
         let err = loop {
             match conn.recv() {
                 Ok(m) => {
-                    // Plans are text; stream messages are 100 bytes of 0xa5.
-                    if m.len() == 100 {
+                    // Plans are text (each answered `ready`); stream messages are 100 bytes
+                    // of 0xa5.
+                    if m.starts_with(b"bw ") {
+                        drop(m);
+                        conn.send(b"ready").unwrap();
+                    } else if m.len() == 100 {
                         assert!(m.iter().all(|&b| b == 0xa5), "message {got} corrupted");
                         drop(m);
                         got += 1;

@@ -423,12 +423,22 @@ fn serve_one<L: Link, T: TargetMemory>(conn: &Connection<L, T>) -> Result<()> {
                 let iters: u64 = iters.parse().context("bad iterations in plan")?;
                 let buf = vec![0x5a; size];
                 // Above the switch point messages come by rendezvous: read straight into one
-                // buffer (zero copy) rather than into a fresh one per message.
-                let mut dst = if size > conn.switch_point() {
-                    vec![0u8; size]
+                // buffer (zero copy) rather than into a fresh one per message, and a stream into
+                // several (their reads overlap). Every buffer is written before `ready` lets the
+                // client start its clock: a page of a zeroed allocation is first touched by the
+                // read into it, which would put page faults inside the measurement (perftest too
+                // writes its buffers before it times).
+                let rndv = size > conn.switch_point();
+                let mut dst = if rndv { vec![0x5a; size] } else { Vec::new() };
+                let mut bufs: Vec<Vec<u8>> = if rndv && test != Test::Lat {
+                    let window = usize::try_from(iters).unwrap_or(usize::MAX);
+                    (0..RNDV_WINDOW.min(window.max(1)))
+                        .map(|_| vec![0x5a; size])
+                        .collect()
                 } else {
                     Vec::new()
                 };
+                conn.send(b"ready")?;
                 match test {
                     Test::Lat => {
                         for _ in 0..iters {
@@ -443,11 +453,9 @@ fn serve_one<L: Link, T: TargetMemory>(conn: &Connection<L, T>) -> Result<()> {
                     }
                     Test::Bw | Test::Rate if !dst.is_empty() => {
                         // Several rendezvous messages per receive: their reads overlap.
-                        let mut bufs: Vec<Vec<u8>> =
-                            (0..RNDV_WINDOW).map(|_| vec![0u8; size]).collect();
                         let mut got = 0u64;
                         while got < iters {
-                            let want = ((iters - got) as usize).min(RNDV_WINDOW);
+                            let want = ((iters - got) as usize).min(bufs.len());
                             let mut views: Vec<&mut [u8]> =
                                 bufs[..want].iter_mut().map(|b| &mut b[..]).collect();
                             got += conn.recv_into_many(&mut views)?.len() as u64;
@@ -751,10 +759,22 @@ fn run_plan<L: Link, T: TargetMemory>(
 ) -> Result<Duration> {
     conn.send(format!("{} {size} {iters}", test.name()).as_bytes())?;
     let buf = vec![0xa5u8; size];
-    // Above the switch point: rendezvous, echoes read into one buffer, streams with several
-    // transfers in flight.
+    // Above the switch point: rendezvous, echoes read into one buffer (written now, so that no
+    // page of it is first touched inside the measurement), streams with several transfers in
+    // flight.
     let rndv = size > conn.switch_point();
-    let mut dst = if rndv { vec![0u8; size] } else { Vec::new() };
+    let mut dst = if rndv { vec![0xa5u8; size] } else { Vec::new() };
+    // The server has its buffers ready: the clock starts now.
+    let ready = conn
+        .recv()
+        .context("waiting for the server to take the plan")?;
+    if &*ready != b"ready" {
+        bail!(
+            "the server did not take the plan (it answered {} bytes)",
+            ready.len()
+        );
+    }
+    drop(ready);
     let start = Instant::now();
     match test {
         Test::Lat if rndv => {

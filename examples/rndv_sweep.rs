@@ -8,7 +8,8 @@
 //! ```text
 //! rndv_sweep [--transport verbs|shm] [--sizes 4k,64k,1m,...] [--threshold BYTES]
 //!            [--iters N] [--lat-iters N] [--bytes BYTES] [--window W] [--cache BYTES]
-//!            [--send-cache BYTES] [--sender-poll busy|event|adaptive[:SPINS]]
+//!            [--send-cache BYTES] [--sender-poll busy|event|adaptive[:SPINS]] [--recv copy|in-place]
+//!            [--layout SIZE:COUNT:SPAN[:SEGMENTS],...]
 //! ```
 //! Sizes above the switch point go by rendezvous; the table says which. `--threshold` lowers the
 //! switch point (as `RSMSG_RNDV_THRESHOLD` does); `--cache` sets the receiver's registration
@@ -17,6 +18,8 @@
 //! registers per transfer). `--sender-poll` is the poll mode of the sending end (default busy; the
 //! receiving end always spins): `event` lets it sleep while its transfers are read, as the passive
 //! side of `ib_write_bw` does, so that in one guest it does not take a CPU from the emulated device.
+//! `--recv in-place` receives the stream's eager messages with `recv` (read where they landed,
+//! zero-copy, as `ib_write_bw`'s destination is never copied) instead of `recv_into_many`.
 //! Latency is the median (and minimum) of the round trips, halved.
 
 use std::thread;
@@ -51,6 +54,10 @@ struct Args {
     cache: usize,
     send_cache: usize,
     sender_poll: PollMode,
+    /// The stream's eager messages read in place (`recv`, zero-copy) instead of copied out.
+    in_place: bool,
+    /// The connection's layout (compact form), else the default.
+    layout: Option<String>,
 }
 
 fn args() -> Result<Args> {
@@ -68,6 +75,8 @@ fn args() -> Result<Args> {
         cache: 256 << 20,
         send_cache: 0,
         sender_poll: PollMode::Busy,
+        in_place: false,
+        layout: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -83,6 +92,14 @@ fn args() -> Result<Args> {
             "--cache" => a.cache = parse_size(&v()?)?,
             "--send-cache" => a.send_cache = parse_size(&v()?)?,
             "--sender-poll" => a.sender_poll = v()?.parse().map_err(anyhow::Error::msg)?,
+            "--layout" => a.layout = Some(v()?),
+            "--recv" => {
+                a.in_place = match v()?.as_str() {
+                    "copy" => false,
+                    "in-place" => true,
+                    other => bail!("--recv {other:?}: copy or in-place"),
+                }
+            }
             other => bail!("unknown argument {other:?} (see the source's doc comment)"),
         }
     }
@@ -127,6 +144,16 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
             c.send(&buf[..got])?;
         }
         let mut got = 0;
+        if a.in_place && size <= c.switch_point() {
+            // Zero-copy: each message is read where it landed, then released.
+            while got < n {
+                let m = c.recv()?;
+                if m.len() != size {
+                    bail!("stream message of {} bytes for {size}", m.len());
+                }
+                got += 1;
+            }
+        }
         while got < n {
             let want = ((n - got) as usize).min(bufs.len());
             let mut views: Vec<&mut [u8]> = bufs[..want].iter_mut().map(|b| &mut b[..]).collect();
@@ -140,7 +167,7 @@ fn serve<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
 fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Args) -> Result<()> {
     println!(
         "# rndv_sweep: transport {}, switch point {} B, window {}, receiver cache {} B, \
-         sender cache {} B ({}), sender poll {:?}",
+         sender cache {} B ({}), sender poll {:?}, layout {}, stream received {}",
         a.transport,
         c.switch_point(),
         a.window,
@@ -151,7 +178,9 @@ fn drive<L: Link, T: TargetMemory>(c: &Connection<L, T>, sizes: &[usize], a: &Ar
         } else {
             "registration per transfer"
         },
-        a.sender_poll
+        a.sender_poll,
+        a.layout.as_deref().unwrap_or("default"),
+        if a.in_place { "in place" } else { "by copy" }
     );
     println!(
         "{:>10} {:>6} {:>8} {:>12} {:>12} {:>14}",
@@ -233,6 +262,8 @@ where
         cache: a.cache,
         send_cache: a.send_cache,
         sender_poll: a.sender_poll,
+        in_place: a.in_place,
+        layout: a.layout.clone(),
     };
     let h = thread::spawn(move || serve(&server, &sizes, &a2));
     drive(&client, &a.sizes, a)?;
@@ -243,7 +274,10 @@ where
 
 fn main() -> Result<()> {
     let a = args()?;
-    let layout = Layout::default();
+    let layout = match &a.layout {
+        Some(text) => text.parse::<Layout>()?,
+        None => Layout::default(),
+    };
     match a.transport.as_str() {
         "verbs" => {
             use rsmsg::transport::verbs::{self, VerbsListener, VerbsOptions};

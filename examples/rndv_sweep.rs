@@ -43,6 +43,7 @@ fn parse_size(s: &str) -> Result<usize> {
         * m)
 }
 
+#[derive(Clone)]
 struct Args {
     transport: String,
     sizes: Vec<usize>,
@@ -250,22 +251,8 @@ where
 {
     configure(&server, a);
     configure(&client, a);
-    let sizes = a.sizes.clone();
-    let a2 = Args {
-        transport: a.transport.clone(),
-        sizes: a.sizes.clone(),
-        threshold: a.threshold,
-        iters: a.iters,
-        lat_iters: a.lat_iters,
-        bytes: a.bytes,
-        window: a.window,
-        cache: a.cache,
-        send_cache: a.send_cache,
-        sender_poll: a.sender_poll,
-        in_place: a.in_place,
-        layout: a.layout.clone(),
-    };
-    let h = thread::spawn(move || serve(&server, &sizes, &a2));
+    let a2 = a.clone();
+    let h = thread::spawn(move || serve(&server, &a2.sizes, &a2));
     drive(&client, &a.sizes, a)?;
     h.join()
         .map_err(|_| anyhow::anyhow!("server thread panicked"))??;

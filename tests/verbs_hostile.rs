@@ -538,6 +538,15 @@ fn refused_by_device(e: &TransportError) -> bool {
     matches!(e, TransportError::Failed(r) if r.contains("the device refused a request of the peer"))
 }
 
+/// The victim's next receive fails because its device refused a request of the peer.
+fn assert_refused_by_device(v: &VerbsConnection, what: &str) {
+    let e = victim_error(v, what);
+    assert!(
+        refused_by_device(&e),
+        "{what}: expected the device's refusal of a peer request, got {e:?}"
+    );
+}
+
 /// A receive completion in error naming the refused access.
 fn recv_access_error(e: &TransportError) -> bool {
     matches!(e, TransportError::Failed(r) if r.contains("remote access error"))
@@ -1046,7 +1055,7 @@ fn target_segments_and_the_mailbox_are_not_remotely_readable() {
         };
         let (st, _) = h.read(addr, rkey, 8);
         assert_eq!(st, WcStatus::REM_ACCESS_ERR, "READ of {what} {i}");
-        assert!(refused_by_device(&victim_error(&v, what)));
+        assert_refused_by_device(&v, what);
         drop((v, h));
         victim.check_honest(what);
     }
@@ -1074,7 +1083,7 @@ fn target_segments_and_mailboxes_are_per_connection() {
             WcStatus::REM_ACCESS_ERR,
             "peer B wrote into peer A's {what} with A's key"
         );
-        assert!(refused_by_device(&victim_error(&vb, "B")));
+        assert_refused_by_device(&vb, "B");
         drop((vb, b));
     }
     // A's own connection is intact: its first message arrives as written.
@@ -1126,7 +1135,7 @@ fn a_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
         let (st, got) = b.read(addr, rkey, 64);
         assert_eq!(st, WcStatus::REM_ACCESS_ERR, "B read A's rendezvous buffer");
         assert!(got.iter().all(|&x| x == 0));
-        assert!(refused_by_device(&victim_error(&vb, "B")));
+        assert_refused_by_device(&vb, "B");
     }
     let (st, got) = a.read(addr, rkey, len);
     assert_eq!(st, WcStatus::SUCCESS, "the peer reads the offered buffer");
@@ -1141,7 +1150,7 @@ fn a_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
         "the buffer is still readable after the transfer"
     );
     assert!(got.iter().all(|&x| x == 0));
-    assert!(refused_by_device(&victim_error(&va, "READ after done")));
+    assert_refused_by_device(&va, "READ after done");
     drop((va, a));
     victim.check_honest("a READ after the transfer");
 
@@ -1175,7 +1184,7 @@ fn a_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
         WcStatus::REM_ACCESS_ERR,
         "the buffer is still readable after a refusal"
     );
-    assert!(refused_by_device(&victim_error(&vc, "READ after refusal")));
+    assert_refused_by_device(&vc, "READ after refusal");
     drop((vc, c));
     victim.check_honest("a READ after a refused transfer");
 }
@@ -1247,10 +1256,7 @@ fn a_windowed_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
     assert!(got.iter().all(|&x| x == 0));
     let (va, r) = sender.join().expect("sender thread");
     assert!(r.is_err(), "the refused READ fails the connection");
-    assert!(refused_by_device(&victim_error(
-        &va,
-        "READ with an old key"
-    )));
+    assert_refused_by_device(&va, "READ with an old key");
     drop((va, a));
     victim.check_honest("a READ with an earlier window key");
 
@@ -1265,7 +1271,7 @@ fn a_windowed_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
         "the buffer is still readable after the transfer"
     );
     assert!(got.iter().all(|&x| x == 0));
-    assert!(refused_by_device(&victim_error(&vb, "READ after done")));
+    assert_refused_by_device(&vb, "READ after done");
     assert_eq!(vb.rndv_send_cache_stats().map(|s| s.entries), Some(1));
     drop((vb, b, buf));
     victim.check_honest("a READ after a windowed transfer");

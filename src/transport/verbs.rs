@@ -536,9 +536,44 @@ struct PendingCredits {
 struct Dead {
     peer_gone: bool,
     reason: String,
+    /// Only flushed work requests were seen: the QP went to the error state for a cause that
+    /// completes elsewhere or not at all. A cause seen later replaces this one (`record`).
+    flushed_only: bool,
 }
 
 impl Dead {
+    fn failed(reason: impl Into<String>) -> Self {
+        Dead {
+            peer_gone: false,
+            reason: reason.into(),
+            flushed_only: false,
+        }
+    }
+
+    /// The QP is in the error state and none of this side's work requests failed before being
+    /// flushed: this side's device moved it there because it refused one of the peer's requests
+    /// (an RDMA access outside the memory registered for this connection). The peer broke the
+    /// rules, it did not go away.
+    fn flushed() -> Self {
+        Dead {
+            flushed_only: true,
+            ..Dead::failed(
+                "the queue pair went to the error state with no local failure: the device \
+                 refused a request of the peer (an RDMA access outside the memory registered \
+                 for this connection)",
+            )
+        }
+    }
+
+    /// Keeps the first cause in `slot` (a flush only stands until a cause is seen) and returns
+    /// the error of the one kept.
+    fn record(slot: &mut Option<Dead>, d: Dead) -> TransportError {
+        match slot {
+            Some(old) if !old.flushed_only || d.flushed_only => old.error(),
+            _ => slot.insert(d).error(),
+        }
+    }
+
     fn error(&self) -> TransportError {
         if self.peer_gone {
             TransportError::PeerClosed
@@ -548,14 +583,19 @@ impl Dead {
     }
 }
 
+/// Why a failed completion stopped the link. A flushed one is a consequence, never the cause: a
+/// send that failed first, or the peer's refused request, is.
 fn dead_from(wc: &WorkCompletion, what: &str) -> Dead {
     let st = wc.status();
+    if st == WcStatus::WR_FLUSH_ERR {
+        return Dead::flushed();
+    }
     Dead {
         peer_gone: st == WcStatus::RETRY_EXC_ERR || st == WcStatus::RNR_RETRY_EXC_ERR,
-        reason: format!(
+        ..Dead::failed(format!(
             "{what} completion failed: {st} (vendor error {:#x})",
             wc.vendor_err()
-        ),
+        ))
     }
 }
 
@@ -615,11 +655,9 @@ impl SendSide {
         let n = self.cq.poll(&mut self.wcs)?;
         for wc in &self.wcs[..n] {
             if !wc.is_success() {
-                if self.dead.is_none() {
-                    let d = dead_from(wc, "send");
-                    tracing::debug!(reason = %d.reason, "verbs link failed");
-                    self.dead = Some(d);
-                }
+                let d = dead_from(wc, "send");
+                tracing::debug!(reason = %d.reason, "verbs link failed");
+                let _ = Dead::record(&mut self.dead, d);
                 continue;
             }
             // Completions are in posting order; a signaled one completes all before it.
@@ -686,10 +724,7 @@ impl SendSide {
                     std::hint::spin_loop();
                 }
                 Err(e) => {
-                    let d = Dead {
-                        peer_gone: false,
-                        reason: format!("posting a send: {e}"),
-                    };
+                    let d = Dead::failed(format!("posting a send: {e}"));
                     self.dead = Some(d);
                     return Err(TransportError::Verbs(e));
                 }
@@ -771,10 +806,9 @@ impl SendSide {
                 }
                 Err(VerbsError::SendQueueFull { .. }) => self.reap()?,
                 Err(e) => {
-                    self.dead = Some(Dead {
-                        peer_gone: false,
-                        reason: format!("posting a memory window operation: {e}"),
-                    });
+                    self.dead = Some(Dead::failed(format!(
+                        "posting a memory window operation: {e}"
+                    )));
                     return Err(TransportError::Verbs(e));
                 }
             }
@@ -782,28 +816,21 @@ impl SendSide {
     }
 
     /// Why the QP went to the error state, seen from a flushed receive. A send that failed first
-    /// says why (its completion precedes the flush: a peer that vanished gives
-    /// `RETRY_EXC_ERR`). When none did, this side's device moved the QP to error itself because
-    /// it refused one of the peer's requests (an RDMA access outside the memory registered for
-    /// this connection): the peer broke the rules, it did not go away.
+    /// says why (its completion precedes the flushes: a peer that vanished gives
+    /// `RETRY_EXC_ERR`). When none did, only flushes (`Dead::flushed`): the device refused one
+    /// of the peer's requests.
     #[cold]
     fn why_flushed(&mut self) -> Dead {
-        while self.dead.is_none() {
+        while self.dead.as_ref().is_none_or(|d| d.flushed_only) {
             let n = match self.cq.poll(&mut self.wcs) {
                 Ok(n) if n > 0 => n,
                 _ => break,
             };
-            if let Some(wc) = self.wcs[..n].iter().find(|wc| !wc.is_success()) {
-                self.dead = Some(dead_from(wc, "send"));
+            for wc in self.wcs[..n].iter().filter(|wc| !wc.is_success()) {
+                let _ = Dead::record(&mut self.dead, dead_from(wc, "send"));
             }
         }
-        self.dead.clone().unwrap_or_else(|| Dead {
-            peer_gone: false,
-            reason: "the queue pair went to the error state with no local failure: the device \
-                     refused a request of the peer (an RDMA access outside the memory registered \
-                     for this connection)"
-                .into(),
-        })
+        self.dead.get_or_insert_with(Dead::flushed).clone()
     }
 
     /// Runs rendezvous READs on this queue pair and keeps its bookkeeping: our own work requests
@@ -828,8 +855,8 @@ impl SendSide {
         let r = qp.read_many(cq, jobs, opts, |wc| {
             if wc.is_success() {
                 *completed = (*completed).max(wc.wr_id().0 + 1);
-            } else if other_failed.is_none() {
-                other_failed = Some(dead_from(wc, "send"));
+            } else {
+                let _ = Dead::record(&mut other_failed, dead_from(wc, "send"));
             }
         });
         match r {
@@ -837,18 +864,13 @@ impl SendSide {
                 *posted += n;
                 *completed = *posted;
                 if let Some(d) = other_failed {
-                    let e = d.error();
-                    dead.get_or_insert(d);
-                    return Err(e);
+                    return Err(Dead::record(dead, d));
                 }
                 Ok(())
             }
             Err(e) => {
-                let d = other_failed.unwrap_or(Dead {
-                    peer_gone: false,
-                    reason: format!("rendezvous read: {e}"),
-                });
-                dead.get_or_insert(d);
+                let d = other_failed.unwrap_or(Dead::failed(format!("rendezvous read: {e}")));
+                let _ = Dead::record(dead, d);
                 Err(TransportError::Verbs(e))
             }
         }
@@ -889,17 +911,14 @@ impl RecvSide {
                 } else {
                     dead_from(wc, "receive")
                 };
-                let e = d.error();
-                tx.dead.get_or_insert(d);
-                return Err(e);
+                return Err(Dead::record(&mut tx.dead, d));
             }
             let imm = match (wc.opcode(), wc.imm()) {
                 (WcOpcode::RecvRdmaWithImm, Some(imm)) => imm,
                 (op, _) => {
-                    let d = Dead {
-                        peer_gone: false,
-                        reason: format!("unexpected receive completion {op:?} from the peer"),
-                    };
+                    let d = Dead::failed(format!(
+                        "unexpected receive completion {op:?} from the peer"
+                    ));
                     let e = d.error();
                     tx.dead.get_or_insert(d);
                     return Err(e);
@@ -911,10 +930,7 @@ impl RecvSide {
                 continue;
             }
             if self.queue.len() >= self.cap {
-                let d = Dead {
-                    peer_gone: false,
-                    reason: "the peer sent more messages than its partitions allow".into(),
-                };
+                let d = Dead::failed("the peer sent more messages than its partitions allow");
                 let e = d.error();
                 tx.dead.get_or_insert(d);
                 return Err(e);
@@ -1798,6 +1814,40 @@ mod tests {
             link_layer: LinkLayer::Ethernet,
             layout: "256:16:4,4k:8:2:2".parse().unwrap(),
         }
+    }
+
+    /// A flush is a consequence: the first real cause replaces it, whenever it is seen, and is
+    /// never replaced itself.
+    #[test]
+    fn a_flush_stands_only_until_a_cause_is_seen() {
+        let gone = Dead {
+            peer_gone: true,
+            ..Dead::failed("send completion failed: retry exceeded")
+        };
+        let mut slot = None;
+        let e = Dead::record(&mut slot, Dead::flushed());
+        assert!(
+            matches!(e, TransportError::Failed(r) if r.contains("refused a request of the peer"))
+        );
+        assert!(matches!(
+            Dead::record(&mut slot, Dead::flushed()),
+            TransportError::Failed(_)
+        ));
+        assert!(matches!(
+            Dead::record(&mut slot, gone.clone()),
+            TransportError::PeerClosed
+        ));
+        let e = Dead::record(&mut slot, Dead::failed("later"));
+        assert!(matches!(e, TransportError::PeerClosed), "{e:?}");
+        let e = Dead::record(&mut slot, Dead::flushed());
+        assert!(matches!(e, TransportError::PeerClosed), "{e:?}");
+
+        let mut slot = Some(Dead::failed("first"));
+        let e = Dead::record(&mut slot, gone);
+        assert!(
+            matches!(&e, TransportError::Failed(r) if r == "first"),
+            "{e:?}"
+        );
     }
 
     #[test]

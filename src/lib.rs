@@ -59,6 +59,7 @@ pub mod bootstrap;
 #[cfg(not(loom))]
 #[allow(non_camel_case_types)]
 pub mod capi;
+mod copy;
 pub mod core;
 #[cfg(not(loom))]
 pub mod endpoint;

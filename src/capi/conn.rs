@@ -94,7 +94,7 @@ pub(crate) fn deliver<M: std::ops::Deref<Target = [u8]>>(
             ),
         ));
     }
-    buf[..n].copy_from_slice(&msg);
+    crate::copy::copy(&mut buf[..n], &msg);
     Ok(())
 }
 

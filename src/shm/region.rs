@@ -242,11 +242,19 @@ impl ShmRegion {
     #[inline]
     pub fn copy_in(&mut self, offset: usize, src: &[u8]) -> Result<(), ShmError> {
         let dst = self.ptr_at(offset, src.len(), 1)?;
-        // SAFETY: `dst..dst+src.len()` is inside the mapping (checked); `src` is a Rust slice
-        // and cannot overlap the mapping, to which no Rust reference is ever handed out safely.
-        // `&mut self` excludes writers of this process; a peer process writing the same bytes
-        // can only change their values, never the bounds.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        // In pieces where a long `memcpy` crawls (under emulation: `crate::copy`), else one.
+        let step = crate::copy::piece_len();
+        for (i, piece) in src.chunks(step).enumerate() {
+            // SAFETY: `dst..dst+src.len()` is inside the mapping (checked), and this piece is
+            // the part of it at `i * step`; `src` is a Rust slice and cannot overlap the
+            // mapping, to which no Rust reference is ever handed out safely. `&mut self`
+            // excludes writers of this process; a peer process writing the same bytes can only
+            // change their values, never the bounds.
+            unsafe {
+                let d = dst.add(i * step);
+                std::ptr::copy_nonoverlapping(piece.as_ptr(), d, piece.len())
+            };
+        }
         Ok(())
     }
 
@@ -336,9 +344,16 @@ impl<'a> RegionView<'a> {
     /// If `dst.len() != self.len()` (a caller bug, like `slice::copy_from_slice`).
     pub fn copy_to(&self, dst: &mut [u8]) {
         assert_eq!(dst.len(), self.len, "RegionView::copy_to length mismatch");
-        // SAFETY: the view's range is inside a live mapping (checked when the view was made, the
-        // lifetime keeps the region); `dst` is a Rust slice, disjoint from the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr, dst.as_mut_ptr(), self.len) };
+        let step = crate::copy::piece_len();
+        for (i, piece) in dst.chunks_mut(step).enumerate() {
+            // SAFETY: the view's range is inside a live mapping (checked when the view was made,
+            // the lifetime keeps the region), and this piece is the part of it at `i * step`;
+            // `dst` is a Rust slice, disjoint from the mapping.
+            unsafe {
+                let src = self.ptr.add(i * step);
+                std::ptr::copy_nonoverlapping(src, piece.as_mut_ptr(), piece.len())
+            };
+        }
     }
 
     /// Copies the view into a new vector.
@@ -397,6 +412,26 @@ impl<'a> RegionView<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Copies in and out go in pieces where `crate::copy` chose them: every byte lands, at
+    /// every offset, and bounds are checked for the whole copy before any piece.
+    #[test]
+    fn copies_in_pieces_are_exact() {
+        let before = crate::copy::piece_len();
+        crate::copy::set_piece_len(crate::copy::PIECE);
+        let len = 3 * crate::copy::PIECE + 17;
+        let mut r = ShmRegion::create("pieces", 4 * crate::copy::PIECE + 64).unwrap();
+        let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ 0x5A).collect();
+        for offset in [0, 1, 63] {
+            r.copy_in(offset, &src).unwrap();
+            let mut out = vec![0; len];
+            r.copy_out(offset, &mut out).unwrap();
+            assert_eq!(out, src, "offset {offset}");
+        }
+        let end = r.len() - len + 1;
+        assert!(r.copy_in(end, &src).is_err());
+        crate::copy::set_piece_len(before);
+    }
 
     fn unsealed_memfd(len: i64) -> OwnedFd {
         // SAFETY (test): valid C string; the new fd is owned by the returned OwnedFd.

@@ -123,6 +123,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         mode: PollMode,
     ) -> Self {
         let stash_cap = Layout::recv_wqe_bound_for(&recv_layout, &send_layout) as usize;
+        crate::copy::calibrate();
         let event = match mode {
             PollMode::Busy => None,
             PollMode::Event | PollMode::Adaptive { .. } => {
@@ -418,7 +419,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 buf.len()
             )));
         }
-        buf[..n].copy_from_slice(&m);
+        crate::copy::copy(&mut buf[..n], &m);
         Ok(n)
     }
 

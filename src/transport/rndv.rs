@@ -451,7 +451,7 @@ impl<L: Link> Inner<L> {
             let slot = v
                 .get_mut(*got as usize..end as usize)
                 .ok_or_else(|| bad("chunk beyond the destination"))?;
-            slot.copy_from_slice(bytes);
+            crate::copy::copy(slot, bytes);
         }
         *got = end;
         Ok((end == *len).then_some(i))
@@ -532,7 +532,7 @@ impl<L: Link> Inner<L> {
                     self.stream_into(target, req.id, len, Some(&mut *dst), 0, ask.is_some(), wait)?;
                 if got < len {
                     let mut data = vec![0u8; req.len];
-                    data[..got as usize].copy_from_slice(&dst[..got as usize]);
+                    crate::copy::copy(&mut data[..got as usize], &dst[..got as usize]);
                     self.rndv.ready.push_front(Ready::Partial {
                         id: req.id,
                         len,
@@ -668,7 +668,7 @@ impl<L: Link> Inner<L> {
                         let slot = dst
                             .get_mut(got as usize..end as usize)
                             .ok_or_else(|| bad(body.len(), "chunk beyond the destination"))?;
-                        slot.copy_from_slice(&body[CHUNK_HEADER_LEN..]);
+                        crate::copy::copy(slot, &body[CHUNK_HEADER_LEN..]);
                     }
                     got = end;
                     self.release(d.token)?;
@@ -866,7 +866,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 inner.rndv.stats.received_bytes += len;
                 match dst {
                     Some(buf) => {
-                        buf[..data.len()].copy_from_slice(&data);
+                        crate::copy::copy(&mut buf[..data.len()], &data);
                         inner.rndv.stats.into_caller_buffer += 1;
                         Ok(Got::Landed(data.len()))
                     }
@@ -1125,14 +1125,14 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             match r {
                 Ready::Data(d) => {
                     let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
-                    buf[..d.len].copy_from_slice(data);
+                    crate::copy::copy(&mut buf[..d.len], data);
                     if let Err(e) = inner.release(d.token) {
                         return Err(inner.fail(e));
                     }
                     lens.push(d.len);
                 }
                 Ready::Owned { data, .. } => {
-                    buf[..data.len()].copy_from_slice(&data);
+                    crate::copy::copy(&mut buf[..data.len()], &data);
                     lens.push(data.len());
                 }
                 Ready::Request { req, .. } => {

@@ -503,7 +503,7 @@ impl Link for ShmLink {
                     "message parts longer than the reserved range".into(),
                 ));
             };
-            d.copy_from_slice(p);
+            crate::copy::copy(d, p);
             dst = rest;
         }
         // The header also rides in the doorbell slot: the receiver validates the message from

@@ -295,12 +295,18 @@ impl MemoryRegion {
     /// [`VerbsError::OutOfBounds`].
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len())?;
-        // SAFETY: the range is inside the live allocation (checked above); the source is a
-        // distinct Rust slice so the ranges do not overlap. The region is only accessed through
-        // raw pointers here, so no Rust reference aliases it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
-        };
+        // In pieces where a long `memcpy` crawls (under emulation: `crate::copy`), else one.
+        let step = crate::copy::piece_len();
+        for (i, piece) in data.chunks(step).enumerate() {
+            // SAFETY: the range is inside the live allocation (checked above for the whole of
+            // `data`, of which this piece is the part at `i * step`); the source is a distinct
+            // Rust slice so the ranges do not overlap. The region is only accessed through raw
+            // pointers here, so no Rust reference aliases it.
+            unsafe {
+                let dst = self.as_ptr().add(offset + i * step);
+                std::ptr::copy_nonoverlapping(piece.as_ptr(), dst, piece.len())
+            };
+        }
         Ok(())
     }
 
@@ -310,10 +316,14 @@ impl MemoryRegion {
     /// [`VerbsError::OutOfBounds`].
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check_range(offset, out.len())?;
-        // SAFETY: as in `write`, with the roles of source and destination swapped.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
-        };
+        let step = crate::copy::piece_len();
+        for (i, piece) in out.chunks_mut(step).enumerate() {
+            // SAFETY: as in `write`, with the roles of source and destination swapped.
+            unsafe {
+                let src = self.as_ptr().add(offset + i * step);
+                std::ptr::copy_nonoverlapping(src, piece.as_mut_ptr(), piece.len())
+            };
+        }
         Ok(())
     }
 

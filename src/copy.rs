@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 use std::hint::black_box;
+use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -23,8 +24,6 @@ pub(crate) const PIECE: usize = 4096;
 
 /// [`piece_len`]'s value: `usize::MAX` (one call) until [`calibrate`] chose [`PIECE`].
 static PIECE_LEN: AtomicUsize = AtomicUsize::new(usize::MAX);
-/// 0: not calibrated; 1: calibrated.
-static CALIBRATED: AtomicUsize = AtomicUsize::new(0);
 
 /// The longest block one copy call gets: [`PIECE`] where long copies crawl, else `usize::MAX`.
 #[inline]
@@ -61,10 +60,10 @@ fn copy_pieces(dst: &mut [u8], src: &[u8], piece: usize) {
 }
 
 /// Times a 64 KiB copy as one call and in pieces, once per process, and makes copies go in
-/// pieces when the one call took more than twice as long (the best of three each). Returns
-/// whether they do.
-pub(crate) fn calibrate() -> bool {
-    if CALIBRATED.swap(1, Ordering::Relaxed) == 0 {
+/// pieces when the one call took more than twice as long (the best of three each).
+pub(crate) fn calibrate() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
         let src = vec![0x5A_u8; 64 << 10];
         let mut dst = vec![0_u8; 64 << 10];
         let best = |f: &mut dyn FnMut()| {
@@ -84,8 +83,7 @@ pub(crate) fn calibrate() -> bool {
             PIECE_LEN.store(PIECE, Ordering::Relaxed);
         }
         tracing::debug!(?whole, ?pieces, piece_len = piece_len(), "copy calibrated");
-    }
-    piece_len() != usize::MAX
+    });
 }
 
 #[cfg(test)]

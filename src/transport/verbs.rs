@@ -566,12 +566,15 @@ impl Dead {
     }
 
     /// Keeps the first cause in `slot` (a flush only stands until a cause is seen) and returns
-    /// the error of the one kept.
-    fn record(slot: &mut Option<Dead>, d: Dead) -> TransportError {
-        match slot {
-            Some(old) if !old.flushed_only || d.flushed_only => old.error(),
-            _ => slot.insert(d).error(),
+    /// the one kept.
+    fn record(slot: &mut Option<Dead>, d: Dead) -> &Dead {
+        if slot
+            .as_ref()
+            .is_some_and(|old| old.flushed_only && !d.flushed_only)
+        {
+            *slot = None;
         }
+        slot.get_or_insert(d)
     }
 
     fn error(&self) -> TransportError {
@@ -657,7 +660,7 @@ impl SendSide {
             if !wc.is_success() {
                 let d = dead_from(wc, "send");
                 tracing::debug!(reason = %d.reason, "verbs link failed");
-                let _ = Dead::record(&mut self.dead, d);
+                Dead::record(&mut self.dead, d);
                 continue;
             }
             // Completions are in posting order; a signaled one completes all before it.
@@ -827,7 +830,7 @@ impl SendSide {
                 _ => break,
             };
             for wc in self.wcs[..n].iter().filter(|wc| !wc.is_success()) {
-                let _ = Dead::record(&mut self.dead, dead_from(wc, "send"));
+                Dead::record(&mut self.dead, dead_from(wc, "send"));
             }
         }
         self.dead.get_or_insert_with(Dead::flushed).clone()
@@ -856,7 +859,7 @@ impl SendSide {
             if wc.is_success() {
                 *completed = (*completed).max(wc.wr_id().0 + 1);
             } else {
-                let _ = Dead::record(&mut other_failed, dead_from(wc, "send"));
+                Dead::record(&mut other_failed, dead_from(wc, "send"));
             }
         });
         match r {
@@ -864,13 +867,13 @@ impl SendSide {
                 *posted += n;
                 *completed = *posted;
                 if let Some(d) = other_failed {
-                    return Err(Dead::record(dead, d));
+                    return Err(Dead::record(dead, d).error());
                 }
                 Ok(())
             }
             Err(e) => {
                 let d = other_failed.unwrap_or(Dead::failed(format!("rendezvous read: {e}")));
-                let _ = Dead::record(dead, d);
+                Dead::record(dead, d);
                 Err(TransportError::Verbs(e))
             }
         }
@@ -911,7 +914,7 @@ impl RecvSide {
                 } else {
                     dead_from(wc, "receive")
                 };
-                return Err(Dead::record(&mut tx.dead, d));
+                return Err(Dead::record(&mut tx.dead, d).error());
             }
             let imm = match (wc.opcode(), wc.imm()) {
                 (WcOpcode::RecvRdmaWithImm, Some(imm)) => imm,
@@ -919,9 +922,7 @@ impl RecvSide {
                     let d = Dead::failed(format!(
                         "unexpected receive completion {op:?} from the peer"
                     ));
-                    let e = d.error();
-                    tx.dead.get_or_insert(d);
-                    return Err(e);
+                    return Err(Dead::record(&mut tx.dead, d).error());
                 }
             };
             tx.qp.post_recv(&mut self.wr)?;
@@ -931,9 +932,7 @@ impl RecvSide {
             }
             if self.queue.len() >= self.cap {
                 let d = Dead::failed("the peer sent more messages than its partitions allow");
-                let e = d.error();
-                tx.dead.get_or_insert(d);
-                return Err(e);
+                return Err(Dead::record(&mut tx.dead, d).error());
             }
             self.queue.push_back(imm);
         }
@@ -1825,25 +1824,25 @@ mod tests {
             ..Dead::failed("send completion failed: retry exceeded")
         };
         let mut slot = None;
-        let e = Dead::record(&mut slot, Dead::flushed());
+        let e = Dead::record(&mut slot, Dead::flushed()).error();
         assert!(
             matches!(e, TransportError::Failed(r) if r.contains("refused a request of the peer"))
         );
         assert!(matches!(
-            Dead::record(&mut slot, Dead::flushed()),
+            Dead::record(&mut slot, Dead::flushed()).error(),
             TransportError::Failed(_)
         ));
         assert!(matches!(
-            Dead::record(&mut slot, gone.clone()),
+            Dead::record(&mut slot, gone.clone()).error(),
             TransportError::PeerClosed
         ));
-        let e = Dead::record(&mut slot, Dead::failed("later"));
+        let e = Dead::record(&mut slot, Dead::failed("later")).error();
         assert!(matches!(e, TransportError::PeerClosed), "{e:?}");
-        let e = Dead::record(&mut slot, Dead::flushed());
+        let e = Dead::record(&mut slot, Dead::flushed()).error();
         assert!(matches!(e, TransportError::PeerClosed), "{e:?}");
 
         let mut slot = Some(Dead::failed("first"));
-        let e = Dead::record(&mut slot, gone);
+        let e = Dead::record(&mut slot, gone).error();
         assert!(
             matches!(&e, TransportError::Failed(r) if r == "first"),
             "{e:?}"

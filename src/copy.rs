@@ -31,6 +31,17 @@ pub(crate) fn piece_len() -> usize {
     PIECE_LEN.load(Ordering::Relaxed)
 }
 
+/// How this process copies message bytes: `Some(n)` when copies go in pieces of at most `n`
+/// bytes (one long `memcpy` measured more than twice as slow as pieces: QEMU's TCG emulator),
+/// `None` when each copy is one call (hardware, or before the first connection calibrated).
+/// `rsmsg perf` prints it; `docs/performance.md`, "Copies under emulation".
+pub fn copy_piece_len() -> Option<usize> {
+    match piece_len() {
+        usize::MAX => None,
+        n => Some(n),
+    }
+}
+
 /// Sets [`piece_len`] (tests of the copies that go in pieces, on a host where they do not).
 #[cfg(test)]
 pub(crate) fn set_piece_len(n: usize) {

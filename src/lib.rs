@@ -70,6 +70,7 @@ pub mod transport;
 pub mod verbs;
 
 pub use crate::bootstrap::Token;
+pub use crate::copy::copy_piece_len;
 pub use crate::core::Layout;
 #[cfg(not(loom))]
 pub use crate::endpoint::{

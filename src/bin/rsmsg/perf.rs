@@ -485,11 +485,15 @@ fn client<L: Link, T: TargetMemory>(args: &Args, conn: &Connection<L, T>) -> Res
     if !args.json {
         println!(
             "# rsmsg perf: transport {}, poll {}, largest eager message {} B, switch point {} B \
-             (longer messages go by rendezvous)",
+             (longer messages go by rendezvous), copies {}",
             args.transport,
             poll_name(args.poll),
             max,
-            conn.switch_point()
+            conn.switch_point(),
+            match rsmsg::copy_piece_len() {
+                Some(n) => format!("in {n} B pieces (one long memcpy measured slow here)"),
+                None => "one call each".to_string(),
+            }
         );
     }
     for test in tests {

@@ -36,10 +36,12 @@ pub(crate) fn piece_len() -> usize {
 /// `None` when each copy is one call (hardware, or before the first connection calibrated).
 /// `rsmsg perf` prints it; `docs/performance.md`, "Copies under emulation".
 pub fn copy_piece_len() -> Option<usize> {
-    match piece_len() {
-        usize::MAX => None,
-        n => Some(n),
-    }
+    as_option(piece_len())
+}
+
+/// [`piece_len`]'s value as [`copy_piece_len`] reports it: `usize::MAX` (one call) is `None`.
+fn as_option(piece_len: usize) -> Option<usize> {
+    (piece_len != usize::MAX).then_some(piece_len)
 }
 
 /// Sets [`piece_len`] (tests of the copies that go in pieces, on a host where they do not).
@@ -131,6 +133,15 @@ mod tests {
         let mut dst = vec![0; src.len()];
         copy(&mut dst, &src);
         assert_eq!(dst, src);
+    }
+
+    #[test]
+    fn reports_pieces_only_when_chosen() {
+        assert_eq!(as_option(usize::MAX), None);
+        assert_eq!(as_option(PIECE), Some(PIECE));
+        // Whatever this process chose, the report and the copies agree.
+        calibrate();
+        assert_eq!(copy_piece_len().unwrap_or(usize::MAX), piece_len());
     }
 
     #[test]

@@ -20,10 +20,7 @@ if [[ -z $bin ]]; then
 fi
 [[ -x $bin ]] || fail "no rsmsg executable at $bin (cargo build first)"
 
-perftest_server "$out/ib-server.log" ib_write_lat -d "$dev" -x "$gid" -s 64 -n "$n" -p 18545
-perftest_client "$out/ib-client.log" "$RSMSG_NODE_ADDR" ib_write_lat -d "$dev" -x "$gid" -s 64 -n "$n" -p 18545 ||
-    fail "ib_write_lat client failed"
-wait "$SERVER_PID" || { cat "$out/ib-server.log" >&2; fail "ib_write_lat server failed"; }
+perftest_lat_pair "$out/ib-server.log" "$out/ib-client.log" 18545 ib_write_lat -d "$dev" -x "$gid" -s 64 -n "$n"
 assert_lat_table "$out/ib-client.log" 64
 # perftest's columns: #bytes #iterations t_min t_max t_typical (the median) t_avg ...
 ib=$(awk '$1 == 64 && NF >= 6 { print $5; exit }' "$out/ib-client.log")

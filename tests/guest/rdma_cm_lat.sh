@@ -6,10 +6,7 @@ require_guest
 out=$(test_out rdma_cm_lat)
 dev=${RSMSG_RDMA_DEVICE:-rxe0}
 
-perftest_server "$out/server.log" ib_send_lat -d "$dev" -R -s 64 -n 100 -p 18525
-perftest_client "$out/client.log" "$RSMSG_NODE_ADDR" ib_send_lat -d "$dev" -R -s 64 -n 100 -p 18525 ||
-    fail "ib_send_lat -R client failed"
-wait "$SERVER_PID" || { cat "$out/server.log" >&2; fail "ib_send_lat -R server failed"; }
+perftest_lat_pair "$out/server.log" "$out/client.log" 18525 ib_send_lat -d "$dev" -R -s 64 -n 100
 grep -q 'rdma_cm QPs.*ON' "$out/client.log" || fail "the client did not use rdma_cm"
 assert_lat_table "$out/client.log" 64
 tail -n 3 "$out/client.log"

@@ -139,9 +139,8 @@ mod tests {
     fn reports_pieces_only_when_chosen() {
         assert_eq!(as_option(usize::MAX), None);
         assert_eq!(as_option(PIECE), Some(PIECE));
-        // Whatever this process chose, the report and the copies agree.
-        calibrate();
-        assert_eq!(copy_piece_len().unwrap_or(usize::MAX), piece_len());
+        // Not compared with `piece_len()` here: another test of this process may set it between
+        // the two loads.
     }
 
     #[test]

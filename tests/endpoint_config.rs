@@ -1,6 +1,7 @@
 //! Configuration: every `RSMSG_*` value is validated, and errors name the variable.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use rsmsg::bootstrap::Token;
 use rsmsg::endpoint::{Config, EndpointError, Listener, TransportChoice};
@@ -44,6 +45,7 @@ fn every_variable_is_parsed() {
         ("RSMSG_GID_INDEX", "3"),
         ("RSMSG_PORT", "2"),
         ("RSMSG_QP_TIMEOUT", "14"),
+        ("RSMSG_STALL_TIMEOUT", "45"),
     ])
     .unwrap();
     assert_eq!(c.get_transport(), TransportChoice::Verbs);
@@ -55,6 +57,7 @@ fn every_variable_is_parsed() {
     assert!(matches!(v.gid, GidSelector::Index(GidIndex(3))));
     assert_eq!(v.port, 2);
     assert_eq!(v.params.timeout, 14);
+    assert_eq!(v.stall_timeout, Duration::from_secs(45));
 }
 
 #[test]
@@ -83,6 +86,9 @@ fn each_bad_value_names_its_variable() {
     fails_naming(&[("RSMSG_GID_INDEX", "-1")], "RSMSG_GID_INDEX");
     fails_naming(&[("RSMSG_PORT", "0")], "RSMSG_PORT");
     fails_naming(&[("RSMSG_QP_TIMEOUT", "32")], "RSMSG_QP_TIMEOUT");
+    fails_naming(&[("RSMSG_STALL_TIMEOUT", "0")], "RSMSG_STALL_TIMEOUT");
+    fails_naming(&[("RSMSG_STALL_TIMEOUT", "86401")], "RSMSG_STALL_TIMEOUT");
+    fails_naming(&[("RSMSG_STALL_TIMEOUT", "1.5")], "RSMSG_STALL_TIMEOUT");
 }
 
 #[test]

@@ -58,6 +58,7 @@ impl std::fmt::Display for TransportChoice {
 /// | `RSMSG_GID_INDEX` | [`gid_index`](Config::gid_index) | automatic | GID table index (0-255) |
 /// | `RSMSG_PORT` | [`verbs_options`](Config::verbs_options) | 1 | RDMA port number |
 /// | `RSMSG_QP_TIMEOUT` | [`verbs_options`](Config::verbs_options) | 17 | QP ACK timeout exponent (1-31) |
+/// | `RSMSG_STALL_TIMEOUT` | [`verbs_options`](Config::verbs_options) | 10 | seconds without a send completion before a verbs connection fails as stalled (1-86400; see [`VerbsOptions::stall_limit`]) |
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub(super) transport: TransportChoice,
@@ -95,9 +96,11 @@ impl Config {
     pub const ENV_PORT: &'static str = "RSMSG_PORT";
     /// Environment variable: the QP ACK timeout exponent.
     pub const ENV_QP_TIMEOUT: &'static str = "RSMSG_QP_TIMEOUT";
+    /// Environment variable: the verbs stall timeout in seconds.
+    pub const ENV_STALL_TIMEOUT: &'static str = "RSMSG_STALL_TIMEOUT";
 
     /// Every variable [`Config::from_env`] reads.
-    pub const ENV_VARS: [&'static str; 9] = [
+    pub const ENV_VARS: [&'static str; 10] = [
         Self::ENV_TRANSPORT,
         Self::ENV_MANAGER,
         Self::ENV_TOKEN,
@@ -107,6 +110,7 @@ impl Config {
         Self::ENV_GID_INDEX,
         Self::ENV_PORT,
         Self::ENV_QP_TIMEOUT,
+        Self::ENV_STALL_TIMEOUT,
     ];
 
     /// The defaults overridden by the `RSMSG_*` environment variables (see the table above).
@@ -200,6 +204,14 @@ impl Config {
                         format!("{v:?} is not a timeout exponent (1-31)"),
                     )
                 })?;
+        }
+        if let Some(v) = var(Self::ENV_STALL_TIMEOUT) {
+            c.verbs.stall_timeout = VerbsOptions::parse_stall_timeout(&v).ok_or_else(|| {
+                config_err(
+                    Self::ENV_STALL_TIMEOUT,
+                    format!("{v:?} is not a stall timeout (whole seconds, 1-86400)"),
+                )
+            })?;
         }
         c.validate()?;
         Ok(c)

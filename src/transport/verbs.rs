@@ -49,6 +49,13 @@
 //! that died never acknowledges it: the QP's retry limits (`timeout`, `retry_cnt` in [`VerbsOptions::params`]) turn that into an
 //! error completion in bounded time, and the connection fails with
 //! [`TransportError::PeerClosed`]. Any error completion fails the connection with its status.
+//!
+//! Those limits bind only while the device runs them. Every wait on send completions (the
+//! probe's, a full send queue, a memory-window operation, rendezvous READs) is also bounded by
+//! [`VerbsOptions::stall_limit`]: when nothing completes for that long, the QP is moved to the
+//! error state (flushing what is outstanding) and the connection fails with a "no send
+//! completion" error. Soft-RoCE has left sends neither completed nor failed after its netdev went
+//! down, and an infinite RNR retry count never ends against a peer that posts no receive.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -67,7 +74,7 @@ use crate::core::{CreditUpdate, Layout, SegmentId, Tables};
 use crate::verbs::{
     CompletionChannel, CompletionQueue, ConnectParams, Context, CreditWords, Gid, GidIndex,
     GidSelector, LinkLayer, Mtu, ProtectionDomain, Psn, QpConfig, QpEndpoint, QpNum, QueuePair,
-    RecvWr, Rkey, SendOp, SendWr, SourceImage, TargetImage, VerbsError, WcOpcode, WcStatus,
+    RecvWr, Rkey, SendOp, SendWr, SourceImage, Stall, TargetImage, VerbsError, WcOpcode, WcStatus,
     WorkCompletion, WrId,
 };
 
@@ -121,6 +128,10 @@ pub struct VerbsOptions {
     pub max_inline: u32,
     /// Bound on each setup step through the manager.
     pub setup_timeout: Duration,
+    /// How long send work may go neither completed nor failed before the connection fails as
+    /// stalled; the limit used is never below twice the QP's own retry bound (see
+    /// [`VerbsOptions::stall_limit`]). Default 10 s, or `$RSMSG_STALL_TIMEOUT` seconds.
+    pub stall_timeout: Duration,
 }
 
 impl Default for VerbsOptions {
@@ -144,6 +155,7 @@ impl Default for VerbsOptions {
             send_queue_depth: 256,
             max_inline: 128,
             setup_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -157,9 +169,31 @@ impl VerbsOptions {
     pub const ENV_PORT: &'static str = "RSMSG_PORT";
     /// Environment variable setting the QP's ACK timeout exponent (4.096 us * 2^N, 1..=31).
     pub const ENV_QP_TIMEOUT: &'static str = "RSMSG_QP_TIMEOUT";
+    /// Environment variable setting [`VerbsOptions::stall_timeout`] in whole seconds
+    /// (1..=86400).
+    pub const ENV_STALL_TIMEOUT: &'static str = "RSMSG_STALL_TIMEOUT";
 
-    /// The defaults, with device, port, GID index and QP timeout taken from the environment when
-    /// set.
+    /// The value of [`VerbsOptions::ENV_STALL_TIMEOUT`]: whole seconds, 1..=86400.
+    pub(crate) fn parse_stall_timeout(v: &str) -> Option<Duration> {
+        v.trim()
+            .parse()
+            .ok()
+            .filter(|t| (1..=86_400).contains(t))
+            .map(Duration::from_secs)
+    }
+
+    /// How long a connection waits on send work that the device neither completes nor fails
+    /// before it moves its QP to the error state and fails: `stall_timeout`, or twice the
+    /// longest the QP's own retries take to fail a work request (4.096 us * 2^`timeout` times
+    /// `retry_cnt + 1` tries) when that is longer, so that the QP's retries always fail a dead
+    /// peer first. `None` when `params.timeout` is 0, which waits forever by definition.
+    pub fn stall_limit(&self) -> Option<Duration> {
+        let bound = crate::verbs::retry_bound(self.params.timeout, self.params.retry_cnt)?;
+        Some(self.stall_timeout.max(bound.saturating_mul(2)))
+    }
+
+    /// The defaults, with device, port, GID index, QP timeout and stall timeout taken from the
+    /// environment when set.
     ///
     /// # Errors
     /// A port, GID index or timeout that is not a number in range.
@@ -182,6 +216,14 @@ impl VerbsOptions {
                 .ok()
                 .filter(|t| (1..=31).contains(t))
                 .ok_or_else(|| setup_err(Self::ENV_QP_TIMEOUT, format!("bad timeout {t:?}")))?;
+        }
+        if let Some(t) = var(Self::ENV_STALL_TIMEOUT) {
+            o.stall_timeout = Self::parse_stall_timeout(&t).ok_or_else(|| {
+                setup_err(
+                    Self::ENV_STALL_TIMEOUT,
+                    format!("bad stall timeout {t:?} (whole seconds, 1..=86400)"),
+                )
+            })?;
         }
         if let Some(g) = var(Self::ENV_GID_INDEX) {
             let i: u8 = g
@@ -636,7 +678,12 @@ struct SendSide {
     signal_every: u64,
     posted: u64,
     completed: u64,
-    probe_pending: Option<u64>,
+    /// The outstanding probe: its work request id and when it was posted.
+    probe_pending: Option<(u64, Instant)>,
+    /// See [`VerbsOptions::stall_limit`].
+    stall_limit: Option<Duration>,
+    /// The wait of [`Link::check_peer`] while the send queue is full (no probe can be posted).
+    full_wait: Stall,
     dead: Option<Dead>,
 }
 
@@ -653,8 +700,9 @@ impl SendSide {
         }
     }
 
-    /// Polls the send CQ once; an error completion kills the link.
-    fn reap(&mut self) -> Result<(), TransportError> {
+    /// Polls the send CQ once; an error completion kills the link. Returns the completions
+    /// polled.
+    fn reap(&mut self) -> Result<usize, TransportError> {
         let n = self.cq.poll(&mut self.wcs)?;
         for wc in &self.wcs[..n] {
             if !wc.is_success() {
@@ -666,10 +714,48 @@ impl SendSide {
             // Completions are in posting order; a signaled one completes all before it.
             self.completed = self.completed.max(wc.wr_id().0 + 1);
         }
-        if self.probe_pending.is_some_and(|p| self.completed > p) {
+        if self.probe_pending.is_some_and(|(p, _)| self.completed > p) {
             self.probe_pending = None;
         }
-        self.check()
+        self.check().map(|()| n)
+    }
+
+    /// How long the wait of [`Link::check_peer`] has gone without a send completion, once that
+    /// reaches the stall limit: the probe's age, or with the send queue full (no probe can be
+    /// posted; a full queue holds signaled work requests) how long `completed` has not moved.
+    /// The send CQ must have been drained just before.
+    fn stalled_at(&mut self, now: Instant) -> Option<Duration> {
+        let limit = self.stall_limit?;
+        if let Some((_, at)) = self.probe_pending {
+            let waited = now.saturating_duration_since(at);
+            if waited >= limit {
+                return Some(waited);
+            }
+        }
+        if self.outstanding() >= self.depth {
+            self.full_wait.stalled(self.completed, now)
+        } else {
+            self.full_wait = Stall::new(self.stall_limit);
+            None
+        }
+    }
+
+    /// Fails the link as stalled: work requests neither completed nor failed for `waited`. The
+    /// QP goes to the error state, which flushes them (their memory is the connection's own).
+    #[cold]
+    fn stalled(&mut self, waited: Duration) -> TransportError {
+        let d = Dead::failed(format!(
+            "no send completion for {:.1} s with {} work requests outstanding: the device neither \
+             delivered nor failed them within twice its retry limits (link or device stalled); \
+             the queue pair was moved to the error state",
+            waited.as_secs_f64(),
+            self.outstanding()
+        ));
+        tracing::debug!(reason = %d.reason, "verbs link stalled");
+        if let Err(e) = self.qp.set_error() {
+            tracing::debug!(error = %e, "moving the stalled queue pair to the error state");
+        }
+        Dead::record(&mut self.dead, d).error()
     }
 
     fn post(&mut self, which: Wr) -> Result<(), TransportError> {
@@ -685,11 +771,16 @@ impl SendSide {
             self.prepare_credit(which)?;
         }
         let mut done = 0u64;
+        let mut wait = Stall::new(self.stall_limit);
         loop {
             // A full send queue is back-pressure: signaled work requests complete (or fail) in
-            // bounded time, bounded by the QP's retry limits.
+            // bounded time, bounded by the QP's retry limits, or the stall limit when the device
+            // runs none.
             while self.outstanding() + (n - done) > self.depth {
                 self.reap()?;
+                if let Some(waited) = wait.spin(self.completed) {
+                    return Err(self.stalled(waited));
+                }
                 std::hint::spin_loop();
             }
             let seq = self.posted;
@@ -715,7 +806,7 @@ impl SendSide {
                 Ok(()) => {
                     self.posted += count as u64;
                     if which == Wr::Probe {
-                        self.probe_pending = Some(seq);
+                        self.probe_pending = Some((seq, Instant::now()));
                     }
                     return Ok(());
                 }
@@ -724,6 +815,9 @@ impl SendSide {
                     self.posted += index as u64;
                     done += index as u64;
                     self.reap()?;
+                    if let Some(waited) = wait.spin(self.completed) {
+                        return Err(self.stalled(waited));
+                    }
                     std::hint::spin_loop();
                 }
                 Err(e) => {
@@ -787,10 +881,14 @@ impl SendSide {
     /// Posts one work request of the rendezvous (a memory window bind or invalidation) in line
     /// with the others; with `wait`, returns once it has completed.
     fn post_local(&mut self, wr: &mut SendWr, wait: bool) -> Result<(), TransportError> {
+        let mut stall = Stall::new(self.stall_limit);
         loop {
             self.check()?;
             while self.outstanding() + 1 > self.depth {
                 self.reap()?;
+                if let Some(waited) = stall.spin(self.completed) {
+                    return Err(self.stalled(waited));
+                }
                 std::hint::spin_loop();
             }
             let id = self.posted;
@@ -803,11 +901,19 @@ impl SendSide {
                     self.posted += 1;
                     while wait && self.completed <= id {
                         self.reap()?;
+                        if let Some(waited) = stall.spin(self.completed) {
+                            return Err(self.stalled(waited));
+                        }
                         std::hint::spin_loop();
                     }
                     return Ok(());
                 }
-                Err(VerbsError::SendQueueFull { .. }) => self.reap()?,
+                Err(VerbsError::SendQueueFull { .. }) => {
+                    self.reap()?;
+                    if let Some(waited) = stall.spin(self.completed) {
+                        return Err(self.stalled(waited));
+                    }
+                }
                 Err(e) => {
                     self.dead = Some(Dead::failed(format!(
                         "posting a memory window operation: {e}"
@@ -847,12 +953,14 @@ impl SendSide {
             completed,
             dead,
             depth,
+            stall_limit,
             ..
         } = self;
         let opts = ReadOptions {
             first_wr_id: *posted,
             chunk: RNDV_READ_CHUNK,
             window: (*depth / 2).clamp(1, 16) as u32,
+            stall: *stall_limit,
         };
         let mut other_failed: Option<Dead> = None;
         let r = qp.read_many(cq, jobs, opts, |wc| {
@@ -1236,9 +1344,13 @@ impl Link for VerbsLink {
             return Ok(());
         };
         tx.check()?;
-        tx.reap()?;
+        // Drain the send CQ, so that a probe not seen complete has not completed.
+        while tx.reap()? == SEND_BATCH {}
         tx.flush_credits()?;
         let now = Instant::now();
+        if let Some(waited) = tx.stalled_at(now) {
+            return Err(tx.stalled(waited));
+        }
         if now.duration_since(self.last_probe.get()) >= PROBE_INTERVAL {
             self.last_probe.set(now);
             if tx.probe_pending.is_none() && tx.outstanding() < tx.depth {
@@ -1463,6 +1575,8 @@ fn finish(
         posted: 0,
         completed: 0,
         probe_pending: None,
+        stall_limit: opts.stall_limit(),
+        full_wait: Stall::new(opts.stall_limit()),
         dead: None,
     };
     let cap = queues.rq_depth as usize + RECV_BATCH;

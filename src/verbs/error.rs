@@ -195,6 +195,20 @@ pub enum VerbsError {
         /// The provider's vendor error.
         vendor_err: u32,
     },
+    /// Work requests neither completed nor failed for the stall limit (see
+    /// [`ReadOptions::stall`](super::ReadOptions::stall)); the queue pair was moved to the error
+    /// state, which flushed them.
+    #[error(
+        "{outstanding} work requests neither completed nor failed in {:.1} s; the queue pair was \
+         moved to the error state",
+        waited.as_secs_f64()
+    )]
+    Stalled {
+        /// How long nothing completed.
+        waited: std::time::Duration,
+        /// Work requests outstanding then.
+        outstanding: u64,
+    },
     /// A range lies outside a memory region.
     #[error("range {offset}+{len} outside memory region of {region_len} bytes")]
     OutOfBounds {

@@ -43,6 +43,7 @@ mod mr;
 mod mw;
 mod qp;
 mod regcache;
+mod stall;
 mod test_support;
 mod types;
 
@@ -61,6 +62,7 @@ pub use qp::{
     RecvWr, SendOp, SendWr,
 };
 pub use regcache::{BoundWindow, RangeCache, RegCache, RegCacheStats, RemoteReadGrant};
+pub(crate) use stall::{Stall, retry_bound};
 pub use test_support::{
     CountingAllocator, ENV_DEVICE, ENV_REQUIRE, count_allocations, test_context,
 };

@@ -646,7 +646,9 @@ impl QueuePair {
     /// [`VerbsError::InvalidWorkRequest`] when a region lacks `LOCAL_WRITE`, a destination is
     /// empty or a remote range wraps (nothing is posted then);
     /// [`VerbsError::ReadFailed`] when a chunk completes in error (the QP is then moved to the
-    /// error state: a failed READ leaves the connection unusable); post and poll errors.
+    /// error state: a failed READ leaves the connection unusable); [`VerbsError::Stalled`] when
+    /// nothing completed for `opts.stall` (the QP is moved to the error state likewise); post and
+    /// poll errors.
     pub fn read_many(
         &mut self,
         cq: &CompletionQueue,
@@ -689,6 +691,9 @@ impl QueuePair {
         let mut done = 0u64;
         let mut failure: Option<VerbsError> = None;
         let mut wcs: [super::WorkCompletion; 16] = Default::default();
+        let mut stall = super::Stall::new(opts.stall);
+        // Completions polled, ours and others: what the stall watch sees move.
+        let mut seen = 0u64;
         while done < n {
             // Post while the window allows (and nothing failed).
             while failure.is_none() && posted < n && posted - done < window {
@@ -729,6 +734,7 @@ impl QueuePair {
                     return Err(e);
                 }
             };
+            seen += got as u64;
             for wc in &wcs[..got] {
                 let id = wc.wr_id().0;
                 let mine = id >= first && id < first + n;
@@ -749,6 +755,18 @@ impl QueuePair {
                 }
             }
             if got == 0 {
+                // A device that neither completes nor fails the chunks: the error state flushes
+                // them, and the loop goes on until every one has come back, so that nothing
+                // lands in a destination after the borrow ends.
+                if let Some(waited) = stall.spin(seen)
+                    && failure.is_none()
+                {
+                    failure = Some(VerbsError::Stalled {
+                        waited,
+                        outstanding: posted - done,
+                    });
+                    let _ = self.set_error();
+                }
                 std::hint::spin_loop();
             }
         }
@@ -852,6 +870,10 @@ pub struct ReadOptions {
     pub chunk: usize,
     /// Most chunks outstanding at once.
     pub window: u32,
+    /// How long the call waits with chunks outstanding and none completing before it moves the
+    /// queue pair to the error state (which flushes them) and fails with
+    /// [`VerbsError::Stalled`]; `None` waits for as long as the device takes.
+    pub stall: Option<std::time::Duration>,
 }
 
 impl Default for ReadOptions {
@@ -860,6 +882,7 @@ impl Default for ReadOptions {
             first_wr_id: 0,
             chunk: 1 << 20,
             window: 16,
+            stall: None,
         }
     }
 }

@@ -134,8 +134,10 @@ struct Hostile {
 }
 
 impl Hostile {
-    /// Connects to the listener `name` like `verbs::connect` would, with its own PD.
-    fn connect(ctx: &Context, manager: SocketAddr, name: &str) -> Hostile {
+    /// Connects to the listener `name` like `verbs::connect` would, with its own PD. With
+    /// `receives` false it posts no receive WQE, so its device answers every WRITE_WITH_IMM of
+    /// the victim with an RNR NAK.
+    fn connect_with(ctx: &Context, manager: SocketAddr, name: &str, receives: bool) -> Hostile {
         let o = opts(ctx);
         let mine = layout();
         let pd = ProtectionDomain::new(ctx).expect("pd");
@@ -226,7 +228,7 @@ impl Hostile {
         qp.connect(&local, &remote, &o.params)
             .expect("connect the qp");
         let mut recv_wr = RecvWr::new(WrId(0));
-        for _ in 0..rq {
+        for _ in 0..if receives { rq } else { 0 } {
             qp.post_recv(&mut recv_wr).expect("post recv");
         }
         let ours = Descriptors {
@@ -422,12 +424,17 @@ struct Victim {
 
 impl Victim {
     fn new(ctx: Context) -> Victim {
+        let o = opts(&ctx);
+        Victim::with_options(ctx, o)
+    }
+
+    /// A victim whose listener (and so every connection it accepts) uses `o`.
+    fn with_options(ctx: Context, o: VerbsOptions) -> Victim {
         let manager = Manager::bind("127.0.0.1:0", token()).expect("embedded manager");
         let addr = manager.local_addr();
         let name = unique("victim");
         let mut listener =
-            VerbsListener::bind(addr, token(), &name, layout(), PollMode::Busy, opts(&ctx))
-                .expect("bind");
+            VerbsListener::bind(addr, token(), &name, layout(), PollMode::Busy, o).expect("bind");
         let honest = honest_pair(&ctx, addr, &name, &mut listener);
         let mut v = Victim {
             _manager: manager,
@@ -444,10 +451,15 @@ impl Victim {
 
     /// A hostile peer connects: the victim's side of that connection, and the peer.
     fn hostile(&mut self) -> (VerbsConnection, Hostile) {
+        self.hostile_with(true)
+    }
+
+    /// As [`Victim::hostile`], the peer posting receive WQEs or not ([`Hostile::connect_with`]).
+    fn hostile_with(&mut self, receives: bool) -> (VerbsConnection, Hostile) {
         let (ctx, addr, name) = (&self.ctx, self.addr, self.name.as_str());
         let listener = &mut self.listener;
         thread::scope(|s| {
-            let t = s.spawn(move || Hostile::connect(ctx, addr, name));
+            let t = s.spawn(move || Hostile::connect_with(ctx, addr, name, receives));
             let v = listener
                 .accept_timeout(HANG_GUARD)
                 .expect("accept")
@@ -937,6 +949,60 @@ fn a_forged_credit_in_the_mailbox_fails_the_sender() {
     assert_failed(&v, "forged credit");
     drop((v, h));
     victim.check_honest("a forged credit");
+}
+
+#[test]
+fn a_peer_that_never_posts_a_receive_fails_the_sender_at_the_stall_limit() {
+    let ctx =
+        device_or_skip!("a_peer_that_never_posts_a_receive_fails_the_sender_at_the_stall_limit");
+    // The victim retries RNR forever (`rnr_retry` 7), so its first message never completes and
+    // never fails: only the stall limit ends the wait. With a 67 ms ACK timeout twice the QP's
+    // retry bound is under a second, so the limit is the 2 s asked for.
+    let mut o = opts(&ctx);
+    o.params.timeout = 14;
+    o.params.retry_cnt = 6;
+    o.stall_timeout = Duration::from_secs(2);
+    assert_eq!(o.stall_limit(), Some(Duration::from_secs(2)));
+    let mut victim = Victim::with_options(ctx, o);
+    let (v, h) = victim.hostile_with(false);
+    // Blocking sends on a thread of their own, so that a hang fails the test instead of
+    // stopping it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut sent = 0;
+        let err = loop {
+            match v.send(b"x") {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            if sent > 64 {
+                break SendError::Transport(TransportError::Failed("no credit ever needed".into()));
+            }
+        };
+        let _ = tx.send((v, sent, err, t0.elapsed()));
+    });
+    let (v, sent, err, waited) = rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the sender hung on a peer that never takes a message");
+    eprintln!("a peer that posts no receive: {sent} messages sent, then after {waited:?}: {err}");
+    // Every partition of the layout takes one: the 16 of the 256 B group, then (its segment out
+    // of credit) the 8 of the 4 KiB group; the 25th waits for credit.
+    assert_eq!(
+        sent, 24,
+        "one message per partition before credit is needed"
+    );
+    assert!(
+        matches!(&err, SendError::Transport(TransportError::Failed(r)) if r.contains("no send completion")),
+        "{err:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2),
+        "failed after {waited:?}, before the stall limit"
+    );
+    assert_failed(&v, "a stalled send");
+    drop((v, h));
+    victim.check_honest("a peer that never posts a receive");
 }
 
 #[test]

@@ -5,8 +5,10 @@
 # 1. `rdma link delete rxe0` (what rdma-setup/rxe-down does). Soft-RoCE cannot disassociate open user contexts, so the
 #    kernel defers the removal until the processes close the device: the run must complete intact (exit 0, nothing
 #    lost), the removal must then complete, and nothing may hang.
-# 2. The netdev under rxe0 set down for the rest of the run: the sender's QP goes to error once its retries run out;
-#    both sides must end with a clear error (not success) within their timeout (no hang).
+# 2. The netdev under rxe0 set down for the rest of the run: a side's next send usually fails at once (local QP
+#    operation error); when Soft-RoCE leaves a side's sends neither completed nor failed instead, the stall limit
+#    (RSMSG_STALL_TIMEOUT, docs/verbs.md) ends its wait. Both sides must end with a clear error (not success) within
+#    their timeout (no hang).
 # rxe0 is restored after each. Runs in its own guest since it removes rxe0.
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
@@ -96,7 +98,7 @@ echo "down: client exit $client_rc, server exit $server_rc"
 tail -n 1 "$out/down-client.log" "$out/down-server.log"
 restore
 ((client_rc != 124 && server_rc != 124)) || fail "down: a side hung until its timeout"
-# The sender's QP goes to error (retries exhausted): both sides end with a clear error, neither reports success.
+# Both sides end with a clear error (a failed send, or the stall limit), neither reports success.
 ((client_rc != 0 && server_rc != 0)) || fail "down: a side reported success although the link was down for 20 s"
 grep -q 'rsmsg: error:' "$out/down-client.log" || fail "down: the client failed without an error message"
 grep -q 'rsmsg: error:' "$out/down-server.log" || fail "down: the server failed without an error message"

@@ -746,8 +746,9 @@ impl SendSide {
     fn stalled(&mut self, waited: Duration) -> TransportError {
         let d = Dead::failed(format!(
             "no send completion for {:.1} s with {} work requests outstanding: the device neither \
-             delivered nor failed them within twice its retry limits (link or device stalled); \
-             the queue pair was moved to the error state",
+             delivered nor failed them (a stalled link or device; the limit is \
+             RSMSG_STALL_TIMEOUT, never below twice the QP's retry bound); the queue pair was \
+             moved to the error state",
             waited.as_secs_f64(),
             self.outstanding()
         ));

@@ -5,7 +5,9 @@
 //! headers whose length exceeds the span, bad magic, kind or flags, garbage and unexpected
 //! control messages, forged credits, forged rendezvous requests, and RDMA WRITEs beyond a
 //! segment. Each time the victim answers with a clear error, fails that connection only, and
-//! keeps its other connections (an honest peer exchanges a message after every attack).
+//! keeps its other connections (an honest peer exchanges a message after every attack). A peer
+//! that never posts a receive (so the victim's writes are RNR-NAKed for ever) fails the victim's
+//! sender at its stall limit instead of hanging it.
 //!
 //! It also probes what the victim exposes: target segments and the credit mailbox are not
 //! remotely readable; a rendezvous buffer is readable only by the peer it was offered to and

@@ -759,6 +759,17 @@ impl SendSide {
         Dead::record(&mut self.dead, d).error()
     }
 
+    /// One turn of a wait on send completions: polls the CQ, and fails the link as stalled once
+    /// `stall` has seen nothing complete for its limit.
+    fn reap_or_stall(&mut self, stall: &mut Stall) -> Result<(), TransportError> {
+        self.reap()?;
+        if let Some(waited) = stall.spin(self.completed) {
+            return Err(self.stalled(waited));
+        }
+        std::hint::spin_loop();
+        Ok(())
+    }
+
     fn post(&mut self, which: Wr) -> Result<(), TransportError> {
         self.check()?;
         let n = which.len();
@@ -778,11 +789,7 @@ impl SendSide {
             // bounded time, bounded by the QP's retry limits, or the stall limit when the device
             // runs none.
             while self.outstanding() + (n - done) > self.depth {
-                self.reap()?;
-                if let Some(waited) = wait.spin(self.completed) {
-                    return Err(self.stalled(waited));
-                }
-                std::hint::spin_loop();
+                self.reap_or_stall(&mut wait)?;
             }
             let seq = self.posted;
             // Selective signaling: the chain's last work request is signaled when the chain
@@ -815,11 +822,7 @@ impl SendSide {
                     // The work requests before `index` were posted (unsignaled unless last).
                     self.posted += index as u64;
                     done += index as u64;
-                    self.reap()?;
-                    if let Some(waited) = wait.spin(self.completed) {
-                        return Err(self.stalled(waited));
-                    }
-                    std::hint::spin_loop();
+                    self.reap_or_stall(&mut wait)?;
                 }
                 Err(e) => {
                     let d = Dead::failed(format!("posting a send: {e}"));
@@ -886,11 +889,7 @@ impl SendSide {
         loop {
             self.check()?;
             while self.outstanding() + 1 > self.depth {
-                self.reap()?;
-                if let Some(waited) = stall.spin(self.completed) {
-                    return Err(self.stalled(waited));
-                }
-                std::hint::spin_loop();
+                self.reap_or_stall(&mut stall)?;
             }
             let id = self.posted;
             // Signaled when waited for, or where selective signaling wants one.
@@ -901,20 +900,11 @@ impl SendSide {
                 Ok(()) => {
                     self.posted += 1;
                     while wait && self.completed <= id {
-                        self.reap()?;
-                        if let Some(waited) = stall.spin(self.completed) {
-                            return Err(self.stalled(waited));
-                        }
-                        std::hint::spin_loop();
+                        self.reap_or_stall(&mut stall)?;
                     }
                     return Ok(());
                 }
-                Err(VerbsError::SendQueueFull { .. }) => {
-                    self.reap()?;
-                    if let Some(waited) = stall.spin(self.completed) {
-                        return Err(self.stalled(waited));
-                    }
-                }
+                Err(VerbsError::SendQueueFull { .. }) => self.reap_or_stall(&mut stall)?,
                 Err(e) => {
                     self.dead = Some(Dead::failed(format!(
                         "posting a memory window operation: {e}"
@@ -1555,6 +1545,7 @@ fn finish(
     let mut probe_wr = credit_stage.send_wr(SendOp::RdmaWrite, WrId(0), spare, 8)?;
     probe_wr.set_remote(peer.mailbox.addr + spare as u64, Rkey(peer.mailbox.rkey))?;
     let depth = u64::from(queues.qp.caps().max_send_wr.max(8));
+    let stall_limit = opts.stall_limit();
     let tx = SendSide {
         qp: queues.qp,
         cq: queues.send_cq,
@@ -1576,8 +1567,8 @@ fn finish(
         posted: 0,
         completed: 0,
         probe_pending: None,
-        stall_limit: opts.stall_limit(),
-        full_wait: Stall::new(opts.stall_limit()),
+        stall_limit,
+        full_wait: Stall::new(stall_limit),
         dead: None,
     };
     let cap = queues.rq_depth as usize + RECV_BATCH;

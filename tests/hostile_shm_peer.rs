@@ -4,8 +4,6 @@
 //! the segment, garbage control messages, forged credit notices, forged rendezvous requests. Each time the victim answers
 //! with a clear protocol error, fails that connection only, and keeps its other connections.
 
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,28 +12,19 @@ use std::time::Duration;
 
 use rsmsg::core::{
     ControlMessage, Generation, Header, Immediate, Layout, MessageKind, PartitionIndex,
-    ProtocolError, SegmentId, Tables,
+    ProtocolError, SegmentId,
 };
-use rsmsg::shm::{
-    CreditMailbox, DoorbellProducer, MAX_FDS, PushOutcome, RingLayout, ShmRegion, recv_fds,
-    send_fds,
-};
+use rsmsg::shm::{CreditMailbox, DoorbellProducer, PushOutcome, ShmRegion};
 use rsmsg::transport::shm::{ShmListener, connect_path};
 use rsmsg::transport::{PollMode, TransportError};
 
-const HELLO_LEN: usize = 512;
-const MAILBOX_SLOTS: usize = 257;
+#[path = "support/shm_handshake.rs"]
+mod shm_handshake;
+
+use shm_handshake::MAILBOX_SLOTS;
 
 fn layout() -> Layout {
     "256:64:4,4k:16:4".parse().unwrap()
-}
-
-/// Control-region geometry of a receiver with these layouts (as documented in docs/shm.md).
-fn geometry(recv: &Layout, send: &Layout) -> (RingLayout, usize) {
-    let bound = Layout::recv_wqe_bound_for(recv, send);
-    let ring = RingLayout::new(bound.next_power_of_two()).unwrap();
-    let mailbox = ring.bytes().next_multiple_of(RingLayout::ALIGN);
-    (ring, mailbox + CreditMailbox::bytes(MAILBOX_SLOTS))
 }
 
 /// A peer that completed the handshake and holds the victim's regions.
@@ -45,79 +34,21 @@ struct Hostile {
     segments: Vec<ShmRegion>,
     /// The victim's doorbell.
     bell: DoorbellProducer,
-    _own: (ShmRegion, rsmsg::shm::EventFd, Vec<ShmRegion>),
+    /// The victim's credit mailbox (credits for what the victim sends us).
+    mailbox: CreditMailbox,
+    _own: (Arc<ShmRegion>, rsmsg::shm::EventFd, Vec<ShmRegion>),
 }
 
 impl Hostile {
     fn connect(path: &Path) -> Hostile {
-        let mine = layout();
-        let mut sock = UnixStream::connect(path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut hello = [0u8; HELLO_LEN];
-        hello[0..4].copy_from_slice(b"RSHM");
-        hello[4..6].copy_from_slice(&4u16.to_le_bytes());
-        hello[8..12].copy_from_slice(&std::process::id().to_le_bytes());
-        let text = mine.to_string();
-        hello[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
-        hello[18..18 + text.len()].copy_from_slice(text.as_bytes());
-        // Handshake version 4: the readability probe's address in the last 8 bytes.
-        hello[HELLO_LEN - 8..].copy_from_slice(&rsmsg::shm::probe_addr().to_le_bytes());
-        sock.write_all(&hello).unwrap();
-        let mut theirs = [0u8; HELLO_LEN];
-        sock.read_exact(&mut theirs).unwrap();
-        let n = u16::from_le_bytes([theirs[16], theirs[17]]) as usize;
-        let victim: Layout = std::str::from_utf8(&theirs[18..18 + n])
-            .unwrap()
-            .parse()
-            .unwrap();
-        // The victim's regions.
-        let tables = Tables::new(victim.clone());
-        // Control region, wake-up eventfd, then the segments.
-        let expected = 2 + tables.segments().len();
-        let mut fds = Vec::new();
-        while fds.len() < expected {
-            let want = (expected - fds.len()).min(MAX_FDS);
-            let mut count = [0u8; 8];
-            let (_, got) = recv_fds(sock.as_fd(), &mut count, want).unwrap();
-            fds.extend(got);
-        }
-        let (ring, control_bytes) = geometry(&victim, &mine);
-        let mut fds = fds.into_iter();
-        let control = Arc::new(ShmRegion::from_fd(fds.next().unwrap(), control_bytes).unwrap());
-        let _victim_event = fds.next().unwrap();
-        let segments = tables
-            .segments()
-            .iter()
-            .zip(fds)
-            .map(|(s, fd)| ShmRegion::from_fd(fd, s.bytes() as usize).unwrap())
-            .collect();
-        // Our own regions, as an honest connector would create them.
-        let (_, my_bytes) = geometry(&mine, &victim);
-        let my_control = ShmRegion::create("hostile-control", my_bytes).unwrap();
-        let my_segments: Vec<ShmRegion> = Tables::new(mine.clone())
-            .segments()
-            .iter()
-            .map(|s| ShmRegion::create("hostile-seg", s.bytes() as usize).unwrap())
-            .collect();
-        let my_event = rsmsg::shm::EventFd::new().unwrap();
-        let all: Vec<_> = [my_control.fd(), my_event.fd()]
-            .into_iter()
-            .chain(my_segments.iter().map(|s| s.fd()))
-            .collect();
-        for chunk in all.chunks(MAX_FDS) {
-            send_fds(&sock, &(chunk.len() as u64).to_le_bytes(), chunk).unwrap();
-        }
-        // Whether we can read the victim (version 4), then its status and its own verdict.
-        sock.write_all(&[1]).unwrap();
-        let mut ok = [0u8; 2];
-        sock.read_exact(&mut ok).unwrap();
-        assert_eq!(ok[0], 1);
+        let h = shm_handshake::connect(path, &layout());
         Hostile {
-            _sock: sock,
-            segments,
-            bell: DoorbellProducer::new(control, 0, ring).unwrap(),
-            _own: (my_control, my_event, my_segments),
+            _sock: h.sock,
+            segments: h.segments,
+            mailbox: CreditMailbox::new(h.control.clone(), h.mailbox_offset, MAILBOX_SLOTS)
+                .unwrap(),
+            bell: DoorbellProducer::new(h.control, 0, h.ring).unwrap(),
+            _own: (h.own_control, h.own_event, h.own_segments),
         }
     }
 
@@ -377,4 +308,106 @@ fn a_forged_rendezvous_request_is_refused_without_reading_anything() {
         Ok(m) => panic!("accepted a forged rendezvous of {} bytes", m.len()),
         Err(e) => panic!("expected a refusal, got {e:?}"),
     }
+}
+
+#[test]
+fn a_flood_of_immediates_while_the_victim_waits_for_credits_fails_its_connection() {
+    let name = format!("hostile-flood-{}", std::process::id());
+    let listener = ShmListener::bind(&name, layout(), PollMode::Event).unwrap();
+    let p = listener.path().to_path_buf();
+    // Every message takes at least one partition, so no honest peer has more immediates
+    // outstanding than this.
+    let limit = Layout::recv_wqe_bound_for(&layout(), &layout()) as usize;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let hostile = thread::spawn(move || {
+        let mut h = Hostile::connect(&p);
+        // It releases nothing, so the victim runs out of credits and waits; meanwhile it rings
+        // the victim's doorbell twice as often as the victim's partitions allow (zero-length
+        // writes on verbs would do the same).
+        let imm = first_message_imm(Generation::from_lap(0));
+        let mut pushed = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while pushed < 2 * limit && std::time::Instant::now() < deadline {
+            match h.bell.try_push(imm).unwrap() {
+                PushOutcome::Pushed => pushed += 1,
+                PushOutcome::Full => thread::sleep(Duration::from_micros(100)),
+            }
+        }
+        // Stays connected until the victim has answered.
+        let _ = done_rx.recv_timeout(Duration::from_secs(60));
+        (h, pushed)
+    });
+    let victim = listener.accept().unwrap();
+    let (res_tx, res_rx) = std::sync::mpsc::channel();
+    let sender = thread::spawn(move || {
+        let mut sent = 0usize;
+        let err = loop {
+            match victim.send(&[7u8; 100]) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+        };
+        res_tx.send((sent, err.to_string())).unwrap();
+        victim
+    });
+    let (sent, err) = res_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the victim still waits for credits after a flood of immediates (no bound)");
+    done_tx.send(()).unwrap();
+    let victim = sender.join().unwrap();
+    let (_h, pushed) = hostile.join().unwrap();
+    assert!(sent > 0, "nothing was sent before the wait");
+    assert!(
+        err.contains("message immediates pending") && err.contains(&limit.to_string()),
+        "{err}"
+    );
+    assert!(pushed > limit, "the flood stopped at {pushed} of {limit}");
+    assert!(victim.failure().is_some());
+}
+
+#[test]
+fn a_credit_notice_frees_only_what_the_mailbox_says() {
+    let name = format!("hostile-notice-{}", std::process::id());
+    let listener = ShmListener::bind(&name, layout(), PollMode::Busy).unwrap();
+    let p = listener.path().to_path_buf();
+    let (step_tx, step_rx) = std::sync::mpsc::channel::<u64>();
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<()>();
+    let hostile = thread::spawn(move || {
+        let mut h = Hostile::connect(&p);
+        // Each step: the credit to announce for segment 0, and whether the mailbox says so too
+        // (the high bit set: the notice alone).
+        while let Ok(step) = step_rx.recv() {
+            let freed = step & !(1 << 63);
+            if step >> 63 == 0 {
+                h.mailbox.store(0, freed).unwrap();
+            }
+            h.ring(Immediate::credit(SegmentId(0), freed).get());
+            ack_tx.send(()).unwrap();
+        }
+        h
+    });
+    let victim = listener.accept().unwrap();
+    // Fill every partition the peer offers (it releases nothing); each message takes one.
+    let mut sent = 0;
+    while victim.try_send(&[1u8; 100]).is_ok() {
+        sent += 1;
+    }
+    assert!(sent >= 64, "only {sent} messages fit");
+    // A notice for the first message with nothing in the mailbox, as a notice left queued
+    // behind 2^22 partitions would be rebuilt: it frees nothing.
+    step_tx.send(1 | 1 << 63).unwrap();
+    ack_rx.recv().unwrap();
+    assert!(victim.try_recv().unwrap().is_none());
+    assert!(
+        victim.try_send(&[2u8; 100]).is_err(),
+        "a partition the receiver never released was written again"
+    );
+    assert!(victim.failure().is_none(), "{:?}", victim.failure());
+    // The same credit in the mailbox, then its notice: the partition is free.
+    step_tx.send(1).unwrap();
+    ack_rx.recv().unwrap();
+    assert!(victim.try_recv().unwrap().is_none());
+    victim.try_send(&[3u8; 100]).unwrap();
+    drop(step_tx);
+    let _h = hostile.join().unwrap();
 }

@@ -281,6 +281,7 @@ fn transport_code(e: &TransportError) -> c_int {
         TransportError::PeerClosed | TransportError::Failed(_) => RSMSG_ERR_CLOSED,
         TransportError::Protocol(_) => RSMSG_ERR_PROTOCOL,
         TransportError::Bootstrap(_) => RSMSG_ERR_BOOTSTRAP,
+        TransportError::Config(_) => RSMSG_ERR_CONFIG,
         _ => RSMSG_ERR_TRANSPORT,
     }
 }
@@ -360,9 +361,12 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
+/// Keeps `detail` for [`rsmsg_last_error`]. Outside any `catch_unwind`, so it must not panic:
+/// a call that fails from a thread-exit destructor, after this thread's storage is gone, keeps
+/// no detail (`try_with`) instead of aborting the process.
 fn set_last_error(detail: &str) {
     let c = CString::new(detail.replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|l| *l.borrow_mut() = c);
+    let _ = LAST_ERROR.try_with(|l| *l.borrow_mut() = c);
 }
 
 /// Runs one entry point: its result as a code, its failure's detail kept for

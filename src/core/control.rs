@@ -49,6 +49,9 @@ pub mod refuse_reason {
     pub const NO_ROOM: u32 = 3;
     /// The request is malformed (bad key or address for this transport).
     pub const MALFORMED: u32 = 4;
+    /// The receiver already holds as many rendezvous transfers queued as it keeps
+    /// (`RndvConfig::MAX_QUEUED_TRANSFERS`): its application has not received them yet.
+    pub const BUSY: u32 = 5;
 
     /// A human-readable name of a reason code (`"unknown"` for codes this version does not know).
     pub fn describe(reason: u32) -> &'static str {
@@ -57,6 +60,7 @@ pub mod refuse_reason {
             NO_ACCESS => "the receiver cannot read the sender's buffer",
             NO_ROOM => "the receiver's buffer is too short",
             MALFORMED => "malformed request",
+            BUSY => "too many transfers in progress at the receiver",
             _ => "unknown reason",
         }
     }
@@ -426,6 +430,7 @@ mod tests {
             refuse_reason::NO_ACCESS,
             refuse_reason::NO_ROOM,
             refuse_reason::MALFORMED,
+            refuse_reason::BUSY,
         ] {
             assert_ne!(refuse_reason::describe(r), "unknown reason");
         }

@@ -132,6 +132,15 @@ pub enum ProtocolError {
         /// What was expected.
         expected: &'static str,
     },
+    /// More message immediates arrived, unprocessed, than the receive queue's bound (the
+    /// partitions of both directions plus the link's margin): no peer can have that many
+    /// messages in flight, since each takes one of our partitions.
+    #[error("more than {limit} message immediates pending, more than the partitions allow")]
+    TooManyImmediates {
+        /// [`Layout::recv_wqe_bound_for`](crate::core::Layout::recv_wqe_bound_for) of the two
+        /// layouts.
+        limit: usize,
+    },
     /// The segment id names no segment of this direction.
     #[error("{step}: unknown segment {segment}")]
     UnknownSegment {
@@ -292,6 +301,15 @@ pub enum ProtocolError {
         segment: SegmentId,
         /// Credit given.
         freed: u64,
+    },
+    /// The peer made this side hold more than one of its receive-side limits allows (see
+    /// "Limits on the receiving side" in `docs/rendezvous.md`).
+    #[error("{what}: more than the limit of {limit}")]
+    LimitExceeded {
+        /// What was held.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
     },
     /// A control message body that does not decode.
     #[error("control message: {reason} (type {ty}, {len} bytes)")]

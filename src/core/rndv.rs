@@ -38,6 +38,23 @@ pub enum RndvConfigError {
         /// Its value.
         value: String,
     },
+    /// A variable's value is not valid UTF-8.
+    #[error("cannot parse {var}: not valid UTF-8")]
+    NotUnicode {
+        /// The variable.
+        var: &'static str,
+    },
+}
+
+impl RndvConfigError {
+    /// The variable whose value is malformed.
+    pub fn var(&self) -> &'static str {
+        match self {
+            RndvConfigError::Parse { var, .. }
+            | RndvConfigError::Flag { var, .. }
+            | RndvConfigError::NotUnicode { var } => var,
+        }
+    }
 }
 
 /// Rendezvous settings of one connection.
@@ -107,6 +124,22 @@ fn parse_bytes(var: &'static str, s: &str) -> Result<u64, RndvConfigError> {
 impl RndvConfig {
     /// Default receive limit: 1 GiB.
     pub const DEFAULT_MAX_RECV: u64 = 1 << 30;
+    /// Rendezvous transfers a receiver keeps queued for its application (requests not served
+    /// yet, streamed messages coming in or complete, refusals to report): a request that arrives
+    /// while this many are queued is refused at once with [`refuse_reason::BUSY`] (a streamed
+    /// one's chunks are dropped as they come). 16-32 concurrent `send_start` transfers of a peer
+    /// fit with room to spare; past this the sender is told to wait for the receiver.
+    pub const MAX_QUEUED_TRANSFERS: usize = 64;
+    /// Streamed transfers refused as busy ([`RndvConfig::MAX_QUEUED_TRANSFERS`]) whose chunks
+    /// are still coming (the receiver drops them). A sender sends the chunks of a streamed
+    /// transfer right after its request, so at most two are ever incomplete at once; more is a
+    /// peer that sends requests without their chunks, and fails the connection.
+    pub const MAX_DROPPING_STREAMS: usize = 16;
+    /// Data messages copied out of their partitions while a streamed message comes in (its
+    /// chunks need the partitions) are held up to this many times the receive layout's segment
+    /// bytes (`Layout::segment_bytes`); beyond, the connection fails (a peer that sends data
+    /// instead of the chunks it announced).
+    pub const COPIED_OUT_FACTOR: u64 = 8;
     /// Environment variable for [`RndvConfig::threshold`].
     pub const ENV_THRESHOLD: &'static str = "RSMSG_RNDV_THRESHOLD";
     /// Environment variable for [`RndvConfig::max_recv`].
@@ -117,14 +150,29 @@ impl RndvConfig {
     pub const ENV_SEND_CACHE: &'static str = "RSMSG_RNDV_SEND_CACHE";
     /// Environment variable for [`RndvConfig::stream_only`] (`1` sets it).
     pub const ENV_STREAM_ONLY: &'static str = "RSMSG_RNDV_STREAM_ONLY";
+    /// Every variable [`RndvConfig::from_env`] reads.
+    pub const ENV_VARS: [&'static str; 5] = [
+        Self::ENV_THRESHOLD,
+        Self::ENV_MAX_RECV,
+        Self::ENV_CACHE,
+        Self::ENV_SEND_CACHE,
+        Self::ENV_STREAM_ONLY,
+    ];
 
     /// The default configuration with the variables `RSMSG_RNDV_THRESHOLD`, `RSMSG_RNDV_MAX`,
-    /// `RSMSG_RNDV_CACHE` and `RSMSG_RNDV_SEND_CACHE` applied (byte counts, `k`/`m`/`g`
-    /// suffixes).
+    /// `RSMSG_RNDV_CACHE` and `RSMSG_RNDV_SEND_CACHE` (byte counts, `k`/`m`/`g` suffixes) and
+    /// `RSMSG_RNDV_STREAM_ONLY` (`0` or `1`) applied. Unset and empty variables keep the
+    /// default.
     ///
     /// # Errors
-    /// [`RndvConfigError::Parse`] naming the variable with a malformed value.
+    /// [`RndvConfigError`] naming the first variable with a malformed value (not UTF-8, not a
+    /// byte count, not `0`/`1`).
     pub fn from_env() -> Result<RndvConfig, RndvConfigError> {
+        for var in Self::ENV_VARS {
+            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(var) {
+                return Err(RndvConfigError::NotUnicode { var });
+            }
+        }
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
@@ -135,6 +183,7 @@ impl RndvConfig {
     pub fn from_lookup(
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<RndvConfig, RndvConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let mut c = RndvConfig::default();
         if let Some(v) = get(Self::ENV_THRESHOLD) {
             let n = parse_bytes(Self::ENV_THRESHOLD, &v)?;
@@ -154,7 +203,7 @@ impl RndvConfig {
         if let Some(v) = get(Self::ENV_STREAM_ONLY) {
             c.stream_only = match v.trim() {
                 "1" => true,
-                "0" | "" => false,
+                "0" => false,
                 _ => {
                     return Err(RndvConfigError::Flag {
                         var: Self::ENV_STREAM_ONLY,
@@ -392,11 +441,23 @@ mod tests {
             RndvConfig::from_lookup(|_| None).unwrap(),
             RndvConfig::default()
         );
-        for bad in ["", "k", "12x", "-1", "1.5m", "99999999999999999999g"] {
+        for bad in ["k", "12x", "-1", "1.5m", "512MB", "99999999999999999999g"] {
             let e = RndvConfig::from_lookup(|k| (k == "RSMSG_RNDV_MAX").then(|| bad.into()))
                 .unwrap_err();
+            assert_eq!(e.var(), "RSMSG_RNDV_MAX", "{bad}: {e}");
             assert!(e.to_string().contains("RSMSG_RNDV_MAX"), "{bad}: {e}");
         }
+        // Empty values keep the default, as unset ones do, and leave the others in force.
+        let c = RndvConfig::from_lookup(|k| match k {
+            "RSMSG_RNDV_THRESHOLD" => Some(String::new()),
+            "RSMSG_RNDV_MAX" => Some(" ".into()),
+            "RSMSG_RNDV_STREAM_ONLY" => Some("1".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.threshold, None);
+        assert_eq!(c.max_recv, RndvConfig::DEFAULT_MAX_RECV);
+        assert!(c.stream_only);
     }
 
     #[test]

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::rndv::RndvInner;
 use super::{Link, PollMode, TargetMemory, TransportError};
-use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind};
+use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind, reconstruct_freed};
 use crate::core::{
-    ControlMessage, Layout, MessageKind, Receiver, ReceiverStats, ReleaseToken, ReserveError,
-    Sender, SenderStats, close_reason,
+    ControlMessage, Layout, MessageKind, ProtocolError, Receiver, ReceiverStats, ReleaseToken,
+    ReserveError, Sender, SenderStats, close_reason,
 };
 
 /// How long a receive may wait.
@@ -79,6 +79,8 @@ pub(super) struct Inner<L> {
     mode: PollMode,
     /// Immediates taken from the link while waiting for credits, in arrival order.
     stash: VecDeque<u32>,
+    /// At most this many: a peer within the protocol cannot exceed it (see [`Inner::stash`]).
+    stash_cap: usize,
     failed: Option<String>,
     /// The last non-blocking send met back-pressure: [`Connection::arm`] then also asks for a
     /// credit notice.
@@ -140,6 +142,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 rx: Receiver::new(recv_layout),
                 mode,
                 stash: VecDeque::with_capacity(stash_cap),
+                stash_cap,
                 failed: None,
                 want_credit: false,
                 rndv,
@@ -164,6 +167,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 rx: inner.rx,
                 mode: inner.mode,
                 stash: inner.stash,
+                stash_cap: inner.stash_cap,
                 failed: inner.failed,
                 want_credit: inner.want_credit,
                 rndv: inner.rndv,
@@ -399,11 +403,17 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// `buf` (zero copy).
     ///
     /// # Errors
-    /// As [`Connection::recv`]; a message longer than `buf` is an error and is released (a
-    /// rendezvous message is refused: [`TransportError::RendezvousRefused`], and its sender
-    /// told).
+    /// As [`Connection::recv`]. A message longer than `buf`:
+    /// - an eager message (already in this side's memory) is not delivered:
+    ///   [`TransportError::BufferTooShort`] gives its length, and it stays queued, copied out of
+    ///   its partitions, for the next receive (as the C API's `rsmsg_recv` keeps it);
+    /// - a rendezvous message (not answered yet, whether read in place or streamed through the
+    ///   segments) is refused: [`TransportError::RendezvousRefused`] with reason no room, and
+    ///   its sender's send fails with [`SendError::Refused`].
+    ///
+    /// The connection stays usable either way.
     pub fn recv_into(&self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        let m = match self.recv_until(Wait::Forever, Some(&mut *buf))? {
+        let mut m = match self.recv_until(Wait::Forever, Some(&mut *buf))? {
             Some(Got::Msg(m)) => m,
             Some(Got::Landed(n)) => return Ok(n),
             None => {
@@ -414,10 +424,22 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         };
         let n = m.len();
         if n > buf.len() {
-            return Err(TransportError::Failed(format!(
-                "message of {n} bytes does not fit a buffer of {}",
-                buf.len()
-            )));
+            // Kept for the next receive, ahead of everything that came after it.
+            let data = m.owned.take().unwrap_or_else(|| m.data.to_vec());
+            let token = m.token.take();
+            let seq = m.seq;
+            drop(m);
+            let mut inner = self.inner.borrow_mut();
+            if let Some(t) = token
+                && let Err(e) = inner.release(t)
+            {
+                return Err(inner.fail(e));
+            }
+            inner.requeue(data, seq);
+            return Err(TransportError::BufferTooShort {
+                len: n,
+                cap: buf.len(),
+            });
         }
         crate::copy::copy(&mut buf[..n], &m);
         Ok(n)
@@ -531,7 +553,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         // The type bits alone pick the path; `on_immediate` decodes (and validates) the rest.
         match Immediate(imm).kind_bits() {
             ImmediateKind::CREDIT_TYPE => {
-                inner.tx.handle_credit_notice(imm)?;
+                inner.credit_notice(imm)?;
                 Ok(None)
             }
             _ => {
@@ -764,15 +786,68 @@ impl<L: Link> Inner<L> {
                     if let Some(imm) = self.link.next_immediate(self.mode, Some(LIVENESS_SLICE))? {
                         match Immediate(imm).decode()? {
                             ImmediateKind::Credit { .. } => {
-                                self.tx.handle_credit_notice(imm)?;
+                                self.credit_notice(imm)?;
                                 return Ok(());
                             }
-                            ImmediateKind::Message { .. } => self.stash.push_back(imm),
+                            ImmediateKind::Message { .. } => self.stash(imm)?,
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Applies a credit notice. The notice says which segment has news; the value comes from
+    /// the mailbox, which the peer wrote before it sent the notice (shared memory: a `Release`
+    /// store before the doorbell; verbs: the credit WRITE posted ahead of the notice on the
+    /// same queue pair). The notice's own 22 bits are only checked: rebuilt against the head,
+    /// they name the true credit only while the notice is fresh, and one left queued while
+    /// this side sent 2^22 partitions into the segment would be rebuilt into a credit the
+    /// receiver never gave, and the sender would overwrite partitions still in use.
+    ///
+    /// # Errors
+    /// A notice for an unknown segment or above anything sent, and the errors of
+    /// [`Sender::handle_credit`] for the mailbox's value.
+    pub(super) fn credit_notice(&mut self, imm: u32) -> Result<(), TransportError> {
+        let ImmediateKind::Credit { segment, freed_low } = Immediate(imm).decode()? else {
+            return Err(ProtocolError::UnexpectedImmediateType {
+                raw: imm,
+                expected: "credit notice",
+            }
+            .into());
+        };
+        let head = self.tx.head(segment).ok_or(ProtocolError::UnknownSegment {
+            step: "credit notice",
+            segment,
+        })?;
+        if reconstruct_freed(freed_low, head).is_none() {
+            return Err(ProtocolError::CreditAboveHead {
+                segment,
+                freed: u64::from(freed_low),
+                head,
+            }
+            .into());
+        }
+        let v = self.link.credit(segment);
+        if self.tx.credit(segment).is_some_and(|known| v > known) {
+            self.tx.handle_credit(segment, v)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a message immediate for the next receive. Every message takes at least one of our
+    /// partitions, so a peer within the protocol never has more immediates outstanding than
+    /// `stash_cap`; one that sends more (say, zero-length writes while this side waits for
+    /// credits) is failed rather than buffered without bound.
+    fn stash(&mut self, imm: u32) -> Result<(), TransportError> {
+        if self.stash.len() >= self.stash_cap {
+            return Err(ProtocolError::TooManyImmediates {
+                limit: self.stash_cap,
+            }
+            .into());
+        }
+        self.stash.push_back(imm);
+        Ok(())
     }
 
     /// Whether a mailbox slot holds more than the sender knows.
@@ -913,15 +988,8 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 Err(e) => return Err(inner.fail(e)),
             };
             let r = match Immediate(imm).decode() {
-                Ok(ImmediateKind::Credit { .. }) => inner
-                    .tx
-                    .handle_credit_notice(imm)
-                    .map(|_| ())
-                    .map_err(TransportError::from),
-                Ok(ImmediateKind::Message { .. }) => {
-                    inner.stash.push_back(imm);
-                    Ok(())
-                }
+                Ok(ImmediateKind::Credit { .. }) => inner.credit_notice(imm),
+                Ok(ImmediateKind::Message { .. }) => inner.stash(imm),
                 Err(e) => Err(TransportError::from(e)),
             };
             if let Err(e) = r {

@@ -105,6 +105,16 @@ pub enum TransportError {
     /// Nothing arrived before the timeout.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// A message already received into memory of this side (an eager message) is longer than
+    /// the buffer given to [`Connection::recv_into`]: nothing was copied, the message stays
+    /// queued for the next receive, and the connection stays usable.
+    #[error("message of {len} bytes does not fit a buffer of {cap} bytes; it stays queued")]
+    BufferTooShort {
+        /// The message length.
+        len: usize,
+        /// The buffer's length.
+        cap: usize,
+    },
     /// A rendezvous message was refused (by this side: over the receive limit, a destination
     /// too short, a sender buffer this side cannot read); the sender was told. The connection
     /// stays usable.
@@ -115,6 +125,10 @@ pub enum TransportError {
         /// A [`crate::core::refuse_reason`] code.
         reason: u32,
     },
+    /// A rendezvous setting read from the environment when the connection was set up
+    /// (`RSMSG_RNDV_*`) is malformed; no connection was made.
+    #[error("configuration: {0}")]
+    Config(#[from] crate::core::RndvConfigError),
 }
 
 /// How the generic [`Connection`] drives one transport.

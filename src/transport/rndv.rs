@@ -119,6 +119,9 @@ pub struct RndvStats {
     /// buffer (shared memory without permission for `process_vm_readv`, or
     /// [`RndvConfig::stream_only`]).
     pub streamed: u64,
+    /// Requests refused at once because [`RndvConfig::MAX_QUEUED_TRANSFERS`] transfers were
+    /// already queued for the application (also counted in `refused_here`).
+    pub refused_busy: u64,
 }
 
 /// How long a chunk sender waits for one arrival before it looks at its credits again.
@@ -146,7 +149,9 @@ pub(super) enum Ready {
         seq: u32,
     },
     /// A data message copied out of its partitions (it arrived while a rendezvous message was
-    /// being streamed: its partitions went back to the sender at once).
+    /// being streamed: its partitions went back to the sender at once; or a `recv_into` buffer
+    /// was too short for it). Held up to [`RndvConfig::COPIED_OUT_FACTOR`] times the receive
+    /// segments' bytes.
     Owned {
         /// The payload.
         data: Vec<u8>,
@@ -166,11 +171,23 @@ pub(super) enum Ready {
         seq: u32,
         /// Bytes received so far (the chunks come in order).
         got: u64,
-        /// The message so far, `len` bytes long; `None` when its chunks are only drained, to
-        /// refuse it with `refuse` once they are all in.
+        /// The message so far, `got` bytes long (it grows as the chunks come: nothing is
+        /// reserved for what the sender has not sent); `None` when its chunks are only drained,
+        /// to refuse it with `refuse` once they are all in.
         data: Option<Vec<u8>>,
         /// Refusal code for a drained message.
         refuse: u32,
+    },
+    /// A streamed rendezvous message whose chunks have all come, not answered yet: the receive
+    /// that takes it answers done (or, into a buffer too short, refused), so its sender's
+    /// transfer completes when the application has it, as for a message read in place.
+    Streamed {
+        /// The sender's id.
+        id: u64,
+        /// Its sequence number.
+        seq: u32,
+        /// The message.
+        data: Vec<u8>,
     },
     /// A rendezvous request to refuse at the next receive.
     Refuse {
@@ -183,6 +200,132 @@ pub(super) enum Ready {
         /// Refusal code.
         reason: u32,
     },
+}
+
+/// The receive queue of [`Ready`] entries, with the counts the receive-side limits need kept
+/// as entries come and go (so that no arrival scans the queue).
+#[derive(Debug, Default)]
+pub(super) struct ReadyQueue {
+    q: VecDeque<Ready>,
+    /// Rendezvous transfers queued (requests, refusals, streamed messages complete or not).
+    transfers: usize,
+    /// Streamed messages whose chunks are still coming ([`Ready::Partial`] short of `len`).
+    incoming: usize,
+    /// Bytes of data messages copied out of their partitions ([`Ready::Owned`]).
+    copied: u64,
+}
+
+/// What one entry adds to the counts of a [`ReadyQueue`]: (transfers, incoming, copied bytes).
+fn weight(r: &Ready) -> (usize, usize, u64) {
+    match r {
+        Ready::Data(_) => (0, 0, 0),
+        Ready::Owned { data, .. } => (0, 0, data.len() as u64),
+        Ready::Request { .. } | Ready::Refuse { .. } | Ready::Streamed { .. } => (1, 0, 0),
+        Ready::Partial { len, got, .. } => (1, usize::from(got < len), 0),
+    }
+}
+
+impl ReadyQueue {
+    fn add(&mut self, r: &Ready) {
+        let (t, i, c) = weight(r);
+        self.transfers += t;
+        self.incoming += i;
+        self.copied += c;
+    }
+
+    fn sub(&mut self, r: &Ready) {
+        let (t, i, c) = weight(r);
+        self.transfers -= t;
+        self.incoming -= i;
+        self.copied -= c;
+    }
+
+    pub(super) fn push_back(&mut self, r: Ready) {
+        self.add(&r);
+        self.q.push_back(r);
+    }
+
+    pub(super) fn push_front(&mut self, r: Ready) {
+        self.add(&r);
+        self.q.push_front(r);
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Ready> {
+        let r = self.q.pop_front()?;
+        self.sub(&r);
+        Some(r)
+    }
+
+    fn remove(&mut self, i: usize) -> Option<Ready> {
+        let r = self.q.remove(i)?;
+        self.sub(&r);
+        Some(r)
+    }
+
+    fn insert(&mut self, i: usize, r: Ready) {
+        self.add(&r);
+        self.q.insert(i, r);
+    }
+
+    /// Replaces entry `i` (which must exist) by `r`.
+    fn replace(&mut self, i: usize, r: Ready) {
+        if let Some(old) = self.remove(i) {
+            drop(old);
+            self.insert(i, r);
+        }
+    }
+
+    pub(super) fn front(&self) -> Option<&Ready> {
+        self.q.front()
+    }
+
+    fn get(&self, i: usize) -> Option<&Ready> {
+        self.q.get(i)
+    }
+
+    /// Entry `i` to change in place: the change must leave its [`weight`] as it was.
+    fn get_mut(&mut self, i: usize) -> Option<&mut Ready> {
+        self.q.get_mut(i)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Ready> {
+        self.q.iter()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+}
+
+/// Where the chunks of a streamed message go.
+enum Sink<'d> {
+    /// Into a destination `len` bytes long (at each chunk's offset).
+    Slice(&'d mut [u8]),
+    /// Appended to a buffer that grows as they come.
+    Grow(&'d mut Vec<u8>),
+    /// Nowhere (a refused message's chunks, taken off the segments).
+    Drop,
+}
+
+impl Sink<'_> {
+    fn keeps(&self) -> bool {
+        !matches!(self, Sink::Drop)
+    }
+}
+
+/// Appends `bytes` to `v`, the start of a message of `total` bytes: the buffer grows by
+/// doubling, never beyond `total`.
+fn append_chunk(v: &mut Vec<u8>, bytes: &[u8], total: usize) {
+    let need = v.len() + bytes.len();
+    if need > v.capacity() {
+        let want = v.capacity().saturating_mul(2).min(total).max(need);
+        v.reserve_exact(want - v.len());
+    }
+    v.extend_from_slice(bytes);
 }
 
 /// The rendezvous state of a connection.
@@ -204,12 +347,19 @@ pub(super) struct RndvInner {
     /// id -> (address, length) of the buffer, so that the connection can send the chunks itself
     /// if the peer asks for them ([`Inner::push_own`]).
     exposed: HashMap<u64, (u64, usize)>,
-    pub(super) ready: VecDeque<Ready>,
+    pub(super) ready: ReadyQueue,
+    /// Streamed transfers refused at once as busy whose chunks are still coming: id ->
+    /// (announced length, bytes dropped so far). At most
+    /// [`RndvConfig::MAX_DROPPING_STREAMS`].
+    dropping: HashMap<u64, (u64, u64)>,
     stats: RndvStats,
 }
 
 impl RndvInner {
     pub(super) fn new(max_eager: usize) -> Self {
+        // The transports parse the environment during set-up and fail the connection on a
+        // malformed value (`TransportError::Config`) before it gets here; only a link built
+        // outside them, or the environment changed in between, can meet an error here.
         let cfg = RndvConfig::from_env().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "ignoring the rendezvous environment");
             RndvConfig::default()
@@ -222,7 +372,8 @@ impl RndvInner {
             peer_cannot_read: false,
             we_cannot_read: false,
             exposed: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: ReadyQueue::default(),
+            dropping: HashMap::new(),
             stats: RndvStats::default(),
         }
     }
@@ -264,7 +415,7 @@ impl<L: Link> Inner<L> {
         };
         match Immediate(imm).decode()? {
             ImmediateKind::Credit { .. } => {
-                self.tx.handle_credit_notice(imm)?;
+                self.credit_notice(imm)?;
             }
             ImmediateKind::Message { .. } => {
                 let arrival = self.rx.on_immediate(imm)?;
@@ -274,9 +425,7 @@ impl<L: Link> Inner<L> {
                 match d.kind {
                     MessageKind::Data if self.has_partial() => {
                         // A streamed message is still coming: its chunks need the partitions.
-                        let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
-                        self.release(d.token)?;
-                        self.rndv.ready.push_back(Ready::Owned { data, seq: d.seq });
+                        self.copy_out(target, d)?;
                     }
                     MessageKind::Data => self.rndv.ready.push_back(Ready::Data(d)),
                     MessageKind::Control => {
@@ -360,18 +509,41 @@ impl<L: Link> Inner<L> {
     /// Queues `r` for the next receive. A streamed request (its chunks follow it) is queued as
     /// [`Ready::Partial`]: its chunks are filed there as they arrive (or discarded, for a
     /// request to refuse), by whatever call makes progress, without waiting for them here.
+    ///
+    /// At most [`RndvConfig::MAX_QUEUED_TRANSFERS`] rendezvous transfers are queued: a request
+    /// beyond is refused at once ([`refuse_reason::BUSY`], or its own refusal reason), and the
+    /// chunks of a streamed one are dropped as they come.
     fn file_ready(&mut self, target: &impl TargetMemory, r: Ready) -> Result<(), TransportError> {
+        let can_stream = self.link.rndv_can_stream();
+        let answer = match &r {
+            Ready::Request { req, .. } => Some((
+                req.id,
+                req.len as u64,
+                refuse_reason::BUSY,
+                req.rkey == STREAMED_RKEY && can_stream,
+            )),
+            Ready::Refuse {
+                streamed,
+                id,
+                len,
+                reason,
+            } => Some((*id, *len, *reason, *streamed)),
+            _ => None,
+        };
+        if let Some((id, len, reason, streamed)) = answer
+            && self.rndv.ready.transfers >= RndvConfig::MAX_QUEUED_TRANSFERS
+        {
+            return self.refuse_busy(target, id, len, reason, streamed);
+        }
         let r = match r {
-            Ready::Request { req, seq }
-                if req.rkey == STREAMED_RKEY && self.link.rndv_can_stream() =>
-            {
+            Ready::Request { req, seq } if req.rkey == STREAMED_RKEY && can_stream => {
                 self.copy_out_held(target)?;
                 Ready::Partial {
                     id: req.id,
                     len: req.len as u64,
                     seq,
                     got: 0,
-                    data: Some(vec![0u8; req.len]),
+                    data: Some(Vec::new()),
                     refuse: 0,
                 }
             }
@@ -397,12 +569,80 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
+    /// Refuses transfer `id` at once, without queueing it: the queue holds
+    /// [`RndvConfig::MAX_QUEUED_TRANSFERS`] already. A streamed transfer's chunks follow its
+    /// request: they are dropped as they come (at most [`RndvConfig::MAX_DROPPING_STREAMS`]
+    /// such transfers at once, else the peer is sending requests without their chunks and the
+    /// connection fails).
+    fn refuse_busy(
+        &mut self,
+        target: &impl TargetMemory,
+        id: u64,
+        len: u64,
+        reason: u32,
+        streamed: bool,
+    ) -> Result<(), TransportError> {
+        if streamed {
+            if self.rndv.dropping.len() >= RndvConfig::MAX_DROPPING_STREAMS {
+                return Err(ProtocolError::LimitExceeded {
+                    what: "streamed rendezvous transfers refused while their chunks still come",
+                    limit: RndvConfig::MAX_DROPPING_STREAMS as u64,
+                }
+                .into());
+            }
+            self.copy_out_held(target)?;
+            self.rndv.dropping.insert(id, (len, 0));
+        }
+        self.rndv.stats.refused_here += 1;
+        if reason == refuse_reason::BUSY {
+            // A request already refused for a reason of its own keeps that reason.
+            self.rndv.stats.refused_busy += 1;
+        }
+        tracing::warn!(
+            id,
+            len,
+            reason,
+            queued = self.rndv.ready.transfers,
+            "refusing a rendezvous request: too many transfers queued"
+        );
+        self.send_control_blocking(&ControlMessage::RendezvousRefused { id, reason })?;
+        Ok(())
+    }
+
     /// Whether a streamed message is still coming in (its chunks need partitions).
     fn has_partial(&self) -> bool {
-        self.rndv
-            .ready
-            .iter()
-            .any(|r| matches!(r, Ready::Partial { .. }))
+        self.rndv.ready.incoming > 0 || !self.rndv.dropping.is_empty()
+    }
+
+    /// The most bytes of copied-out data messages held at once:
+    /// [`RndvConfig::COPIED_OUT_FACTOR`] times the receive layout's segment bytes.
+    fn copy_limit(&self) -> u64 {
+        RndvConfig::COPIED_OUT_FACTOR.saturating_mul(self.rx.layout().segment_bytes())
+    }
+
+    /// Checks that `n` more bytes copied out of their partitions stay within
+    /// [`Inner::copy_limit`]: beyond, the peer sends data instead of the chunks it announced.
+    fn check_copy(&self, n: usize) -> Result<(), TransportError> {
+        let limit = self.copy_limit();
+        if self.rndv.ready.copied.saturating_add(n as u64) > limit {
+            return Err(ProtocolError::LimitExceeded {
+                what: "bytes of data messages copied out of their partitions while a streamed \
+                       rendezvous message comes in",
+                limit,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Copies data message `d` out of its partitions (they go back to the sender at once) to
+    /// the back of the queue.
+    fn copy_out(&mut self, target: &impl TargetMemory, d: Delivery) -> Result<(), TransportError> {
+        self.check_copy(d.len)?;
+        let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
+        self.release(d.token)?;
+        self.rndv.ready.push_back(Ready::Owned { data, seq: d.seq });
+        Ok(())
     }
 
     /// Copies the data messages held in their partitions out of them, so that the partitions go
@@ -410,12 +650,21 @@ impl<L: Link> Inner<L> {
     fn copy_out_held(&mut self, target: &impl TargetMemory) -> Result<(), TransportError> {
         for i in 0..self.rndv.ready.len() {
             if let Some(&Ready::Data(d)) = self.rndv.ready.get(i) {
+                self.check_copy(d.len)?;
                 let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
                 self.release(d.token)?;
-                self.rndv.ready[i] = Ready::Owned { data, seq: d.seq };
+                self.rndv
+                    .ready
+                    .replace(i, Ready::Owned { data, seq: d.seq });
             }
         }
         Ok(())
+    }
+
+    /// Puts a data message that did not fit the receive's buffer back at the head of the queue,
+    /// copied out of its partitions (which go back to the sender now).
+    pub(super) fn requeue(&mut self, data: Vec<u8>, seq: u32) {
+        self.rndv.ready.push_front(Ready::Owned { data, seq });
     }
 
     /// Files a chunk of transfer `id` that arrived while no receive was taking that transfer:
@@ -432,33 +681,70 @@ impl<L: Link> Inner<L> {
             len: CHUNK_HEADER_LEN + bytes.len(),
             reason,
         };
-        let Some(i) = self
-            .rndv
-            .ready
-            .iter()
-            .position(|r| matches!(r, Ready::Partial { id: p, .. } if *p == id))
-        else {
-            return Err(bad("rendezvous chunk outside a streamed transfer").into());
+        let Some(i) = self.rndv.ready.iter().position(
+            |r| matches!(r, Ready::Partial { id: p, len, got, .. } if *p == id && got < len),
+        ) else {
+            // A transfer refused as busy: its chunks are dropped.
+            let Some((len, got)) = self.rndv.dropping.get_mut(&id) else {
+                return Err(bad("rendezvous chunk outside a streamed transfer").into());
+            };
+            let end = *got + bytes.len() as u64;
+            if offset != *got || end > *len {
+                return Err(bad("chunk out of order or beyond the message").into());
+            }
+            *got = end;
+            if end == *len {
+                self.rndv.dropping.remove(&id);
+            }
+            return Ok(None);
         };
         let Some(Ready::Partial { len, got, data, .. }) = self.rndv.ready.get_mut(i) else {
             return Err(TransportError::Failed("rendezvous queue changed".into()));
         };
+        let total = *len;
         let end = *got + bytes.len() as u64;
-        if offset != *got || end > *len {
+        if offset != *got || end > total {
             return Err(bad("chunk out of order or beyond the message").into());
         }
-        if let Some(v) = data.as_mut() {
-            let slot = v
-                .get_mut(*got as usize..end as usize)
-                .ok_or_else(|| bad("chunk beyond the destination"))?;
-            crate::copy::copy(slot, bytes);
+        if end < total {
+            // Still short of its length: the entry's weight in the queue does not change.
+            if let Some(v) = data.as_mut() {
+                append_chunk(v, bytes, total as usize);
+            }
+            *got = end;
+            return Ok(None);
         }
-        *got = end;
-        Ok((end == *len).then_some(i))
+        // The last chunk: taken out and put back, so that the queue's counts follow.
+        let Some(Ready::Partial {
+            id,
+            len,
+            seq,
+            mut data,
+            refuse,
+            ..
+        }) = self.rndv.ready.remove(i)
+        else {
+            return Err(TransportError::Failed("rendezvous queue changed".into()));
+        };
+        if let Some(v) = data.as_mut() {
+            append_chunk(v, bytes, total as usize);
+        }
+        self.rndv.ready.insert(
+            i,
+            Ready::Partial {
+                id,
+                len,
+                seq,
+                got: end,
+                data,
+                refuse,
+            },
+        );
+        Ok(Some(i))
     }
 
-    /// Answers the streamed message completed at queue position `i` done (it is then delivered
-    /// by the next receive), or, drained, turns it into a refusal for the next receive.
+    /// Turns the streamed message completed at queue position `i` into [`Ready::Streamed`] (the
+    /// receive that takes it answers done), or, drained, into a refusal for the next receive.
     fn complete_partial(&mut self, i: usize) -> Result<(), TransportError> {
         let Some(Ready::Partial {
             id,
@@ -472,13 +758,7 @@ impl<L: Link> Inner<L> {
             return Err(TransportError::Failed("rendezvous queue changed".into()));
         };
         let done = match data {
-            Some(data) => {
-                self.send_control_blocking(&ControlMessage::RendezvousDone { id })?;
-                self.rndv.stats.streamed += 1;
-                self.rndv.stats.received += 1;
-                self.rndv.stats.received_bytes += len;
-                Ready::Owned { data, seq }
-            }
+            Some(data) => Ready::Streamed { id, seq, data },
             None => Ready::Refuse {
                 streamed: false,
                 id,
@@ -528,11 +808,18 @@ impl<L: Link> Inner<L> {
             Ok(()) => {}
             Err(ask) if can_stream && ask.is_none_or(|r| r == refuse_reason::NO_ACCESS) => {
                 let len = req.len as u64;
-                let got =
-                    self.stream_into(target, req.id, len, Some(&mut *dst), 0, ask.is_some(), wait)?;
+                let got = self.stream_into(
+                    target,
+                    req.id,
+                    len,
+                    Sink::Slice(&mut *dst),
+                    0,
+                    ask.is_some(),
+                    wait,
+                )?;
                 if got < len {
-                    let mut data = vec![0u8; req.len];
-                    crate::copy::copy(&mut data[..got as usize], &dst[..got as usize]);
+                    // Kept as far as it got; the rest grows it as it comes.
+                    let data = dst[..got as usize].to_vec();
                     self.rndv.ready.push_front(Ready::Partial {
                         id: req.id,
                         len,
@@ -568,7 +855,7 @@ impl<L: Link> Inner<L> {
         reason: u32,
         wait: Wait,
     ) -> TransportError {
-        match self.stream_into(target, id, len, None, got, false, wait) {
+        match self.stream_into(target, id, len, Sink::Drop, got, false, wait) {
             Ok(got) if got < len => {
                 self.rndv.ready.push_front(Ready::Partial {
                     id,
@@ -585,8 +872,8 @@ impl<L: Link> Inner<L> {
         }
     }
 
-    /// Copies the `len` bytes of transfer `id` from offset `got` on into `dst` (`None`:
-    /// discards them) as its chunks come, after asking the sender for them (`ask`) unless they
+    /// Copies the `len` bytes of transfer `id` from offset `got` on into `dst` as its chunks
+    /// come, after asking the sender for them (`ask`) unless they
     /// follow the request anyway. Returns how far it got: `len`, or less when `wait`'s deadline
     /// passed first. Data messages that arrive meanwhile are copied out so that their partitions
     /// go back at once (the chunks need them); chunks of other streamed transfers are filed in
@@ -597,12 +884,12 @@ impl<L: Link> Inner<L> {
         target: &impl TargetMemory,
         id: u64,
         len: u64,
-        mut dst: Option<&mut [u8]>,
+        mut dst: Sink<'_>,
         mut got: u64,
         ask: bool,
         wait: Wait,
     ) -> Result<u64, TransportError> {
-        tracing::debug!(id, len, got, keep = dst.is_some(), "rendezvous by stream");
+        tracing::debug!(id, len, got, keep = dst.keeps(), "rendezvous by stream");
         let deadline = match wait {
             Wait::Forever => None,
             Wait::No => Some(Instant::now()),
@@ -629,19 +916,17 @@ impl<L: Link> Inner<L> {
                 continue;
             };
             if let ImmediateKind::Credit { .. } = Immediate(imm).decode()? {
-                self.tx.handle_credit_notice(imm)?;
+                self.credit_notice(imm)?;
                 continue;
             }
             let arrival = self.rx.on_immediate(imm)?;
             let header = target.bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
             let d = self.rx.accept(arrival, header)?;
-            let body = target.bytes(d.token.segment(), d.offset, d.len)?;
             if d.kind == MessageKind::Data {
-                let data = body.to_vec();
-                self.release(d.token)?;
-                self.rndv.ready.push_back(Ready::Owned { data, seq: d.seq });
+                self.copy_out(target, d)?;
                 continue;
             }
+            let body = target.bytes(d.token.segment(), d.offset, d.len)?;
             let msg = ControlMessage::decode(body);
             match msg {
                 Ok(ControlMessage::RendezvousChunk {
@@ -664,11 +949,16 @@ impl<L: Link> Inner<L> {
                             bad(body.len(), "chunk out of order or beyond the message").into()
                         );
                     }
-                    if let Some(dst) = dst.as_deref_mut() {
-                        let slot = dst
-                            .get_mut(got as usize..end as usize)
-                            .ok_or_else(|| bad(body.len(), "chunk beyond the destination"))?;
-                        crate::copy::copy(slot, &body[CHUNK_HEADER_LEN..]);
+                    let bytes = &body[CHUNK_HEADER_LEN..];
+                    match &mut dst {
+                        Sink::Slice(dst) => {
+                            let slot = dst
+                                .get_mut(got as usize..end as usize)
+                                .ok_or_else(|| bad(body.len(), "chunk beyond the destination"))?;
+                            crate::copy::copy(slot, bytes);
+                        }
+                        Sink::Grow(v) => append_chunk(v, bytes, len as usize),
+                        Sink::Drop => {}
                     }
                     got = end;
                     self.release(d.token)?;
@@ -838,14 +1128,38 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             Ready::Partial {
                 id,
                 len,
+                got,
+                data: Some(_),
+                ..
+            } if dst.as_ref().is_some_and(|b| (b.len() as u64) < len) => {
+                // The buffer is too short: the rest of the chunks are dropped, and it is refused.
+                Err(inner.drain_and_refuse(
+                    &self.target,
+                    id,
+                    len,
+                    got,
+                    refuse_reason::NO_ROOM,
+                    wait,
+                ))
+            }
+            Ready::Partial {
+                id,
+                len,
                 seq,
                 got,
                 data: Some(mut data),
                 ..
             } => {
                 // Resumed: the rest comes into the message's own buffer.
-                let got =
-                    inner.stream_into(&self.target, id, len, Some(&mut data), got, false, wait)?;
+                let got = inner.stream_into(
+                    &self.target,
+                    id,
+                    len,
+                    Sink::Grow(&mut data),
+                    got,
+                    false,
+                    wait,
+                )?;
                 if got < len {
                     inner.rndv.ready.push_front(Ready::Partial {
                         id,
@@ -857,28 +1171,9 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                     });
                     return Err(timed_out(wait));
                 }
-                if dst.as_ref().is_some_and(|b| b.len() < data.len()) {
-                    return Err(inner.refuse(id, len, refuse_reason::NO_ROOM));
-                }
-                inner.send_control_blocking(&ControlMessage::RendezvousDone { id })?;
-                inner.rndv.stats.streamed += 1;
-                inner.rndv.stats.received += 1;
-                inner.rndv.stats.received_bytes += len;
-                match dst {
-                    Some(buf) => {
-                        crate::copy::copy(&mut buf[..data.len()], &data);
-                        inner.rndv.stats.into_caller_buffer += 1;
-                        Ok(Got::Landed(data.len()))
-                    }
-                    None => Ok(Got::Msg(Message {
-                        conn: self,
-                        token: None,
-                        data: &[],
-                        owned: Some(data),
-                        seq,
-                    })),
-                }
+                self.deliver_streamed(inner, id, seq, data, dst)
             }
+            Ready::Streamed { id, seq, data } => self.deliver_streamed(inner, id, seq, data, dst),
             Ready::Request { req, seq } => match dst {
                 Some(buf) if buf.len() >= req.len => {
                     inner.read_and_answer(
@@ -919,6 +1214,41 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                     }))
                 }
             },
+        }
+    }
+
+    /// Delivers a streamed message whose chunks have all come: answers done and lands it in
+    /// `dst`, or returns it as a message; a `dst` too short refuses it (reason no room), as any
+    /// rendezvous message.
+    fn deliver_streamed<'a>(
+        &'a self,
+        inner: &mut Inner<L>,
+        id: u64,
+        seq: u32,
+        data: Vec<u8>,
+        dst: Option<&mut [u8]>,
+    ) -> Result<Got<'a, L, T>, TransportError> {
+        let len = data.len() as u64;
+        if dst.as_ref().is_some_and(|b| b.len() < data.len()) {
+            return Err(inner.refuse(id, len, refuse_reason::NO_ROOM));
+        }
+        inner.send_control_blocking(&ControlMessage::RendezvousDone { id })?;
+        inner.rndv.stats.streamed += 1;
+        inner.rndv.stats.received += 1;
+        inner.rndv.stats.received_bytes += len;
+        match dst {
+            Some(buf) => {
+                crate::copy::copy(&mut buf[..data.len()], &data);
+                inner.rndv.stats.into_caller_buffer += 1;
+                Ok(Got::Landed(data.len()))
+            }
+            None => Ok(Got::Msg(Message {
+                conn: self,
+                token: None,
+                data: &[],
+                owned: Some(data),
+                seq,
+            })),
         }
     }
 
@@ -1097,7 +1427,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             Ready::Data(d) => d.len <= room,
             Ready::Owned { data, .. } => data.len() <= room,
             Ready::Request { req, .. } => req.len <= room && !inner.link.rndv_can_stream(),
-            Ready::Refuse { .. } | Ready::Partial { .. } => false,
+            Ready::Refuse { .. } | Ready::Partial { .. } | Ready::Streamed { .. } => false,
         };
         let first_ok = inner
             .rndv
@@ -1406,5 +1736,74 @@ impl<L: Link, T: TargetMemory> Drop for SendHandle<'_, '_, L, T> {
             // failure) before the borrow ends.
             let _ = self.wait_mut();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streamed_buffer_grows_with_its_chunks_and_never_past_its_length() {
+        let total = 10_000;
+        let mut v = Vec::new();
+        let chunk = [7u8; 3000];
+        append_chunk(&mut v, &chunk, total);
+        assert_eq!(v.len(), 3000);
+        assert!(v.capacity() < total, "reserved {} up front", v.capacity());
+        append_chunk(&mut v, &chunk, total);
+        append_chunk(&mut v, &chunk, total);
+        append_chunk(&mut v, &chunk[..1000], total);
+        assert_eq!(v.len(), total);
+        assert!(v.capacity() <= total, "{}", v.capacity());
+        assert!(v.iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn the_ready_queue_keeps_its_counts() {
+        let mut q = ReadyQueue::default();
+        let partial = |got| Ready::Partial {
+            id: 1,
+            len: 10,
+            seq: 0,
+            got,
+            data: Some(Vec::new()),
+            refuse: 0,
+        };
+        q.push_back(Ready::Owned {
+            data: vec![0; 100],
+            seq: 0,
+        });
+        q.push_back(partial(0));
+        q.push_front(Ready::Refuse {
+            streamed: false,
+            id: 2,
+            len: 5,
+            reason: refuse_reason::NO_ROOM,
+        });
+        assert_eq!((q.transfers, q.incoming, q.copied), (2, 1, 100));
+        // The partial completes: taken out and put back.
+        let r = q.remove(2);
+        assert!(matches!(r, Some(Ready::Partial { .. })));
+        q.insert(
+            2,
+            Ready::Streamed {
+                id: 1,
+                seq: 0,
+                data: vec![0; 10],
+            },
+        );
+        assert_eq!((q.transfers, q.incoming, q.copied), (2, 0, 100));
+        q.replace(
+            1,
+            Ready::Owned {
+                data: vec![0; 40],
+                seq: 0,
+            },
+        );
+        assert_eq!(q.copied, 40);
+        while q.pop_front().is_some() {}
+        assert_eq!((q.transfers, q.incoming, q.copied, q.len()), (0, 0, 0, 0));
+        assert!(q.is_empty());
     }
 }

@@ -854,10 +854,12 @@ fn handshake(
 
 /// This side's answer to "can you read my memory?" for the handshake: no when
 /// `RSMSG_RNDV_STREAM_ONLY` is set here (this side never reads its peer), otherwise whether the
-/// peer's probe reads back from the process the kernel saw connect (`SO_PEERCRED`).
+/// peer's probe reads back from the process the kernel saw connect (`SO_PEERCRED`). Fails with
+/// [`TransportError::Config`] when an `RSMSG_RNDV_*` variable is malformed.
 fn read_verdict(sock: &UnixStream, theirs: &Hello) -> Result<bool, TransportError> {
-    let stream_only = RndvConfig::from_env().is_ok_and(|c| c.stream_only);
-    if stream_only {
+    // A malformed RSMSG_RNDV_* value fails the set-up (naming the variable) rather than
+    // silently dropping every rendezvous setting.
+    if RndvConfig::from_env()?.stream_only {
         return Ok(false);
     }
     let pid = socket_peer_pid(sock)?;

@@ -1590,7 +1590,9 @@ fn finish(
         sq_depth = depth,
         "verbs connection up"
     );
-    let rndv_env = RndvConfig::from_env().unwrap_or_default();
+    // A malformed RSMSG_RNDV_* value fails the set-up (naming the variable) rather than
+    // silently dropping every rendezvous setting.
+    let rndv_env = RndvConfig::from_env()?;
     let link = VerbsLink {
         tx: RefCell::new(tx),
         rx,

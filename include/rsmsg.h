@@ -148,7 +148,9 @@ int rsmsg_config_new(struct rsmsg_config *out_cfg);
 
 // Creates a configuration from the environment: `RSMSG_TRANSPORT` (auto, shm, verbs),
 // `RSMSG_GROUPS` (`SIZE:COUNT:SPAN[:SEGMENTS],...`), `RSMSG_POLL` (busy, event,
-// `adaptive[:SPINS]`), `RSMSG_MANAGER` (HOST:PORT) with `RSMSG_TOKEN`.
+// `adaptive[:SPINS]`), `RSMSG_MANAGER` (HOST:PORT) with `RSMSG_TOKEN`, and the verbs settings.
+// The rendezvous variables (`RSMSG_RNDV_*`, read by every connection when it is made) are
+// checked too. `RSMSG_ERR_CONFIG` naming the first malformed variable.
 //
 // Thread safety: any thread (reads the environment: do not change it concurrently).
 int rsmsg_config_from_env(struct rsmsg_config *out_cfg);
@@ -169,7 +171,9 @@ int rsmsg_config_set_groups(struct rsmsg_config cfg, const char *spec);
 // Thread safety: any thread; calls on one configuration are serialized.
 int rsmsg_config_set_poll(struct rsmsg_config cfg, const char *mode);
 
-// Uses the bootstrap manager at `addr` ("HOST:PORT") with the shared secret `token`.
+// Uses the bootstrap manager at `addr` ("HOST:PORT", nothing around it) with the shared
+// secret `token`. `RSMSG_ERR_INVALID_ARG` for an empty address, `RSMSG_ERR_CONFIG` for one
+// that is not HOST:PORT (whitespace around it included) or a token of the wrong length.
 //
 // Thread safety: any thread; calls on one configuration are serialized.
 int rsmsg_config_set_manager(struct rsmsg_config cfg, const char *addr, const char *token);
@@ -208,7 +212,9 @@ int rsmsg_connect(struct rsmsg_config cfg, const char *name, struct rsmsg_conn *
 int rsmsg_send(struct rsmsg_conn conn, const void *buf, size_t len);
 
 // Sends `len` bytes if partitions are free now; `RSMSG_ERR_WOULD_BLOCK` (nothing sent)
-// otherwise.
+// otherwise. A message above the switch point (`rsmsg_max_message`, or
+// `RSMSG_RNDV_THRESHOLD` when lower) goes by rendezvous: the receiver reads it from `buf`, so
+// the call returns only once it has (as `rsmsg_send` does).
 //
 // Thread safety: any thread; calls on one connection are serialized.
 int rsmsg_try_send(struct rsmsg_conn conn, const void *buf, size_t len);
@@ -272,7 +278,8 @@ int rsmsg_close(struct rsmsg_conn conn);
 // This process's rank and the job size, from the launcher's environment: Open MPI's `mpirun`
 // (`OMPI_COMM_WORLD_RANK`/`SIZE`), a PMI launcher (`PMI_RANK`/`PMI_SIZE`) or Slurm's `srun`
 // (`SLURM_PROCID`/`SLURM_NTASKS`), tried in that order. `RSMSG_ERR_LAUNCH` when none is set
-// or the values are inconsistent.
+// or the values are malformed (not UTF-8 included), inconsistent, or give a size above
+// 1048576 (2^20).
 //
 // Thread safety: any thread (reads the environment).
 int rsmsg_launch_info(uint32_t *out_rank, uint32_t *out_size);
@@ -281,14 +288,15 @@ int rsmsg_launch_info(uint32_t *out_rank, uint32_t *out_size);
 // endpoint settings from `cfg`, the mesh settings from the environment: `RSMSG_JOB` (name
 // prefix; default the launcher's job id), `RSMSG_EMBED_MANAGER=1` (rank 0 runs the bootstrap
 // manager on the port of `RSMSG_MANAGER`, which names rank 0's host), `RSMSG_MESH_TIMEOUT`
-// (seconds, default 60). Every rank must call it; it returns once this rank is connected to
+// (whole seconds, 1 to 31536000, default 60). Every rank must call it; it returns once this rank is connected to
 // every other one.
 //
 // Thread safety: any thread.
-int rsmsg_mesh_init(struct rsmsg_config cfg, struct rsmsg_mesh *out_mesh);
+int rsmsg_mesh_init(struct rsmsg_config cfg,
+                    struct rsmsg_mesh *out_mesh);
 
 // As `rsmsg_mesh_init`, with the rank and size given (`rank` < `size`) instead of read from a
-// launcher.
+// launcher. `size` is at most 1048576 (2^20): `RSMSG_ERR_INVALID_ARG` above it.
 //
 // Thread safety: any thread.
 int rsmsg_mesh_init_ranks(struct rsmsg_config cfg,
@@ -318,7 +326,9 @@ int rsmsg_mesh_max_message(struct rsmsg_mesh mesh, uint32_t rank, size_t *out_le
 int rsmsg_mesh_send(struct rsmsg_mesh mesh, uint32_t rank, const void *buf, size_t len);
 
 // As `rsmsg_mesh_send` without waiting: `RSMSG_ERR_WOULD_BLOCK` (nothing sent) under
-// back-pressure.
+// back-pressure. A message above the switch point (`rsmsg_max_message`, or
+// `RSMSG_RNDV_THRESHOLD` when lower) goes by rendezvous and returns only once the receiver
+// has read it, as `rsmsg_mesh_send` does.
 //
 // Thread safety: any thread; calls on one mesh are serialized.
 int rsmsg_mesh_try_send(struct rsmsg_mesh mesh, uint32_t rank, const void *buf, size_t len);

@@ -130,18 +130,44 @@ pub struct MeshSetup {
     pub job: String,
     /// Rank 0 runs a bootstrap manager on this address (`0.0.0.0:PORT`) with this token.
     pub embed_manager: Option<(String, Token)>,
-    /// How long the whole setup may take (waiting for peers to start included).
+    /// How long the whole setup may take (waiting for peers to start included); at most
+    /// [`MeshSetup::MAX_TIMEOUT`].
     pub timeout: Duration,
 }
 
 impl MeshSetup {
+    /// The longest setup timeout accepted (`RSMSG_MESH_TIMEOUT` 1 to 31536000 seconds, one
+    /// year).
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86400);
+
+    /// Variables read besides the launcher's job id variables.
+    const ENV_VARS: [&'static str; 5] = [
+        "RSMSG_JOB",
+        "RSMSG_MESH_TIMEOUT",
+        "RSMSG_EMBED_MANAGER",
+        "RSMSG_MANAGER",
+        "RSMSG_TOKEN",
+    ];
+
     /// From the environment: `RSMSG_JOB` or the launcher's job id for [`MeshSetup::job`],
     /// `RSMSG_EMBED_MANAGER=1` (with `RSMSG_MANAGER=HOST:PORT` and `RSMSG_TOKEN`) for an embedded
-    /// manager on rank 0, `RSMSG_MESH_TIMEOUT` (seconds, default 60).
+    /// manager on rank 0, `RSMSG_MESH_TIMEOUT` (whole seconds, 1 to 31536000, default 60).
     ///
     /// # Errors
-    /// A variable that does not parse, an embedded manager without a port or a token.
+    /// [`MeshError::Config`] naming a variable that is not valid UTF-8 or does not parse, a
+    /// timeout out of range, an embedded manager without a port or a token.
     pub fn from_env() -> Result<MeshSetup, MeshError> {
+        for name in Self::ENV_VARS
+            .into_iter()
+            .chain(crate::bootstrap::launcher::job_name_vars())
+        {
+            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(name) {
+                return Err(MeshError::Config {
+                    name,
+                    reason: "not valid UTF-8".into(),
+                });
+            }
+        }
         Self::from_vars(|k| std::env::var(k).ok())
     }
 
@@ -155,11 +181,14 @@ impl MeshSetup {
         let timeout = match var("RSMSG_MESH_TIMEOUT") {
             None => DEFAULT_TIMEOUT,
             Some(v) => match v.trim().parse::<u64>() {
-                Ok(s) if s > 0 => Duration::from_secs(s),
+                Ok(s) if s > 0 && s <= Self::MAX_TIMEOUT.as_secs() => Duration::from_secs(s),
                 _ => {
                     return Err(MeshError::Config {
                         name: "RSMSG_MESH_TIMEOUT",
-                        reason: format!("{v:?} is not a positive number of seconds"),
+                        reason: format!(
+                            "{v:?} is not a number of seconds from 1 to {}",
+                            Self::MAX_TIMEOUT.as_secs()
+                        ),
                     });
                 }
             },
@@ -228,7 +257,9 @@ struct Peer {
 pub struct Mesh {
     rank: u32,
     size: u32,
-    peers: Vec<Option<Peer>>,
+    /// Indexed by rank (`None` for this rank); boxed so that a slot costs a pointer until its
+    /// peer connects.
+    peers: Vec<Option<Box<Peer>>>,
     epoch: Cell<u64>,
     _listener: Listener,
     _manager: Option<ManagerHandle>,
@@ -351,14 +382,25 @@ impl Mesh {
     /// `setup.job`.
     ///
     /// # Errors
-    /// A rank not below `size`, a name already in use, a peer that does not come before
-    /// `setup.timeout`, a failed handshake or a peer that sends something else than a hello.
+    /// [`MeshError::Config`] for a `size` above [`LaunchInfo::MAX_SIZE`] or a
+    /// `setup.timeout` above [`MeshSetup::MAX_TIMEOUT`]; [`MeshError::BadRank`] for a rank not
+    /// below `size`; a name already in use, a peer that does not come before `setup.timeout`,
+    /// a failed handshake or a peer that sends something else than a hello.
     pub fn connect(
         config: &Config,
         rank: u32,
         size: u32,
         setup: &MeshSetup,
     ) -> Result<Mesh, MeshError> {
+        if size > LaunchInfo::MAX_SIZE {
+            return Err(MeshError::Config {
+                name: "job size",
+                reason: format!(
+                    "{size} ranks is above the largest job size supported, {}",
+                    LaunchInfo::MAX_SIZE
+                ),
+            });
+        }
         if rank >= size {
             return Err(MeshError::BadRank {
                 rank,
@@ -366,7 +408,20 @@ impl Mesh {
                 me: rank,
             });
         }
-        let deadline = Instant::now() + setup.timeout;
+        let too_long = || MeshError::Config {
+            name: "RSMSG_MESH_TIMEOUT",
+            reason: format!(
+                "a setup timeout of {:?} is above the longest accepted, {} s",
+                setup.timeout,
+                MeshSetup::MAX_TIMEOUT.as_secs()
+            ),
+        };
+        if setup.timeout > MeshSetup::MAX_TIMEOUT {
+            return Err(too_long());
+        }
+        let deadline = Instant::now()
+            .checked_add(setup.timeout)
+            .ok_or_else(too_long)?;
         let manager = match (&setup.embed_manager, rank) {
             (Some((addr, token)), 0) => {
                 Some(Manager::bind(addr.as_str(), token.clone()).map_err(MeshError::Manager)?)
@@ -377,7 +432,7 @@ impl Mesh {
         let listener = retry(deadline, setup.timeout, &format!("listen as {me}"), || {
             Listener::bind(config, &me)
         })?;
-        let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
+        let mut peers: Vec<Option<Box<Peer>>> = (0..size).map(|_| None).collect();
         let mut hello = [0u8; HEADER_LEN];
         hello[0] = KIND_HELLO;
         hello[4..].copy_from_slice(&rank.to_le_bytes());
@@ -391,7 +446,7 @@ impl Mesh {
                 rank: lower,
                 source,
             })?;
-            peers[lower as usize] = Some(Peer::new(conn));
+            peers[lower as usize] = Some(Box::new(Peer::new(conn)));
         }
         for _ in rank + 1..size {
             // A rank that never starts must not hang the others: accepting has the same deadline.
@@ -437,7 +492,7 @@ impl Mesh {
                     ),
                 });
             }
-            peers[from as usize] = Some(Peer::new(conn));
+            peers[from as usize] = Some(Box::new(Peer::new(conn)));
         }
         Ok(Mesh {
             rank,
@@ -482,7 +537,7 @@ impl Mesh {
     fn peer(&self, rank: u32) -> Result<&Peer, MeshError> {
         self.peers
             .get(rank as usize)
-            .and_then(Option::as_ref)
+            .and_then(Option::as_deref)
             .ok_or(MeshError::BadRank {
                 rank,
                 size: self.size,
@@ -660,12 +715,17 @@ mod tests {
         assert_eq!(s.job, "12.0");
         assert_eq!(s.timeout, Duration::from_secs(5));
         assert_eq!(s.embed_manager.unwrap().0, "0.0.0.0:7400");
+        let s = MeshSetup::from_vars(vars(&[("RSMSG_MESH_TIMEOUT", "31536000")])).unwrap();
+        assert_eq!(s.timeout, MeshSetup::MAX_TIMEOUT);
         for bad in [
             &[("RSMSG_EMBED_MANAGER", "1")][..],
             &[("RSMSG_EMBED_MANAGER", "1"), ("RSMSG_MANAGER", "node0")][..],
             &[("RSMSG_EMBED_MANAGER", "1"), ("RSMSG_MANAGER", "node0:0")][..],
             &[("RSMSG_EMBED_MANAGER", "yes")][..],
             &[("RSMSG_MESH_TIMEOUT", "0")][..],
+            &[("RSMSG_MESH_TIMEOUT", "31536001")][..],
+            &[("RSMSG_MESH_TIMEOUT", "18446744073709551615")][..],
+            &[("RSMSG_MESH_TIMEOUT", "18446744073709551616")][..],
         ] {
             let bad: &'static [(&'static str, &'static str)] = Box::leak(bad.to_vec().into());
             assert!(

@@ -355,6 +355,21 @@ fn bad_strings_and_settings_are_refused() {
         rsmsg_config_set_manager(cfg, c"".as_ptr(), c"secret-secret".as_ptr()),
         RSMSG_ERR_INVALID_ARG
     );
+    // An address that would be stored and later fail to resolve is refused at once.
+    for addr in [
+        c" 127.0.0.1:7000",
+        c"127.0.0.1:7000 ",
+        c"127.0.0.1:7000\n",
+        c"no-port",
+        c"host:0",
+    ] {
+        assert_eq!(
+            rsmsg_config_set_manager(cfg, addr.as_ptr(), c"secret-secret".as_ptr()),
+            RSMSG_ERR_CONFIG,
+            "{addr:?}"
+        );
+        assert!(last_error().contains("RSMSG_MANAGER"), "{}", last_error());
+    }
     let not_utf8: [u8; 3] = [0xff, 0xfe, 0];
     assert_eq!(
         rsmsg_config_set_transport(cfg, not_utf8.as_ptr().cast::<c_char>()),
@@ -505,5 +520,37 @@ fn launch_info_without_a_launcher_is_an_error_code() {
     let cfg = config();
     let mut m = rsmsg_mesh { id: 0 };
     assert_eq!(rsmsg_mesh_init_ranks(cfg, 3, 3, &mut m), RSMSG_ERR_LAUNCH);
+    // A job size past the supported maximum is refused before anything is allocated for it.
+    for size in [(1u32 << 20) + 1, u32::MAX] {
+        assert_eq!(
+            rsmsg_mesh_init_ranks(cfg, 0, size, &mut m),
+            RSMSG_ERR_INVALID_ARG
+        );
+        assert!(last_error().contains("size"), "{}", last_error());
+        assert_eq!(m.id, 0, "no handle is written on failure");
+    }
     assert_eq!(rsmsg_config_free(cfg), RSMSG_OK);
+}
+
+#[test]
+fn a_call_failing_in_a_thread_exit_destructor_returns_its_code() {
+    use std::sync::atomic::AtomicI32;
+    static CODE: AtomicI32 = AtomicI32::new(1);
+    struct CloseOnExit;
+    impl Drop for CloseOnExit {
+        fn drop(&mut self) {
+            // A made-up handle: the call fails, and its detail has nowhere to go any more.
+            CODE.store(rsmsg_close(rsmsg_conn { id: 0xdead }), Ordering::SeqCst);
+        }
+    }
+    thread_local!(static LATE: CloseOnExit = const { CloseOnExit });
+    thread::spawn(|| {
+        // Registered before the library's last-error storage, so destroyed after it.
+        LATE.with(|_| {});
+        assert_ne!(rsmsg_close(rsmsg_conn { id: 0xbeef }), RSMSG_OK);
+    })
+    .join()
+    .unwrap();
+    let code = CODE.load(Ordering::SeqCst);
+    assert!(code < 0, "{code}");
 }

@@ -92,6 +92,69 @@ fn each_bad_value_names_its_variable() {
 }
 
 #[test]
+fn manager_addresses_are_used_as_checked() {
+    // From the environment the value is trimmed, and the trimmed address is the one kept.
+    let c = vars(&[("RSMSG_MANAGER", " 127.0.0.1:7000\n"), TOKEN]).unwrap();
+    assert_eq!(c.get_manager(), Some("127.0.0.1:7000"));
+    c.validate().unwrap();
+    // Given to the builder, it is used as given: whitespace around it is refused rather than
+    // kept in an address the resolver then fails on.
+    let token = Token::new("a-good-enough-secret").unwrap();
+    for addr in [
+        " 127.0.0.1:7000",
+        "127.0.0.1:7000 ",
+        "127.0.0.1:7000\n",
+        "\tlocalhost:1",
+    ] {
+        let c = Config::default().manager(addr, token.clone());
+        match c.validate() {
+            Err(EndpointError::Config { name, reason }) => {
+                assert_eq!(name, "RSMSG_MANAGER");
+                assert!(reason.contains("whitespace"), "{addr:?}: {reason}");
+            }
+            other => panic!("{addr:?}: {other:?}"),
+        }
+        assert!(
+            matches!(
+                Config::check_manager_addr(addr),
+                Err(EndpointError::Config {
+                    name: "RSMSG_MANAGER",
+                    ..
+                })
+            ),
+            "{addr:?}"
+        );
+    }
+    for bad in ["", "host", "host:", "host:0", "ho st:1", ":1"] {
+        assert!(Config::check_manager_addr(bad).is_err(), "{bad:?}");
+    }
+    for good in [
+        "localhost:7000",
+        "10.0.0.1:1",
+        "node-3.example:65535",
+        "[::1]:7000",
+    ] {
+        Config::check_manager_addr(good).unwrap();
+    }
+}
+
+#[test]
+fn rendezvous_variables_are_listed() {
+    for v in [
+        "RSMSG_RNDV_THRESHOLD",
+        "RSMSG_RNDV_MAX",
+        "RSMSG_RNDV_CACHE",
+        "RSMSG_RNDV_SEND_CACHE",
+        "RSMSG_RNDV_STREAM_ONLY",
+    ] {
+        assert!(
+            Config::ENV_VARS.contains(&v),
+            "{v} missing from Config::ENV_VARS"
+        );
+    }
+}
+
+#[test]
 fn inconsistent_settings_name_the_missing_variable() {
     let why = fails_naming(&[MANAGER], "RSMSG_TOKEN");
     assert!(why.contains("RSMSG_MANAGER"), "{why}");

@@ -3,6 +3,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rsmsg::bootstrap::LaunchInfo;
 use rsmsg::endpoint::Config;
 use rsmsg::mesh::{Mesh, MeshError, MeshSetup};
 
@@ -64,5 +65,36 @@ fn a_partial_mesh_times_out_on_every_started_rank_and_a_full_one_forms() {
         .collect();
     for r in ranks {
         r.join().unwrap();
+    }
+}
+
+#[test]
+fn a_job_size_past_the_maximum_is_refused_up_front() {
+    let s = setup("mesh-huge", Duration::from_secs(2));
+    for size in [LaunchInfo::MAX_SIZE + 1, u32::MAX] {
+        match Mesh::connect(&Config::default(), 0, size, &s) {
+            Err(MeshError::Config { name, reason }) => {
+                assert_eq!(name, "job size");
+                assert!(reason.contains(&size.to_string()), "{reason}");
+            }
+            Err(e) => panic!("size {size}: expected a configuration error, got {e}"),
+            Ok(_) => panic!("size {size}: a mesh formed"),
+        }
+    }
+}
+
+#[test]
+fn a_setup_timeout_past_the_maximum_is_refused_not_overflowed() {
+    for timeout in [
+        MeshSetup::MAX_TIMEOUT + Duration::from_secs(1),
+        Duration::from_secs(u64::MAX),
+        Duration::MAX,
+    ] {
+        let s = setup("mesh-forever", timeout);
+        match Mesh::connect(&Config::default(), 0, 2, &s) {
+            Err(MeshError::Config { name, .. }) => assert_eq!(name, "RSMSG_MESH_TIMEOUT"),
+            Err(e) => panic!("{timeout:?}: expected a configuration error, got {e}"),
+            Ok(_) => panic!("{timeout:?}: a mesh of 2 formed with one rank"),
+        }
     }
 }

@@ -55,6 +55,22 @@ pub enum LaunchError {
         /// The rank variable.
         var: &'static str,
     },
+    /// The job size is above [`LaunchInfo::MAX_SIZE`].
+    #[error("{var}={size} is above the largest job size supported, {max} ranks")]
+    TooLarge {
+        /// The size variable.
+        var: &'static str,
+        /// Its value.
+        size: u32,
+        /// [`LaunchInfo::MAX_SIZE`].
+        max: u32,
+    },
+    /// A variable's value is not valid UTF-8.
+    #[error("{var} is not valid UTF-8")]
+    NotUnicode {
+        /// The variable.
+        var: &'static str,
+    },
 }
 
 const SOURCES: [(Launcher, &str, &str); 3] = [
@@ -68,13 +84,23 @@ const SOURCES: [(Launcher, &str, &str); 3] = [
 ];
 
 impl LaunchInfo {
+    /// The largest job size accepted: 2^20 ranks. A full mesh holds a connection to every other
+    /// rank, so jobs anywhere near this are far beyond what one process can connect to; a larger
+    /// value is taken for a malformed variable.
+    pub const MAX_SIZE: u32 = 1 << 20;
+
     /// Reads the process environment. The MPI launchers are tried before Slurm, because
     /// `mpirun` inside a Slurm allocation sees Slurm's variables of the allocation, not of the job.
     ///
     /// # Errors
-    /// A variable of the first launcher found is malformed or inconsistent.
+    /// A variable of the first launcher found is malformed (not UTF-8 included) or
+    /// inconsistent, or its size is above [`LaunchInfo::MAX_SIZE`].
     pub fn from_env() -> Result<Option<Self>, LaunchError> {
-        Self::from_vars(|k| std::env::var(k).ok())
+        Self::from_lookup(|var| match std::env::var(var) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(LaunchError::NotUnicode { var }),
+        })
     }
 
     /// As [`Self::from_env`], reading variables through `get`.
@@ -82,6 +108,12 @@ impl LaunchInfo {
     /// # Errors
     /// As [`Self::from_env`].
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, LaunchError> {
+        Self::from_lookup(|var| Ok(get(var)))
+    }
+
+    fn from_lookup(
+        get: impl Fn(&'static str) -> Result<Option<String>, LaunchError>,
+    ) -> Result<Option<Self>, LaunchError> {
         let num = |var: &'static str, value: String| {
             value
                 .trim()
@@ -89,7 +121,7 @@ impl LaunchInfo {
                 .map_err(|_| LaunchError::NotANumber { var, value })
         };
         for (launcher, rank_var, size_var) in SOURCES {
-            match (get(rank_var), get(size_var)) {
+            match (get(rank_var)?, get(size_var)?) {
                 (None, None) => continue,
                 (Some(_), None) => {
                     return Err(LaunchError::Incomplete {
@@ -106,6 +138,13 @@ impl LaunchInfo {
                 (Some(r), Some(s)) => {
                     let rank = num(rank_var, r)?;
                     let size = num(size_var, s)?;
+                    if size > Self::MAX_SIZE {
+                        return Err(LaunchError::TooLarge {
+                            var: size_var,
+                            size,
+                            max: Self::MAX_SIZE,
+                        });
+                    }
                     if rank >= size {
                         return Err(LaunchError::OutOfRange {
                             rank,
@@ -134,6 +173,11 @@ const JOB_VARS: [&[&str]; 4] = [
     &["OMPI_MCA_ess_base_jobid"],
     &["SLURM_JOB_ID", "SLURM_STEP_ID"],
 ];
+
+/// Every variable [`job_name_from_vars`] may read.
+pub(crate) fn job_name_vars() -> impl Iterator<Item = &'static str> {
+    JOB_VARS.into_iter().flatten().copied()
+}
 
 /// A name for this process's job, from `RSMSG_JOB` or the launcher (`PMIX_NAMESPACE`,
 /// `OMPI_MCA_ess_base_jobid`, `SLURM_JOB_ID` + `SLURM_STEP_ID`), reduced to the characters
@@ -249,5 +293,38 @@ mod tests {
             with(&[("SLURM_NTASKS", "2")]),
             Err(LaunchError::Incomplete { .. })
         ));
+    }
+
+    #[test]
+    fn job_sizes_above_the_maximum_are_refused() {
+        let max = LaunchInfo::MAX_SIZE.to_string();
+        let i = with(&[("PMI_RANK", "0"), ("PMI_SIZE", &max)])
+            .unwrap()
+            .unwrap();
+        assert_eq!(i.size, LaunchInfo::MAX_SIZE);
+        let over = (LaunchInfo::MAX_SIZE + 1).to_string();
+        for size in [over.as_str(), "4294967295"] {
+            let e = with(&[("PMI_RANK", "0"), ("PMI_SIZE", size)]).unwrap_err();
+            assert_eq!(
+                e,
+                LaunchError::TooLarge {
+                    var: "PMI_SIZE",
+                    size: size.parse().unwrap(),
+                    max: LaunchInfo::MAX_SIZE
+                }
+            );
+            assert!(e.to_string().contains("PMI_SIZE"), "{e}");
+        }
+        let e = with(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4294967295")]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LaunchError::TooLarge {
+                    var: "SLURM_NTASKS",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -129,7 +129,9 @@ pub extern "C" fn rsmsg_config_new(out_cfg: *mut rsmsg_config) -> c_int {
 
 /// Creates a configuration from the environment: `RSMSG_TRANSPORT` (auto, shm, verbs),
 /// `RSMSG_GROUPS` (`SIZE:COUNT:SPAN[:SEGMENTS],...`), `RSMSG_POLL` (busy, event,
-/// `adaptive[:SPINS]`), `RSMSG_MANAGER` (HOST:PORT) with `RSMSG_TOKEN`.
+/// `adaptive[:SPINS]`), `RSMSG_MANAGER` (HOST:PORT) with `RSMSG_TOKEN`, and the verbs settings.
+/// The rendezvous variables (`RSMSG_RNDV_*`, read by every connection when it is made) are
+/// checked too. `RSMSG_ERR_CONFIG` naming the first malformed variable.
 ///
 /// Thread safety: any thread (reads the environment: do not change it concurrently).
 #[unsafe(no_mangle)]
@@ -191,7 +193,9 @@ pub extern "C" fn rsmsg_config_set_poll(cfg: rsmsg_config, mode: *const c_char) 
     })
 }
 
-/// Uses the bootstrap manager at `addr` ("HOST:PORT") with the shared secret `token`.
+/// Uses the bootstrap manager at `addr` ("HOST:PORT", nothing around it) with the shared
+/// secret `token`. `RSMSG_ERR_INVALID_ARG` for an empty address, `RSMSG_ERR_CONFIG` for one
+/// that is not HOST:PORT (whitespace around it included) or a token of the wrong length.
 ///
 /// Thread safety: any thread; calls on one configuration are serialized.
 #[unsafe(no_mangle)]
@@ -208,6 +212,7 @@ pub extern "C" fn rsmsg_config_set_manager(
                 "manager address is empty",
             ));
         }
+        Config::check_manager_addr(addr)?;
         let token = Token::new(in_str(token, "token")?.as_bytes().to_vec())
             .map_err(|e| config_err("token", e))?;
         object!(m = cfg.id, Config);
@@ -311,7 +316,9 @@ pub extern "C" fn rsmsg_send(conn: rsmsg_conn, buf: *const c_void, len: usize) -
 }
 
 /// Sends `len` bytes if partitions are free now; `RSMSG_ERR_WOULD_BLOCK` (nothing sent)
-/// otherwise.
+/// otherwise. A message above the switch point (`rsmsg_max_message`, or
+/// `RSMSG_RNDV_THRESHOLD` when lower) goes by rendezvous: the receiver reads it from `buf`, so
+/// the call returns only once it has (as `rsmsg_send` does).
 ///
 /// Thread safety: any thread; calls on one connection are serialized.
 #[unsafe(no_mangle)]

@@ -81,7 +81,8 @@ impl Drop for MeshState {
 /// This process's rank and the job size, from the launcher's environment: Open MPI's `mpirun`
 /// (`OMPI_COMM_WORLD_RANK`/`SIZE`), a PMI launcher (`PMI_RANK`/`PMI_SIZE`) or Slurm's `srun`
 /// (`SLURM_PROCID`/`SLURM_NTASKS`), tried in that order. `RSMSG_ERR_LAUNCH` when none is set
-/// or the values are inconsistent.
+/// or the values are malformed (not UTF-8 included), inconsistent, or give a size above
+/// 1048576 (2^20).
 ///
 /// Thread safety: any thread (reads the environment).
 #[unsafe(no_mangle)]
@@ -123,7 +124,7 @@ fn init(cfg: rsmsg_config, ranks: Option<(u32, u32)>, out_mesh: *mut rsmsg_mesh)
 /// endpoint settings from `cfg`, the mesh settings from the environment: `RSMSG_JOB` (name
 /// prefix; default the launcher's job id), `RSMSG_EMBED_MANAGER=1` (rank 0 runs the bootstrap
 /// manager on the port of `RSMSG_MANAGER`, which names rank 0's host), `RSMSG_MESH_TIMEOUT`
-/// (seconds, default 60). Every rank must call it; it returns once this rank is connected to
+/// (whole seconds, 1 to 31536000, default 60). Every rank must call it; it returns once this rank is connected to
 /// every other one.
 ///
 /// Thread safety: any thread.
@@ -133,7 +134,7 @@ pub extern "C" fn rsmsg_mesh_init(cfg: rsmsg_config, out_mesh: *mut rsmsg_mesh) 
 }
 
 /// As `rsmsg_mesh_init`, with the rank and size given (`rank` < `size`) instead of read from a
-/// launcher.
+/// launcher. `size` is at most 1048576 (2^20): `RSMSG_ERR_INVALID_ARG` above it.
 ///
 /// Thread safety: any thread.
 #[unsafe(no_mangle)]
@@ -143,6 +144,17 @@ pub extern "C" fn rsmsg_mesh_init_ranks(
     size: u32,
     out_mesh: *mut rsmsg_mesh,
 ) -> c_int {
+    if size > LaunchInfo::MAX_SIZE {
+        return ffi(|| {
+            Err(Error::new(
+                RSMSG_ERR_INVALID_ARG,
+                format!(
+                    "size {size} is above the largest job size supported, {} ranks",
+                    LaunchInfo::MAX_SIZE
+                ),
+            ))
+        });
+    }
     if rank >= size {
         return ffi(|| {
             Err(Error::new(
@@ -216,7 +228,9 @@ pub extern "C" fn rsmsg_mesh_send(
 }
 
 /// As `rsmsg_mesh_send` without waiting: `RSMSG_ERR_WOULD_BLOCK` (nothing sent) under
-/// back-pressure.
+/// back-pressure. A message above the switch point (`rsmsg_max_message`, or
+/// `RSMSG_RNDV_THRESHOLD` when lower) goes by rendezvous and returns only once the receiver
+/// has read it, as `rsmsg_mesh_send` does.
 ///
 /// Thread safety: any thread; calls on one mesh are serialized.
 #[unsafe(no_mangle)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::EndpointError;
 use crate::bootstrap::Token;
-use crate::core::Layout;
+use crate::core::{Layout, RndvConfig};
 use crate::transport::PollMode;
 use crate::transport::verbs::VerbsOptions;
 use crate::verbs::{GidIndex, GidSelector};
@@ -59,6 +59,13 @@ impl std::fmt::Display for TransportChoice {
 /// | `RSMSG_PORT` | [`verbs_options`](Config::verbs_options) | 1 | RDMA port number |
 /// | `RSMSG_QP_TIMEOUT` | [`verbs_options`](Config::verbs_options) | 17 | QP ACK timeout exponent (1-31) |
 /// | `RSMSG_STALL_TIMEOUT` | [`verbs_options`](Config::verbs_options) | 10 | seconds without a send completion before a verbs connection fails as stalled (1-86400; see [`VerbsOptions::stall_limit`]) |
+///
+/// The rendezvous variables (`RSMSG_RNDV_THRESHOLD`, `RSMSG_RNDV_MAX`, `RSMSG_RNDV_CACHE`,
+/// `RSMSG_RNDV_SEND_CACHE`, `RSMSG_RNDV_STREAM_ONLY`; see [`RndvConfig`]) are not settings of
+/// a `Config`: every connection reads them from the process environment when it is set up, and
+/// fails on a malformed value. [`Config::from_env`] and [`Config::validate`] (so
+/// [`Listener::bind`](super::Listener::bind) and [`connect`](super::connect) too) check them
+/// there, so that a malformed value is a configuration error up front.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub(super) transport: TransportChoice,
@@ -99,8 +106,9 @@ impl Config {
     /// Environment variable: the verbs stall timeout in seconds.
     pub const ENV_STALL_TIMEOUT: &'static str = "RSMSG_STALL_TIMEOUT";
 
-    /// Every variable [`Config::from_env`] reads.
-    pub const ENV_VARS: [&'static str; 10] = [
+    /// Every variable [`Config::from_env`] reads: the settings of the table above, then the
+    /// rendezvous variables it checks ([`RndvConfig::ENV_VARS`]).
+    pub const ENV_VARS: [&'static str; 15] = [
         Self::ENV_TRANSPORT,
         Self::ENV_MANAGER,
         Self::ENV_TOKEN,
@@ -111,6 +119,11 @@ impl Config {
         Self::ENV_PORT,
         Self::ENV_QP_TIMEOUT,
         Self::ENV_STALL_TIMEOUT,
+        RndvConfig::ENV_THRESHOLD,
+        RndvConfig::ENV_MAX_RECV,
+        RndvConfig::ENV_CACHE,
+        RndvConfig::ENV_SEND_CACHE,
+        RndvConfig::ENV_STREAM_ONLY,
     ];
 
     /// The defaults overridden by the `RSMSG_*` environment variables (see the table above).
@@ -119,7 +132,8 @@ impl Config {
     /// # Errors
     /// [`EndpointError::Config`] naming the first variable that is not valid (not UTF-8, does
     /// not parse, out of range, or inconsistent with another: `RSMSG_MANAGER` without
-    /// `RSMSG_TOKEN`, `RSMSG_TRANSPORT=verbs` without `RSMSG_MANAGER`).
+    /// `RSMSG_TOKEN`, `RSMSG_TRANSPORT=verbs` without `RSMSG_MANAGER`), the rendezvous
+    /// variables included.
     pub fn from_env() -> Result<Config, EndpointError> {
         for name in Self::ENV_VARS {
             if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(name) {
@@ -130,7 +144,9 @@ impl Config {
     }
 
     /// As [`Config::from_env`], reading the variables through `lookup` instead of the process
-    /// environment (for configuration files, command lines and tests).
+    /// environment (for configuration files, command lines and tests). The rendezvous
+    /// variables are still checked in the process environment (see [`Config::validate`]), where
+    /// connections read them.
     ///
     /// # Errors
     /// As [`Config::from_env`].
@@ -153,8 +169,9 @@ impl Config {
                 .map_err(|reason: String| config_err(Self::ENV_POLL, reason))?;
         }
         if let Some(v) = var(Self::ENV_MANAGER) {
-            check_manager_addr(&v).map_err(|r| config_err(Self::ENV_MANAGER, r))?;
-            c.manager = Some(v.trim().to_string());
+            let v = v.trim();
+            check_manager_addr(v).map_err(|r| config_err(Self::ENV_MANAGER, r))?;
+            c.manager = Some(v.to_string());
         }
         match var(Self::ENV_TOKEN) {
             Some(v) => {
@@ -218,8 +235,9 @@ impl Config {
     }
 
     /// Checks that the settings fit together: verbs needs a manager, a manager needs a token,
-    /// the manager address is `host:port`. [`Listener::bind`](super::Listener::bind) and
-    /// [`connect`](super::connect) call it.
+    /// the manager address is `host:port`; and that the rendezvous variables of the process
+    /// environment (`RSMSG_RNDV_*`, read by every connection when it is set up) are valid.
+    /// [`Listener::bind`](super::Listener::bind) and [`connect`](super::connect) call it.
     ///
     /// # Errors
     /// [`EndpointError::Config`] naming the setting by its environment variable.
@@ -241,7 +259,18 @@ impl Config {
         if let Some(d) = &self.verbs.device {
             check_device(d).map_err(|r| config_err(Self::ENV_DEVICE, r))?;
         }
+        RndvConfig::from_env().map_err(|e| config_err(e.var(), e.to_string()))?;
         Ok(())
+    }
+
+    /// Checks a bootstrap manager address as [`Config::manager`] takes it: `host:port`, a
+    /// non-empty host without whitespace, a port 1-65535, nothing around them (surrounding
+    /// whitespace is refused: the address is used as given).
+    ///
+    /// # Errors
+    /// [`EndpointError::Config`] naming `RSMSG_MANAGER`.
+    pub fn check_manager_addr(addr: &str) -> Result<(), EndpointError> {
+        check_manager_addr(addr).map_err(|r| config_err(Self::ENV_MANAGER, r))
     }
 
     /// Sets the transport choice (`RSMSG_TRANSPORT`).
@@ -263,7 +292,8 @@ impl Config {
     }
 
     /// Uses the bootstrap manager at `addr` (`host:port`, `RSMSG_MANAGER`) with `token`
-    /// (`RSMSG_TOKEN`).
+    /// (`RSMSG_TOKEN`). The address is used as given: [`Config::validate`] refuses one that is
+    /// not `host:port` (see [`Config::check_manager_addr`]).
     pub fn manager(mut self, addr: impl Into<String>, token: Token) -> Self {
         self.manager = Some(addr.into());
         self.token = Some(token);
@@ -333,7 +363,11 @@ impl Config {
 }
 
 fn check_manager_addr(addr: &str) -> Result<(), String> {
-    let addr = addr.trim();
+    if addr.trim() != addr {
+        return Err(format!(
+            "{addr:?} has whitespace around it (expected host:port)"
+        ));
+    }
     let Some((host, port)) = addr.rsplit_once(':') else {
         return Err(format!("{addr:?} is not host:port"));
     };

@@ -369,3 +369,20 @@ fn registration_survives_a_manager_restart() {
         Some(Descriptors::default())
     );
 }
+
+#[test]
+fn a_dropped_registration_is_unknown_at_once() {
+    use rsmsg::bootstrap::Registration;
+    let m = manager();
+    let mut look = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    // Closing the connection alone frees the name only once the manager notices, which a lookup
+    // right after the drop can beat: the drop unregisters, so none ever finds it.
+    for i in 0..50 {
+        let n = format!("short-lived-{i}");
+        let reg = Registration::new(m.local_addr(), token(), info(&n), T).unwrap();
+        assert_eq!(look.lookup(&name(&n)).unwrap(), info(&n));
+        drop(reg);
+        let e = look.lookup(&name(&n)).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::UnknownName), "round {i}: {e:?}");
+    }
+}

@@ -115,3 +115,17 @@ impl Registration {
         result
     }
 }
+
+impl Drop for Registration {
+    /// Unregisters, so that the name is unknown to the manager once the drop returns (closing
+    /// the connection alone frees it only when the manager next notices, some time later, and a
+    /// lookup in between finds a listener that is gone). Best effort, within the client's
+    /// timeout: a manager that is gone or does not answer leaves the name to its own clean-up.
+    fn drop(&mut self) {
+        if let Some(c) = self.client.as_mut()
+            && let Err(e) = c.unregister(&self.info.name)
+        {
+            tracing::debug!(name = %self.info.name, error = %e, "unregistering on drop failed");
+        }
+    }
+}

@@ -288,7 +288,12 @@ fn quick_limits() -> Limits {
 
 #[test]
 fn slow_loris_is_dropped_while_others_are_served() {
-    let m = Manager::bind_with("127.0.0.1:0", token(), quick_limits()).unwrap();
+    // Only the frame limit is under test: client `d` below sits idle while the loris is cut
+    // off, and must not be dropped for that on a slow machine.
+    let mut l = quick_limits();
+    l.handshake_timeout = Duration::from_secs(5);
+    l.idle_timeout = Duration::from_secs(60);
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
     let addr = m.local_addr();
     // The loris authenticates, then trickles a frame one byte every 100 ms: each byte arrives
     // well within any per-read timeout, but the frame would take seconds.
@@ -490,7 +495,9 @@ fn resource_limits_give_clear_errors() {
 fn idle_rendezvous_expire() {
     use rsmsg::bootstrap::{Descriptors, Side};
     let mut l = Limits::default();
-    l.rendezvous_ttl = Duration::from_millis(100);
+    // The reaper runs once a second: a time to live of 1 s keeps a stall of the test thread
+    // (or of the initiator between its request and its wait) from being taken for idleness.
+    l.rendezvous_ttl = Duration::from_secs(1);
     let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
     let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
     b.register(&info("b")).unwrap();
@@ -525,7 +532,9 @@ fn idle_rendezvous_expire() {
 fn a_waiting_initiator_keeps_its_rendezvous_alive() {
     use rsmsg::bootstrap::{Descriptors, Side};
     let mut l = Limits::default();
-    l.rendezvous_ttl = Duration::from_millis(100);
+    // The reaper runs once a second: a time to live of 1 s keeps a stall of the test thread
+    // (or of the initiator between its request and its wait) from being taken for idleness.
+    l.rendezvous_ttl = Duration::from_secs(1);
     let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
     let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
     let name = EndpointName::new("b").unwrap();
@@ -543,7 +552,7 @@ fn a_waiting_initiator_keeps_its_rendezvous_alive() {
         .map(|(_, d)| d.opaque)
     });
     // Let several reaper passes run while the initiator waits.
-    thread::sleep(Duration::from_millis(2500));
+    thread::sleep(Duration::from_millis(3500));
     let inc = b
         .wait_connect(&name, T)
         .unwrap()
@@ -560,7 +569,9 @@ fn a_waiting_initiator_keeps_its_rendezvous_alive() {
 fn unauthenticated_connections_are_capped_and_expire() {
     let mut l = quick_limits();
     l.max_unauthenticated = 2;
-    l.handshake_timeout = Duration::from_millis(800);
+    // Long enough that the silent connections are still there while the cap is checked below
+    // on a loaded machine; the re-admission loop waits well past it.
+    l.handshake_timeout = Duration::from_secs(3);
     l.idle_timeout = Duration::from_secs(60);
     let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
     let addr = m.local_addr();
@@ -587,7 +598,7 @@ fn unauthenticated_connections_are_capped_and_expire() {
         assert!(closed_by_manager(s));
     }
     let mut admitted = None;
-    for _ in 0..200 {
+    for _ in 0..400 {
         match ManagerClient::connect(addr, &token(), T) {
             Ok(c) => {
                 admitted = Some(c);

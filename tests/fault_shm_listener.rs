@@ -11,6 +11,8 @@ use rsmsg::core::Layout;
 use rsmsg::transport::PollMode;
 use rsmsg::transport::shm::{MAX_PENDING_HANDSHAKES, ShmListener, connect};
 
+const GUARD: Duration = Duration::from_secs(60);
+
 fn listener(tag: &str) -> ShmListener {
     let name = format!("fault-lsn-{tag}-{}", std::process::id());
     ShmListener::bind(&name, Layout::default(), PollMode::Busy).unwrap()
@@ -107,15 +109,22 @@ fn connections_waiting_to_be_accepted_count_against_the_cap() {
     let path = l.path().to_path_buf();
     let dial = || rsmsg::transport::shm::connect_path(&path, Layout::default(), PollMode::Busy);
     // Handshakes complete in the background while the application does not accept.
+    // Each handshake runs on its own thread, so connections reach `accept` in any order: every
+    // connector names itself with its first message.
     let waiting: Vec<_> = (0..MAX_PENDING_HANDSHAKES)
-        .map(|_| dial().expect("within the cap"))
+        .map(|i| {
+            let c = dial().expect("within the cap");
+            c.send(&[u8::try_from(i).unwrap()]).unwrap();
+            c
+        })
         .collect();
     let e = dial().expect_err("beyond the cap");
     assert!(e.to_string().contains("hello"), "{e}");
     // Accepting one makes room for one more.
     let first = l.accept().unwrap();
     let extra = dial().expect("room after an accept");
+    let i = usize::from(first.recv_timeout(GUARD).unwrap()[0]);
     first.send(b"accepted").unwrap();
-    assert_eq!(&*waiting[0].recv().unwrap(), b"accepted");
+    assert_eq!(&*waiting[i].recv_timeout(GUARD).unwrap(), b"accepted");
     drop(extra);
 }

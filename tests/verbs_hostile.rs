@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rsmsg::bootstrap::{
     Descriptors, EndpointInfo, EndpointName, HostId, MailboxDescriptor, Manager, ManagerClient,
-    ManagerHandle, QpInfo, SegmentDescriptor, Side, Token, TransportSet,
+    ManagerHandle, QpInfo, RendezvousId, SegmentDescriptor, Side, Token, TransportSet,
 };
 use rsmsg::core::{
     ControlMessage, Generation, HEADER_LEN, Header, Immediate, Layout, MessageKind, PartitionIndex,
@@ -135,11 +135,19 @@ struct Hostile {
     next_wr: u64,
 }
 
-impl Hostile {
-    /// Connects to the listener `name` like `verbs::connect` would, with its own PD. With
-    /// `receives` false it posts no receive WQE, so its device answers every WRITE_WITH_IMM of
-    /// the victim with an RNR NAK.
-    fn connect_with(ctx: &Context, manager: SocketAddr, name: &str, receives: bool) -> Hostile {
+/// The first two rounds of a setup, as `verbs::connect` does them: our offer (real target
+/// segments and mailbox) sent, the victim's answer (its descriptors and queue pair) received.
+struct FirstRound {
+    pd: ProtectionDomain,
+    targets: Vec<MemoryRegion>,
+    mailbox: MemoryRegion,
+    client: ManagerClient,
+    id: RendezvousId,
+    answer: Descriptors,
+}
+
+impl FirstRound {
+    fn dial(ctx: &Context, manager: SocketAddr, name: &str) -> FirstRound {
         let o = opts(ctx);
         let mine = layout();
         let pd = ProtectionDomain::new(ctx).expect("pd");
@@ -190,6 +198,33 @@ impl Hostile {
         let (id, answer) = client
             .dial(&from, &to, &offer, HANG_GUARD)
             .expect("the victim's answer");
+        FirstRound {
+            pd,
+            targets,
+            mailbox,
+            client,
+            id,
+            answer,
+        }
+    }
+}
+
+impl Hostile {
+    /// Connects to the listener `name` like `verbs::connect` would, with its own PD. With
+    /// `receives` false it posts no receive WQE, so its device answers every WRITE_WITH_IMM of
+    /// the victim with an RNR NAK.
+    fn connect_with(ctx: &Context, manager: SocketAddr, name: &str, receives: bool) -> Hostile {
+        let o = opts(ctx);
+        let mine = layout();
+        let port = ctx.active_port(o.port).expect("active port");
+        let FirstRound {
+            pd,
+            targets,
+            mailbox,
+            mut client,
+            id,
+            answer,
+        } = FirstRound::dial(ctx, manager, name);
         let victim = layout_of_hello(&answer.opaque);
         let info = answer.qp.expect("the victim's queue pair");
         let rq = Layout::recv_wqe_bound_for(&mine, &victim);
@@ -1343,4 +1378,59 @@ fn a_windowed_rendezvous_buffer_is_readable_by_its_peer_only_while_in_flight() {
     assert_eq!(vb.rndv_send_cache_stats().map(|s| s.entries), Some(1));
     drop((vb, b, buf));
     victim.check_honest("a READ after a windowed transfer");
+}
+
+#[test]
+fn an_initiator_that_stalls_mid_setup_delays_no_one() {
+    let ctx = device_or_skip!("an_initiator_that_stalls_mid_setup_delays_no_one");
+    let manager = Manager::bind("127.0.0.1:0", token()).expect("embedded manager");
+    let addr = manager.local_addr();
+    let name = unique("patient");
+    // The listener gives each initiator 60 s for its queue pair (`opts`).
+    let mut listener =
+        VerbsListener::bind(addr, token(), &name, layout(), PollMode::Busy, opts(&ctx))
+            .expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::scope(|s| {
+        let accepting = s.spawn(move || {
+            let good = listener.accept_timeout(HANG_GUARD);
+            tx.send(good).expect("hand over the connection");
+            // The stalled handshake ends, reported by the next accept.
+            listener.accept_timeout(HANG_GUARD).map(|c| c.is_some())
+        });
+        // An initiator takes the listener's answer (second round) and then never sends its
+        // queue pair: it stalls, as one that died mid-setup would.
+        let mut stalled = FirstRound::dial(&ctx, addr, &name);
+        // An honest initiator that gives up after 10 s, well before the stalled one's limit:
+        // it connects only if the listener does not wait on the stalled one first.
+        let mut o = opts(&ctx);
+        o.setup_timeout = Duration::from_secs(10);
+        let p = verbs::connect(addr, &token(), &name, layout(), PollMode::Busy, &o)
+            .expect("an honest connect while another initiator stalls");
+        let v = rx
+            .recv_timeout(HANG_GUARD)
+            .expect("the listener's side")
+            .expect("accept")
+            .expect("the honest connection in time");
+        p.send(b"not held up").expect("send");
+        assert_eq!(&*v.recv_timeout(HANG_GUARD).expect("recv"), b"not held up");
+        v.send(b"welcome").expect("send");
+        assert_eq!(&*p.recv_timeout(HANG_GUARD).expect("recv"), b"welcome");
+        // The stalled initiator gives up: its handshake, and only it, fails.
+        stalled
+            .client
+            .close(
+                stalled.id,
+                Side::Initiator,
+                "the stalled initiator gives up",
+            )
+            .expect("close");
+        let e = accepting
+            .join()
+            .expect("listener thread")
+            .expect_err("the stalled handshake fails");
+        assert!(e.to_string().contains("gives up"), "{e}");
+        p.send(b"still up").expect("send");
+        assert_eq!(&*v.recv_timeout(HANG_GUARD).expect("recv"), b"still up");
+    });
 }

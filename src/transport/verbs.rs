@@ -1620,7 +1620,20 @@ fn finish(
 // ---------------------------------------------------------------------------------------------
 // Listener
 
+/// How many connection requests a listener answers at once; further requests wait at the
+/// manager (which bounds its own queue) until one of these completes or fails.
+pub const MAX_ANSWERING: usize = 64;
+
+/// How long a listener with handshakes in progress waits on the oldest one before it looks for
+/// new requests and at the others again.
+const ANSWER_SLICE: Duration = Duration::from_millis(5);
+
 /// A named verbs endpoint registered with a bootstrap manager, accepting connections.
+///
+/// Handshakes proceed side by side: a request is answered (the second round) as soon as it is
+/// taken, and the listener then takes further requests while it waits for each initiator's
+/// queue pair (the third round), so an initiator that stalls or dies mid-setup delays no one
+/// else; it fails alone at `setup_timeout`.
 #[derive(Debug)]
 pub struct VerbsListener {
     reg: Registration,
@@ -1629,6 +1642,41 @@ pub struct VerbsListener {
     mode: PollMode,
     opts: VerbsOptions,
     link_layer: LinkLayer,
+    /// Requests answered, oldest first, waiting for the initiator's queue pair.
+    answering: VecDeque<Answering>,
+}
+
+/// A connection request answered with this side's descriptors and queue pair, waiting for the
+/// initiator's queue pair.
+struct Answering {
+    id: RendezvousId,
+    peer_name: String,
+    pd: ProtectionDomain,
+    receiving: Receiving,
+    queues: Queues,
+    peer: PeerInfo,
+    deadline: Instant,
+}
+
+impl std::fmt::Debug for Answering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answering")
+            .field("id", &self.id)
+            .field("peer", &self.peer_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for VerbsListener {
+    /// Tells the initiators still in a handshake that it is over, rather than leaving them to
+    /// their own timeout.
+    fn drop(&mut self) {
+        for a in std::mem::take(&mut self.answering) {
+            let _ = self
+                .reg
+                .with_client(|c| c.close(a.id, Side::Listener, "the listener was closed"));
+        }
+    }
 }
 
 impl VerbsListener {
@@ -1680,6 +1728,7 @@ impl VerbsListener {
             mode,
             opts,
             link_layer,
+            answering: VecDeque::new(),
         })
     }
 
@@ -1708,24 +1757,62 @@ impl VerbsListener {
         }
     }
 
-    /// Waits at most `timeout` for a connection request; `Ok(None)` when none came.
+    /// Waits at most `timeout` for a connection to complete its setup; `Ok(None)` when none
+    /// did. Requests taken meanwhile stay in progress for the next call.
     ///
     /// # Errors
-    /// As [`VerbsListener::accept`], and an unreachable manager.
+    /// As [`VerbsListener::accept`] (one failed request each time), and an unreachable manager
+    /// (the handshakes in progress are then abandoned: their rendezvous died with the manager
+    /// connection).
     pub fn accept_timeout(
         &mut self,
         timeout: Duration,
     ) -> Result<Option<VerbsConnection>, TransportError> {
-        let Some(incoming) = self.reg.accept(timeout)? else {
-            return Ok(None);
-        };
+        let start = Instant::now();
+        let deadline = start.checked_add(timeout);
+        loop {
+            // Initiators that answered (or failed, or ran out of time) since the last look.
+            if let Some(done) = self.poll_answering(Duration::ZERO) {
+                return done.map(Some);
+            }
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            // New requests: wait for one only when no handshake is in progress.
+            if self.answering.len() < MAX_ANSWERING {
+                let wait = if self.answering.is_empty() {
+                    left
+                } else {
+                    Duration::ZERO
+                };
+                match self.reg.accept(wait) {
+                    Ok(Some(incoming)) => {
+                        self.begin(incoming)?;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(self.lost_manager(e)),
+                }
+            }
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Handshakes in progress: wait a little on the oldest (the manager answers at
+            // once when its queue pair arrives), then look at everything again.
+            if let Some(done) = self.poll_answering(left.min(ANSWER_SLICE)) {
+                return done.map(Some);
+            }
+        }
+    }
+
+    /// Takes a request: validates the offer, creates this side's resources and sends the
+    /// answer (the second round). A failed request is closed with the reason and returned.
+    fn begin(&mut self, incoming: Incoming) -> Result<(), TransportError> {
         let id = incoming.id;
         match self.answer(incoming) {
-            Ok(c) => {
-                let _ = self
-                    .reg
-                    .with_client(|c| c.close(id, Side::Listener, "connected"));
-                Ok(Some(c))
+            Ok(a) => {
+                self.answering.push_back(a);
+                Ok(())
             }
             Err(e) => {
                 let reason = e.to_string();
@@ -1737,7 +1824,7 @@ impl VerbsListener {
         }
     }
 
-    fn answer(&mut self, incoming: Incoming) -> Result<VerbsConnection, TransportError> {
+    fn answer(&mut self, incoming: Incoming) -> Result<Answering, TransportError> {
         let peer_name = incoming.from.name.to_string();
         let peer = check_descriptors(&incoming.offer, &peer_name)?;
         if incoming.offer.qp.is_some() {
@@ -1760,22 +1847,61 @@ impl VerbsListener {
         let mut answer = receiving.descriptors(&self.layout, &hello);
         answer.qp = Some(qp_info(&queues.local));
         let id = incoming.id;
-        let t = self.opts.setup_timeout;
         self.reg
             .with_client(|c| c.send(id, Side::Listener, &answer))?;
-        let theirs = self
-            .reg
-            .with_client(|c| c.recv(id, Side::Listener, t))?
-            .ok_or_else(|| setup_err(&peer_name, "no queue pair in time"))?;
+        Ok(Answering {
+            id,
+            peer_name,
+            pd,
+            receiving,
+            queues,
+            peer,
+            deadline: Instant::now() + self.opts.setup_timeout,
+        })
+    }
+
+    /// Looks whether a handshake in progress can finish: the oldest is waited on for up to
+    /// `wait`, the others are only looked at. Returns the first that finished, connected or
+    /// failed, its rendezvous closed; `None` when none did.
+    fn poll_answering(
+        &mut self,
+        wait: Duration,
+    ) -> Option<Result<VerbsConnection, TransportError>> {
+        for i in 0..self.answering.len() {
+            let id = self.answering[i].id;
+            let wait = if i == 0 { wait } else { Duration::ZERO };
+            let got = match self.reg.with_client(|c| c.recv(id, Side::Listener, wait)) {
+                Ok(Some(theirs)) => Ok(theirs),
+                Ok(None) if Instant::now() >= self.answering[i].deadline => Err(setup_err(
+                    &self.answering[i].peer_name,
+                    "no queue pair in time",
+                )),
+                Ok(None) => continue,
+                Err(e) if lost(&e) => return Some(Err(self.lost_manager(e))),
+                Err(e) => Err(e.into()),
+            };
+            let a = self.answering.remove(i)?;
+            let r = got.and_then(|theirs| self.complete(a, theirs));
+            return Some(self.closed(id, r));
+        }
+        None
+    }
+
+    /// The third and fourth rounds: connects the queue pair to the initiator's and says ready.
+    fn complete(
+        &mut self,
+        a: Answering,
+        theirs: Descriptors,
+    ) -> Result<VerbsConnection, TransportError> {
         let info = theirs
             .qp
-            .ok_or_else(|| setup_err(&peer_name, "third round without a queue pair"))?;
-        let ep = qp_endpoint(&info, peer.hello.link_layer, &peer_name)?;
+            .ok_or_else(|| setup_err(&a.peer_name, "third round without a queue pair"))?;
+        let ep = qp_endpoint(&info, a.peer.hello.link_layer, &a.peer_name)?;
         let conn = finish(
-            &pd,
-            queues,
-            receiving,
-            peer,
+            &a.pd,
+            a.queues,
+            a.receiving,
+            a.peer,
             &ep,
             &self.layout,
             self.mode,
@@ -1786,9 +1912,44 @@ impl VerbsListener {
             ..Descriptors::default()
         };
         self.reg
-            .with_client(|c| c.send(id, Side::Listener, &ready))?;
+            .with_client(|c| c.send(a.id, Side::Listener, &ready))?;
         Ok(conn)
     }
+
+    /// Closes the rendezvous of a finished handshake, saying why.
+    fn closed(
+        &mut self,
+        id: RendezvousId,
+        r: Result<VerbsConnection, TransportError>,
+    ) -> Result<VerbsConnection, TransportError> {
+        let reason = match &r {
+            Ok(_) => "connected".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let _ = self
+            .reg
+            .with_client(|c| c.close(id, Side::Listener, &reason));
+        r
+    }
+
+    /// A manager error; when it lost the manager connection, the handshakes in progress are
+    /// abandoned (their rendezvous went with it).
+    fn lost_manager(&mut self, e: BootstrapError) -> TransportError {
+        if lost(&e) && !self.answering.is_empty() {
+            tracing::warn!(
+                abandoned = self.answering.len(),
+                error = %e,
+                "lost the manager with handshakes in progress"
+            );
+            self.answering.clear();
+        }
+        e.into()
+    }
+}
+
+/// Whether a manager error means the connection to it is gone.
+fn lost(e: &BootstrapError) -> bool {
+    e.is_unreachable() || matches!(e, BootstrapError::Broken)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -614,3 +614,94 @@ fn unauthenticated_connections_are_capped_and_expire() {
         info("steady")
     );
 }
+
+#[test]
+fn rendezvous_sides_answer_only_their_own_connections() {
+    use rsmsg::bootstrap::{Descriptors, RendezvousId, Side};
+    let frame = |b: u8| Descriptors {
+        opaque: vec![b],
+        ..Descriptors::default()
+    };
+    let m = Manager::bind_with("127.0.0.1:0", token(), Limits::default()).unwrap();
+    let name = EndpointName::new("b").unwrap();
+    let mut b = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    b.register(&info("b")).unwrap();
+    let mut a = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    let id = a.connect_to(&info("a"), &name, &frame(1)).unwrap();
+    // Another token holder that knows (or guesses) the id.
+    let mut x = ManagerClient::connect(m.local_addr(), &token(), T).unwrap();
+    x.register(&info("x")).unwrap();
+    let unknown = |r: Result<(), BootstrapError>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Some(ErrorCode::UnknownRendezvous), "{what}: {e}");
+        e
+    };
+    let sides = [Side::Initiator, Side::Listener];
+
+    // Before the listener took the request: the offer waits for the listener side; nobody else
+    // reads it, and nobody else writes to the initiator in the listener's name.
+    for side in sides {
+        unknown(
+            x.recv(id, side, Duration::ZERO).map(drop),
+            "recv before accept",
+        );
+    }
+    unknown(
+        a.recv(id, Side::Listener, Duration::ZERO).map(drop),
+        "initiator reads its offer",
+    );
+    unknown(x.send(id, Side::Listener, &frame(66)), "send before accept");
+
+    let inc = b.wait_connect(&name, T).unwrap().expect("the request");
+    assert_eq!(inc.id, id);
+    assert_eq!(inc.offer, frame(1), "the offer reaches the listener intact");
+
+    // A frame waits for each side, so that any wrong reader would take it.
+    a.send(id, Side::Initiator, &frame(2)).unwrap();
+    b.send(id, Side::Listener, &frame(3)).unwrap();
+    for side in sides {
+        unknown(x.recv(id, side, Duration::ZERO).map(drop), "recv");
+        unknown(x.send(id, side, &frame(66)), "send");
+        unknown(x.close(id, side, "hijacked"), "close");
+    }
+    // Nor may one side act as the other.
+    unknown(
+        a.recv(id, Side::Listener, Duration::ZERO).map(drop),
+        "a as listener",
+    );
+    unknown(
+        a.close(id, Side::Listener, "hijacked"),
+        "a closes the listener",
+    );
+    unknown(
+        b.recv(id, Side::Initiator, Duration::ZERO).map(drop),
+        "b as initiator",
+    );
+    unknown(b.send(id, Side::Initiator, &frame(66)), "b as initiator");
+    // The refusal reads exactly as for an id that does not exist.
+    let other = RendezvousId(id.0 + 1000);
+    let live = unknown(x.recv(id, Side::Listener, Duration::ZERO).map(drop), "live");
+    let absent = unknown(
+        x.recv(other, Side::Listener, Duration::ZERO).map(drop),
+        "absent",
+    );
+    assert_eq!(
+        live.to_string().replace(&id.to_string(), "#"),
+        absent.to_string().replace(&other.to_string(), "#")
+    );
+
+    // The pair still exchanges its frames intact in both directions, with nothing taken away
+    // or added.
+    assert_eq!(b.recv(id, Side::Listener, T).unwrap(), Some(frame(2)));
+    assert_eq!(a.recv(id, Side::Initiator, T).unwrap(), Some(frame(3)));
+    let short = Duration::from_millis(50);
+    assert_eq!(b.recv(id, Side::Listener, short).unwrap(), None);
+    assert_eq!(a.recv(id, Side::Initiator, short).unwrap(), None);
+    b.send(id, Side::Listener, &frame(4)).unwrap();
+    assert_eq!(a.recv(id, Side::Initiator, T).unwrap(), Some(frame(4)));
+    a.send(id, Side::Initiator, &frame(5)).unwrap();
+    assert_eq!(b.recv(id, Side::Listener, T).unwrap(), Some(frame(5)));
+    a.close(id, Side::Initiator, "done").unwrap();
+    b.close(id, Side::Listener, "done").unwrap();
+    assert_eq!(m.rendezvous_count(), 0);
+}

@@ -292,6 +292,10 @@ struct Registration {
 struct Rendezvous {
     from: EndpointInfo,
     listener: EndpointName,
+    /// The client connection holding each side, indexed by side: the one that sent the request
+    /// and the listener's registration owner, the only connection `WaitConnect` hands the
+    /// request to. Send, recv and close on a side come only from its connection.
+    conns: [u64; 2],
     /// Messages waiting for each side, indexed by the receiving side.
     queues: [VecDeque<Descriptors>; 2],
     /// Close reason of each side, indexed by the closing side.
@@ -677,7 +681,11 @@ impl Client<'_> {
             }
             Message::Send { id, side, payload } => {
                 let mut st = self.shared.state.lock();
-                let Some(r) = st.rendezvous.get_mut(&id.0) else {
+                let Some(r) = st
+                    .rendezvous
+                    .get_mut(&id.0)
+                    .filter(|r| self.holds(r, id, side))
+                else {
                     return (unknown_rendezvous(id), After::Continue);
                 };
                 if r.closed[ix(side)].is_some() {
@@ -710,7 +718,11 @@ impl Client<'_> {
             } => self.recv(id, side, Duration::from_millis(u64::from(timeout_ms))),
             Message::Close { id, side, reason } => {
                 let mut st = self.shared.state.lock();
-                match st.rendezvous.get_mut(&id.0) {
+                match st
+                    .rendezvous
+                    .get_mut(&id.0)
+                    .filter(|r| self.holds(r, id, side))
+                {
                     None => unknown_rendezvous(id),
                     Some(r) => {
                         r.closed[ix(side)] = Some(reason);
@@ -797,6 +809,10 @@ impl Client<'_> {
         let Some(reg) = endpoints.get_mut(to) else {
             return unknown_name(to);
         };
+        // The listener side belongs to the registration's owner: `wait_connect` hands the
+        // request to no other connection, the owner of a registration never changes, and a
+        // removed registration's requests are closed, never handed out again.
+        let conns = [self.conn, reg.owner];
         if reg.pending.len() >= limits.max_pending_per_endpoint {
             return err(
                 ErrorCode::LimitExceeded,
@@ -820,6 +836,7 @@ impl Client<'_> {
             Rendezvous {
                 from,
                 listener: to.clone(),
+                conns,
                 queues: [VecDeque::new(), VecDeque::from([offer])],
                 closed: [None, None],
                 accepted: false,
@@ -878,7 +895,11 @@ impl Client<'_> {
         let shared = self.shared;
         let mut st = shared.state.lock();
         // Someone waiting on a rendezvous keeps it alive; only abandoned ones expire.
-        match st.rendezvous.get_mut(&id.0) {
+        match st
+            .rendezvous
+            .get_mut(&id.0)
+            .filter(|r| self.holds(r, id, side))
+        {
             Some(r) => r.waiters += 1,
             None => return unknown_rendezvous(id),
         }
@@ -918,6 +939,21 @@ impl Client<'_> {
                 return reply;
             }
         }
+    }
+
+    /// Whether this connection holds `side` of `r`. Requests for a side held by another
+    /// connection are answered as for an unknown rendezvous, so that they learn nothing.
+    fn holds(&self, r: &Rendezvous, id: RendezvousId, side: Side) -> bool {
+        let holder = r.conns[ix(side)];
+        if holder != self.conn {
+            warn!(
+                rendezvous = id.0,
+                %side,
+                holder,
+                "refused: the rendezvous side belongs to another client"
+            );
+        }
+        holder == self.conn
     }
 
     /// Waits for a state change. `Some(reply)` ends the long poll: the deadline passed

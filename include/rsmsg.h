@@ -192,11 +192,14 @@ int rsmsg_listen(struct rsmsg_config cfg, const char *name, struct rsmsg_listene
 
 // Waits for the next peer to connect and completes the handshake.
 //
-// Thread safety: any thread; accepts on one listener are serialized, and a thread waiting
-// here holds the listener (`rsmsg_listener_free` waits for it).
+// Thread safety: any thread; several threads may wait here on one listener (each connection
+// goes to one of them). `rsmsg_listener_free` on another thread makes a waiting call return
+// `RSMSG_ERR_CLOSED`.
 int rsmsg_accept(struct rsmsg_listener listener, struct rsmsg_conn *out_conn);
 
-// Stops listening and frees the listener; connections it accepted stay open.
+// Stops listening and frees the listener; connections it accepted stay open. Returns once
+// the name is unregistered and the listener's threads have stopped; an `rsmsg_accept` waiting
+// on another thread returns `RSMSG_ERR_CLOSED`.
 //
 // Thread safety: any thread.
 int rsmsg_listener_free(struct rsmsg_listener listener);

@@ -554,3 +554,45 @@ fn a_call_failing_in_a_thread_exit_destructor_returns_its_code() {
     let code = CODE.load(Ordering::SeqCst);
     assert!(code < 0, "{code}");
 }
+
+#[test]
+fn freeing_a_listener_ends_an_accept_waiting_on_another_thread() {
+    let cfg = config();
+    let name = unique("capi-free-accept");
+    let mut l = rsmsg_listener { id: 0 };
+    assert_eq!(rsmsg_listen(cfg, name.as_ptr(), &mut l), RSMSG_OK);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiting = thread::spawn(move || {
+        let _ = tx.send(());
+        let mut c = rsmsg_conn { id: 0 };
+        (rsmsg_accept(l, &mut c), last_error())
+    });
+    rx.recv().unwrap();
+    // Give the accept time to begin waiting (if it has not yet, it finds the handle gone:
+    // RSMSG_ERR_BAD_HANDLE, which the assertion below also reports).
+    thread::sleep(std::time::Duration::from_millis(200));
+    // Freeing runs on a thread of its own, so that a free that waits for the accept (which
+    // nobody will ever satisfy) fails the test instead of hanging it.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = done_tx.send(rsmsg_listener_free(l));
+    });
+    assert_eq!(
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("rsmsg_listener_free waited for an accept nobody would satisfy"),
+        RSMSG_OK
+    );
+    let (rc, why) = waiting.join().unwrap();
+    assert_eq!(rc, RSMSG_ERR_CLOSED, "{why}");
+    // The name is free again at once.
+    let mut again = rsmsg_listener { id: 0 };
+    assert_eq!(
+        rsmsg_listen(cfg, name.as_ptr(), &mut again),
+        RSMSG_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(rsmsg_listener_free(again), RSMSG_OK);
+    assert_eq!(rsmsg_config_free(cfg), RSMSG_OK);
+}

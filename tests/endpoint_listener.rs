@@ -111,3 +111,29 @@ fn an_endpoint_without_peers_or_listener_says_so() {
     );
     assert!(lonely.try_recv().unwrap().is_none());
 }
+
+#[test]
+fn close_from_another_thread_ends_a_waiting_accept_and_frees_the_name() {
+    let n = name("close");
+    let l = std::sync::Arc::new(Listener::bind(&Config::default(), &n).unwrap());
+    let waiting = {
+        let l = l.clone();
+        std::thread::spawn(move || l.accept().map(|_| ()))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    l.close();
+    // The accept returns (an error: no connection came) instead of waiting for good.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(waiting.join().unwrap());
+    });
+    let r = rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the accept went on waiting after close");
+    assert!(matches!(r, Err(EndpointError::Transport(_))), "{r:?}");
+    // Closed: later accepts fail at once, and the name is free while the object lives.
+    assert!(l.try_accept().is_err());
+    let again = Listener::bind(&Config::default(), &n).unwrap();
+    drop(again);
+    drop(l);
+}

@@ -247,36 +247,40 @@ pub extern "C" fn rsmsg_listen(
         object!(m = cfg.id, Config);
         let config = m.lock().clone();
         let l = Listener::bind(&config, name)?;
-        o.id = register(Object::Listener(Mutex::new(l)));
+        o.id = register(Object::Listener(l));
         Ok(())
     })
 }
 
 /// Waits for the next peer to connect and completes the handshake.
 ///
-/// Thread safety: any thread; accepts on one listener are serialized, and a thread waiting
-/// here holds the listener (`rsmsg_listener_free` waits for it).
+/// Thread safety: any thread; several threads may wait here on one listener (each connection
+/// goes to one of them). `rsmsg_listener_free` on another thread makes a waiting call return
+/// `RSMSG_ERR_CLOSED`.
 #[unsafe(no_mangle)]
 pub extern "C" fn rsmsg_accept(listener: rsmsg_listener, out_conn: *mut rsmsg_conn) -> c_int {
     ffi(|| {
         let o = out(out_conn, "out_conn")?;
-        object!(m = listener.id, Listener);
-        let conn = m.lock().accept()?;
+        object!(l = listener.id, Listener);
+        let conn = l.accept()?;
         o.id = register(Object::Conn(Mutex::new(ConnState::new(conn))));
         Ok(())
     })
 }
 
-/// Stops listening and frees the listener; connections it accepted stay open.
+/// Stops listening and frees the listener; connections it accepted stay open. Returns once
+/// the name is unregistered and the listener's threads have stopped; an `rsmsg_accept` waiting
+/// on another thread returns `RSMSG_ERR_CLOSED`.
 ///
 /// Thread safety: any thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn rsmsg_listener_free(listener: rsmsg_listener) -> c_int {
     ffi(|| {
         let l = unregister(listener.id, Kind::Listener)?;
-        if let Object::Listener(m) = &*l {
-            // Wait for a concurrent accept before the listener goes.
-            drop(m.lock());
+        if let Object::Listener(l) = &*l {
+            // A concurrent accept may still hold the object: stop it now rather than when the
+            // last holder lets go.
+            l.close();
         }
         Ok(())
     })

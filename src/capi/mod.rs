@@ -169,7 +169,7 @@ fn new_id(kind: Kind) -> u64 {
 /// The objects behind handles.
 enum Object {
     Config(Mutex<Config>),
-    Listener(Mutex<Listener>),
+    Listener(Listener),
     Conn(Mutex<conn::ConnState>),
     Mesh(Mutex<mesh::MeshState>),
 }

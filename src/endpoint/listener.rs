@@ -60,7 +60,8 @@ pub struct Listener {
     /// Signaled by the accept threads after each hand-over (see [`Listener::event_fd`]).
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    /// The accept threads; emptied (and joined) by [`Listener::close`].
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Listener {
@@ -138,15 +139,26 @@ impl Listener {
             None => None,
         };
         let (tx, rx) = sync_channel(BACKLOG);
-        let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new().map_err(|e| {
             EndpointError::Transport(TransportError::Failed(format!(
                 "create the listener's event descriptor: {e}"
             )))
         })?);
-        let mut threads = Vec::new();
         let shm_path = shm.as_ref().map(|s| s.path().to_path_buf());
-        let verbs = match (want_verbs, registration) {
+        // Built before its threads start, so that a failure to start one stops (on drop) those
+        // already running.
+        let mut l = Listener {
+            name: name.to_string(),
+            shm: shm_path.is_some(),
+            verbs: false,
+            shm_path,
+            rx: Mutex::new(Some(rx)),
+            wake,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Mutex::new(Vec::new()),
+        };
+        let (stop, wake) = (l.stop.clone(), l.wake.clone());
+        match (want_verbs, registration) {
             (true, Some(reg)) => {
                 let vl = VerbsListener::with_registration(
                     reg,
@@ -154,43 +166,65 @@ impl Listener {
                     config.poll,
                     verbs_opts,
                 )?;
-                threads.push(spawn_verbs(vl, tx.clone(), stop.clone(), wake.clone())?);
-                true
+                l.started(spawn_verbs(vl, tx.clone(), stop.clone(), wake.clone())?);
+                l.verbs = true;
             }
             (_, reg) => {
-                // Shared memory only: nothing else talks to the manager, so a thread of its
-                // own keeps the registration (registering again after a manager restart).
+                // No verbs: nothing else talks to the manager, so a thread of its own keeps
+                // the registration (registering again after a manager restart).
                 if let Some(reg) = reg {
-                    threads.push(spawn_keeper(reg, stop.clone())?);
+                    l.started(spawn_keeper(reg, stop.clone())?);
                 }
-                if let Some(l) = shm {
-                    threads.push(spawn_shm(l, tx.clone(), stop.clone(), wake.clone())?);
-                }
-                return Ok(Listener {
-                    name: name.to_string(),
-                    shm: shm_path.is_some(),
-                    verbs: false,
-                    shm_path,
-                    rx: Mutex::new(Some(rx)),
-                    wake,
-                    stop,
-                    threads,
-                });
             }
-        };
-        if let Some(l) = shm {
-            threads.push(spawn_shm(l, tx, stop.clone(), wake.clone())?);
         }
-        Ok(Listener {
-            name: name.to_string(),
-            shm: shm_path.is_some(),
-            verbs,
-            shm_path,
-            rx: Mutex::new(Some(rx)),
-            wake,
-            stop,
-            threads,
-        })
+        if let Some(s) = shm {
+            l.started(spawn_shm(s, tx, stop, wake)?);
+        }
+        Ok(l)
+    }
+
+    fn started(&mut self, t: JoinHandle<()>) {
+        self.threads
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(t);
+    }
+
+    /// Stops listening, from any thread: the accept threads stop, the name is unregistered and
+    /// its socket removed, and an accept waiting on another thread returns an error (a
+    /// connection already handed over may still be returned first). Returns once the threads
+    /// have stopped. Dropping the listener does the same.
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the shared-memory accept (blocked in accept(2)) with a connection of our own.
+        if let Some(p) = &self.shm_path {
+            let _ = UnixStream::connect(p);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        // An accept thread blocked handing over a connection is unblocked when the receiver
+        // goes; while an accept on another thread holds it, that accept is receiving, which
+        // unblocks the thread as well. Once they have all stopped, a waiting accept sees the
+        // channel closed.
+        loop {
+            match self.rx.try_lock() {
+                Ok(mut rx) => {
+                    rx.take();
+                    break;
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    p.into_inner().take();
+                    break;
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if threads.iter().all(JoinHandle::is_finished) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// The name listened under.
@@ -281,16 +315,7 @@ fn closed() -> EndpointError {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Unblock accept threads waiting to hand over a connection.
-        self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // Wake the shared-memory accept (blocked in accept(2)) with a connection of our own.
-        if let Some(p) = &self.shm_path {
-            let _ = UnixStream::connect(p);
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.close();
     }
 }
 

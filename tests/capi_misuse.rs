@@ -596,3 +596,39 @@ fn freeing_a_listener_ends_an_accept_waiting_on_another_thread() {
     assert_eq!(rsmsg_listener_free(again), RSMSG_OK);
     assert_eq!(rsmsg_config_free(cfg), RSMSG_OK);
 }
+
+#[test]
+fn out_pointers_that_overlap_a_buffer_or_each_other_are_refused() {
+    let cfg = config();
+    let (a, b) = pair(cfg);
+    assert_eq!(rsmsg_send(a, b"kept".as_ptr().cast(), 4), RSMSG_OK);
+    // `out_len` inside the receive buffer: both would be written through at once.
+    let mut buf = [0usize; 4];
+    let base = buf.as_mut_ptr();
+    for i in 0..4 {
+        // SAFETY: `i` < 4, inside `buf`.
+        let inside = unsafe { base.add(i) };
+        assert_eq!(
+            rsmsg_recv(b, base.cast(), 4 * size_of::<usize>(), inside),
+            RSMSG_ERR_INVALID_ARG
+        );
+        assert!(last_error().contains("out_len"), "{}", last_error());
+    }
+    // Just past the buffer is fine, and the message refused above was not lost.
+    let mut bytes = [0u8; 8];
+    let mut n = 0usize;
+    assert_eq!(
+        rsmsg_recv(b, bytes.as_mut_ptr().cast(), 8, &mut n),
+        RSMSG_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(&bytes[..n], b"kept");
+    // The same pointer for the rank and the size.
+    let mut x = 0u32;
+    assert_eq!(rsmsg_launch_info(&mut x, &mut x), RSMSG_ERR_INVALID_ARG);
+    for c in [a, b] {
+        assert_eq!(rsmsg_close(c), RSMSG_OK);
+    }
+    assert_eq!(rsmsg_config_free(cfg), RSMSG_OK);
+}

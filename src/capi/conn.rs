@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use super::{
     Error, Kind, Object, RSMSG_ERR_BUFFER_TOO_SMALL, RSMSG_ERR_CONFIG, RSMSG_ERR_INVALID_ARG,
-    RSMSG_ERR_WOULD_BLOCK, ffi, in_bytes, in_str, out, out_bytes, register, rsmsg_config,
+    RSMSG_ERR_WOULD_BLOCK, ffi, in_bytes, in_str, out, recv_out, register, rsmsg_config,
     rsmsg_conn, rsmsg_listener, rsmsg_view, unregister, wait_of,
 };
 use crate::bootstrap::Token;
@@ -343,8 +343,7 @@ fn recv_copy(
     wait: Result<Wait, Error>,
 ) -> c_int {
     ffi(|| {
-        let len = out(out_len, "out_len")?;
-        let buf = out_bytes(buf, cap)?;
+        let (buf, len) = recv_out(buf, cap, out_len)?;
         let wait = wait?;
         object!(m = conn.id, Conn);
         let mut st = m.lock();

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use super::conn::{deliver, object};
 use super::{
     Error, Kind, Object, RSMSG_ERR_BAD_HANDLE, RSMSG_ERR_INVALID_ARG, RSMSG_ERR_LAUNCH,
-    RSMSG_ERR_WOULD_BLOCK, check_id, ffi, in_bytes, out, out_bytes, register, rsmsg_config,
+    RSMSG_ERR_WOULD_BLOCK, check_id, ffi, in_bytes, out, recv_out, register, rsmsg_config,
     rsmsg_mesh, rsmsg_view, unregister, wait_of,
 };
 use crate::bootstrap::LaunchInfo;
@@ -88,6 +88,12 @@ impl Drop for MeshState {
 #[unsafe(no_mangle)]
 pub extern "C" fn rsmsg_launch_info(out_rank: *mut u32, out_size: *mut u32) -> c_int {
     ffi(|| {
+        if out_rank == out_size && !out_rank.is_null() {
+            return Err(Error::new(
+                RSMSG_ERR_INVALID_ARG,
+                "out_rank and out_size are the same pointer",
+            ));
+        }
         let r = out(out_rank, "out_rank")?;
         let s = out(out_size, "out_size")?;
         let info = LaunchInfo::from_env()
@@ -263,8 +269,7 @@ pub extern "C" fn rsmsg_mesh_recv(
     timeout_ms: i64,
 ) -> c_int {
     ffi(|| {
-        let len = out(out_len, "out_len")?;
-        let buf = out_bytes(buf, cap)?;
+        let (buf, len) = recv_out(buf, cap, out_len)?;
         let wait = wait_of(timeout_ms)?;
         object!(m = mesh.id, Mesh);
         let mut st = m.lock();

@@ -452,6 +452,39 @@ fn out_bytes<'a>(p: *mut c_void, cap: usize) -> Result<&'a mut [u8], Error> {
     Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), cap) })
 }
 
+/// Whether the byte ranges `[a, a + a_len)` and `[b, b + b_len)` overlap (each checked not to
+/// wrap by its own check first).
+fn overlap(a: usize, a_len: usize, b: usize, b_len: usize) -> bool {
+    a_len != 0 && b_len != 0 && a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
+}
+
+/// The receive buffer and the length out pointer of a copying receive: checked as [`out_bytes`]
+/// and [`out`] check them, and not overlapping (two `&mut` to one byte would be undefined
+/// behaviour; C callers get `RSMSG_ERR_INVALID_ARG`).
+fn recv_out<'a>(
+    buf: *mut c_void,
+    cap: usize,
+    out_len: *mut usize,
+) -> Result<(&'a mut [u8], &'a mut usize), Error> {
+    if cap != 0
+        && !out_len.is_null()
+        && overlap(
+            buf as usize,
+            cap,
+            out_len as usize,
+            std::mem::size_of::<usize>(),
+        )
+    {
+        return Err(Error::new(
+            RSMSG_ERR_INVALID_ARG,
+            "out_len points into the receive buffer",
+        ));
+    }
+    let len = out(out_len, "out_len")?;
+    let buf = out_bytes(buf, cap)?;
+    Ok((buf, len))
+}
+
 /// Checks a string argument: non-null, NUL within [`MAX_STR`] bytes, UTF-8.
 fn in_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
     if p.is_null() {

@@ -411,3 +411,215 @@ fn a_credit_notice_frees_only_what_the_mailbox_says() {
     drop(step_tx);
     let _h = hostile.join().unwrap();
 }
+
+#[test]
+fn a_flood_of_duplicate_credit_notices_does_not_hold_a_call_that_never_waits() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    /// How long the flood lasts, and how long one call may take before it counts as hung (a
+    /// guard against a hang, far above any real call, not a measure of speed).
+    const FLOOD: Duration = Duration::from_secs(2);
+    const GUARD: Duration = Duration::from_secs(10);
+
+    /// Stops the flood however the test ends, so a failed guard does not leave it spinning.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    let name = format!("hostile-dup-notice-{}", std::process::id());
+    let listener = ShmListener::bind(&name, layout(), PollMode::Busy).unwrap();
+    let p = listener.path().to_path_buf();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = Stop(stop.clone());
+    let payload = b"behind the notices".to_vec();
+    let hostile = {
+        let (stop, payload) = (stop.clone(), payload.clone());
+        thread::spawn(move || {
+            let mut h = Hostile::connect(&p);
+            // The victim has sent nothing and its mailbox says nothing was freed: a notice for
+            // 0 freed partitions of segment 0 is valid and changes nothing. Re-pushed as soon as
+            // there is room, so the ring never runs dry while the victim pops.
+            let notice = Immediate::credit(SegmentId(0), 0).get();
+            let mut pushed = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match h.bell.try_push(notice).unwrap() {
+                    PushOutcome::Pushed => pushed += 1,
+                    PushOutcome::Full => std::hint::spin_loop(),
+                }
+            }
+            // Then one real message, queued behind what is left of the flood.
+            h.header(
+                0,
+                0,
+                data_header(payload.len() as u32, Generation::from_lap(0)),
+            );
+            h.segments[0].copy_in(16, &payload).unwrap();
+            let imm = first_message_imm(Generation::from_lap(0));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while h.bell.try_push(imm).unwrap() == PushOutcome::Full {
+                assert!(
+                    Instant::now() < deadline,
+                    "the victim stopped taking arrivals"
+                );
+                thread::sleep(Duration::from_micros(100));
+            }
+            (h, pushed)
+        })
+    };
+    let victim = listener.accept().unwrap();
+
+    // The victim's calls run on their own thread; each reports when it returns.
+    #[derive(Debug)]
+    enum Call {
+        TryRecv(Option<Vec<u8>>),
+        PollReady(bool),
+        Timeout(Result<Vec<u8>, TransportError>, Duration),
+    }
+    let (tx, rx) = mpsc::channel::<Call>();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let worker = {
+        let flooding = flooding.clone();
+        thread::spawn(move || {
+            for i in 0u64.. {
+                let call = if i % 64 == 63 && flooding.load(Ordering::Relaxed) {
+                    // A timed wait keeps its deadline while notices keep coming.
+                    let t = Duration::from_millis(20);
+                    let start = Instant::now();
+                    let r = victim.recv_timeout(t).map(|m| m.to_vec());
+                    Call::Timeout(r, start.elapsed())
+                } else if i % 2 == 0 {
+                    Call::TryRecv(victim.try_recv().unwrap().map(|m| m.to_vec()))
+                } else {
+                    Call::PollReady(victim.poll_ready().unwrap())
+                };
+                let got = matches!(call, Call::TryRecv(Some(_)) | Call::Timeout(Ok(_), _));
+                if tx.send(call).is_err() || got {
+                    break;
+                }
+            }
+            victim
+        })
+    };
+    let started = Instant::now();
+    let mut calls = 0u64;
+    let got = loop {
+        let call = rx
+            .recv_timeout(GUARD)
+            .expect("a call that never waits did not return while credit notices kept coming");
+        calls += 1;
+        match call {
+            Call::TryRecv(Some(m)) => break m,
+            Call::TryRecv(None) => {}
+            // Only the message, sent once the flood stopped, makes one ready.
+            Call::PollReady(ready) => assert!(!ready || stop.load(Ordering::Relaxed)),
+            // The message, sent once the flood stopped, may come to a timed wait already asked.
+            Call::Timeout(Ok(m), _) if stop.load(Ordering::Relaxed) => break m,
+            Call::Timeout(r, took) => {
+                assert!(
+                    matches!(r, Err(TransportError::Timeout(_))),
+                    "recv_timeout during the flood: {r:?}"
+                );
+                assert!(took < GUARD, "recv_timeout took {took:?}");
+            }
+        }
+        if started.elapsed() >= FLOOD && !stop.load(Ordering::Relaxed) {
+            flooding.store(false, Ordering::Relaxed);
+            stop.store(true, Ordering::Relaxed);
+        }
+    };
+    assert_eq!(got, payload, "the message behind the notices");
+    let victim = worker.join().unwrap();
+    let (_h, pushed) = hostile.join().unwrap();
+    assert!(victim.failure().is_none(), "{:?}", victim.failure());
+    let budget = Layout::recv_wqe_bound_for(&layout(), &layout()) as u64;
+    assert!(pushed > 2 * budget, "only {pushed} notices were pushed");
+    assert!(calls > 1, "{calls} calls");
+}
+
+#[test]
+fn a_call_that_never_waits_takes_at_most_a_receive_queue_of_notices() {
+    use std::sync::mpsc;
+
+    let name = format!("hostile-notice-bound-{}", std::process::id());
+    let listener = ShmListener::bind(&name, layout(), PollMode::Busy).unwrap();
+    let p = listener.path().to_path_buf();
+    // No honest peer has more immediates outstanding than this; the doorbell ring (a power of
+    // two) has room for more, which a hostile peer fills.
+    let budget = Layout::recv_wqe_bound_for(&layout(), &layout()) as u64;
+    let payload = b"after the notices".to_vec();
+    // Each step: the victim made one call; the hostile answers how many entries it took, found
+    // by refilling the ring (`true`: then one real message).
+    let (step_tx, step_rx) = mpsc::channel::<bool>();
+    let (taken_tx, taken_rx) = mpsc::channel::<(u64, u64)>();
+    let hostile = {
+        let payload = payload.clone();
+        thread::spawn(move || {
+            let mut h = Hostile::connect(&p);
+            let notice = Immediate::credit(SegmentId(0), 0).get();
+            let fill = |h: &mut Hostile| {
+                let mut n = 0u64;
+                while h.bell.try_push(notice).unwrap() == PushOutcome::Pushed {
+                    n += 1;
+                }
+                n
+            };
+            let capacity = fill(&mut h);
+            taken_tx.send((capacity, 0)).unwrap();
+            while let Ok(message) = step_rx.recv() {
+                if message {
+                    h.header(
+                        0,
+                        0,
+                        data_header(payload.len() as u32, Generation::from_lap(0)),
+                    );
+                    h.segments[0].copy_in(16, &payload).unwrap();
+                    h.ring(first_message_imm(Generation::from_lap(0)));
+                    taken_tx.send((capacity, 0)).unwrap();
+                } else {
+                    taken_tx.send((capacity, fill(&mut h))).unwrap();
+                }
+            }
+            h
+        })
+    };
+    let victim = listener.accept().unwrap();
+    let (capacity, _) = taken_rx.recv().unwrap();
+    assert!(capacity > budget, "ring of {capacity}, budget {budget}");
+
+    // A full ring of valid notices that free nothing: each call takes a budget's worth and
+    // reports nothing yet, the rest staying queued.
+    assert!(victim.try_recv().unwrap().is_none());
+    step_tx.send(false).unwrap();
+    let (_, taken) = taken_rx.recv().unwrap();
+    assert_eq!(taken, budget, "try_recv took {taken} notices of {capacity}");
+    assert!(!victim.poll_ready().unwrap());
+    step_tx.send(false).unwrap();
+    let (_, taken) = taken_rx.recv().unwrap();
+    assert_eq!(
+        taken, budget,
+        "poll_ready took {taken} notices of {capacity}"
+    );
+
+    // Room for one message behind the notices: later calls deliver it, intact.
+    assert!(victim.try_recv().unwrap().is_none());
+    step_tx.send(true).unwrap();
+    taken_rx.recv().unwrap();
+    let mut calls = 0;
+    let got = loop {
+        calls += 1;
+        if let Some(m) = victim.try_recv().unwrap() {
+            break m.to_vec();
+        }
+        assert!(calls <= 2, "no message after {calls} calls");
+    };
+    assert_eq!(got, payload);
+    assert!(victim.try_recv().unwrap().is_none());
+    assert!(victim.failure().is_none(), "{:?}", victim.failure());
+    drop(step_tx);
+    hostile.join().unwrap();
+}

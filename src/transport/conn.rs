@@ -24,6 +24,9 @@ pub(super) enum Wait {
     Forever,
     /// At most this long.
     For(Duration),
+    /// Until this instant: a [`Wait::For`] once its clock started ([`Inner::next_arrival_by`]),
+    /// so a call that loops over arrivals keeps one deadline.
+    Until(Instant),
 }
 
 /// The header that came beside an immediate ([`Link::header_with_immediate`]), if any.
@@ -368,6 +371,11 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
 
     /// Takes the next message if one has arrived; never waits.
     ///
+    /// It also does a bounded amount of work: after a receive queue's worth of arrivals that
+    /// brought no message (credit notices, control messages), it returns `Ok(None)` and leaves
+    /// the rest, in order, for the next call, so a peer that keeps ringing cannot hold it.
+    /// What is left still counts for [`Connection::arm`], which then returns `true`.
+    ///
     /// # Errors
     /// A protocol violation by the peer (the connection is then failed), a peer that closed.
     pub fn try_recv(&self) -> Result<Option<Message<'_, L, T>>, TransportError> {
@@ -525,15 +533,23 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 .serve_for_recv(&mut inner, r, dst, deadline)
                 .map_err(|e| refused_or_fail(&mut inner, e));
         }
+        let mut wait = deadline;
+        let mut idle = 0usize;
         loop {
-            let (imm, inline) = match inner.next_arrival(deadline) {
+            let (imm, inline) = match inner.next_arrival_by(&mut wait) {
                 Ok(Some(got)) => got,
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(inner.fail(e)),
             };
             match self.accept(&mut inner, imm, inline, dst.as_deref_mut(), deadline) {
                 Ok(Some(m)) => return Ok(Some(m)),
-                Ok(None) => continue,
+                // Consumed here (a credit notice, a control message): off the message path.
+                Ok(None) => {
+                    idle += 1;
+                    if inner.idle_done(&mut wait, idle) {
+                        return Ok(None);
+                    }
+                }
                 Err(e) => return Err(refused_or_fail(&mut inner, e)),
             }
         }
@@ -719,15 +735,17 @@ impl<L: Link> Inner<L> {
     }
 
     pub(super) fn next_immediate(&mut self, deadline: Wait) -> Result<Option<u32>, TransportError> {
-        Ok(self.next_arrival(deadline)?.map(|(imm, _)| imm))
+        Ok(self.next_arrival_by(&mut { deadline })?.map(|(imm, _)| imm))
     }
 
     /// As [`Inner::next_immediate`], with the header that came beside an immediate fresh from
-    /// the link ([`Link::header_with_immediate`]); `None` for a stashed one.
+    /// the link ([`Link::header_with_immediate`]); `None` for a stashed one. A [`Wait::For`]
+    /// that has to wait becomes the [`Wait::Until`] it waits for, so that a caller looping over
+    /// arrivals keeps its deadline.
     #[inline]
-    pub(super) fn next_arrival(
+    pub(super) fn next_arrival_by(
         &mut self,
-        deadline: Wait,
+        wait: &mut Wait,
     ) -> Result<Option<(u32, InlineHeader)>, TransportError> {
         if let Some(imm) = self.stash.pop_front() {
             return Ok(Some((imm, None)));
@@ -736,10 +754,17 @@ impl<L: Link> Inner<L> {
         if let Some(imm) = self.link.next_immediate(self.mode, Some(Duration::ZERO))? {
             return Ok(Some((imm, self.link.header_with_immediate())));
         }
-        let deadline = match deadline {
+        let deadline = match *wait {
             Wait::Forever => None,
             Wait::No => return Ok(None),
-            Wait::For(t) => Instant::now().checked_add(t),
+            Wait::For(t) => {
+                let d = Instant::now().checked_add(t);
+                if let Some(d) = d {
+                    *wait = Wait::Until(d);
+                }
+                d
+            }
+            Wait::Until(d) => Some(d),
         };
         loop {
             let slice = match deadline {
@@ -755,6 +780,41 @@ impl<L: Link> Inner<L> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
+        }
+    }
+
+    /// Arrivals a call handles without finding anything for its caller (credit notices, control
+    /// messages, items filed for later) before a call that does not wait returns "nothing yet".
+    ///
+    /// The link's receive-queue bound ([`Layout::recv_wqe_bound_for`], `stash_cap`): an honest
+    /// peer never has more immediates outstanding (message immediates are bounded by our
+    /// partitions, credit notices by its, plus a margin for control), so by then the call has
+    /// taken everything that was queued when it began, and what follows came during the call
+    /// and may as well wait for the next one. Without a bound a peer that rings as fast as we
+    /// pop (say, duplicate credit notices, each valid and freeing nothing) would keep a call
+    /// that must not wait looping for as long as it likes. Nothing is dropped: what is left
+    /// stays queued in order.
+    pub(super) fn idle_budget(&self) -> usize {
+        self.stash_cap
+    }
+
+    /// After the `idle`-th arrival that brought the caller nothing: whether the call is done,
+    /// `wait` having none of its time left. A call that does not wait ends after
+    /// [`Inner::idle_budget`] of them; a timed one reads the clock (only on such arrivals: a
+    /// peer that keeps ringing never lets the link come up empty, where the wait itself looks),
+    /// starting it at the first if the wait has not started it yet (the arrivals before came
+    /// without waiting).
+    pub(super) fn idle_done(&self, wait: &mut Wait, idle: usize) -> bool {
+        match *wait {
+            Wait::Forever => false,
+            Wait::No => idle >= self.idle_budget(),
+            Wait::For(t) => {
+                if let Some(d) = Instant::now().checked_add(t) {
+                    *wait = Wait::Until(d);
+                }
+                t.is_zero()
+            }
+            Wait::Until(d) => Instant::now() >= d,
         }
     }
 
@@ -969,18 +1029,26 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// next [`try_recv`](Connection::try_recv) returns a message or an error, never `None`.
     ///
     /// This lets one thread watch several connections without taking a message it cannot
-    /// return yet.
+    /// return yet. Like [`try_recv`](Connection::try_recv) it applies at most a receive
+    /// queue's worth of credit notices per call, then returns `Ok(false)` with the rest queued.
     ///
     /// # Errors
     /// A failed link or a protocol violation (the connection is then failed).
     pub fn poll_ready(&self) -> Result<bool, TransportError> {
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
+        let mut notices = 0usize;
         loop {
             // The stash holds message immediates only (credit notices are applied on arrival).
             if !inner.stash.is_empty() {
                 return Ok(true);
             }
+            // Bounded as a receive that does not wait ([`Inner::idle_budget`]): the rest stays
+            // queued (and keeps `arm` from letting a wait begin).
+            if notices >= inner.idle_budget() {
+                return Ok(false);
+            }
+            notices += 1;
             let mode = inner.mode;
             let imm = match inner.link.next_immediate(mode, Some(Duration::ZERO)) {
                 Ok(Some(imm)) => imm,

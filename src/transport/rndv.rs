@@ -131,7 +131,7 @@ const CREDIT_POLL: Duration = Duration::from_micros(200);
 fn timed_out(wait: Wait) -> TransportError {
     TransportError::Timeout(match wait {
         Wait::For(t) => t,
-        Wait::No | Wait::Forever => Duration::ZERO,
+        Wait::No | Wait::Forever | Wait::Until(_) => Duration::ZERO,
     })
 }
 
@@ -894,7 +894,12 @@ impl<L: Link> Inner<L> {
             Wait::Forever => None,
             Wait::No => Some(Instant::now()),
             Wait::For(t) => Instant::now().checked_add(t),
+            Wait::Until(d) => Some(d),
         };
+        // Arrivals that did not move this transfer on: past the deadline (at once for a call
+        // that does not wait), a bounded number of them ends the call ([`Inner::idle_budget`]),
+        // so a peer that keeps ringing cannot hold it.
+        let (mut idle, mut seen) = (0usize, got);
         // Messages already waiting in their partitions are copied out too.
         self.copy_out_held(target)?;
         if ask {
@@ -902,6 +907,14 @@ impl<L: Link> Inner<L> {
         }
         let bad = |len: usize, reason| ProtocolError::BadControl { ty: 6, len, reason };
         while got < len {
+            if got == seen {
+                idle += 1;
+                if idle > self.idle_budget() && deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(got);
+                }
+            } else {
+                seen = got;
+            }
             let w = match deadline {
                 None => Wait::Forever,
                 Some(d) => match d.checked_duration_since(Instant::now()) {
@@ -1373,6 +1386,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// [`SendHandle::test`]).
     fn rndv_poll(&self, id: u64, wait: bool) -> Result<RndvState, SendError> {
         let mut inner = self.inner.borrow_mut();
+        let mut idle = 0usize;
         loop {
             inner.check()?;
             match inner.rndv.sends.state(id) {
@@ -1385,6 +1399,12 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 }
             }
             let w = if wait { Wait::Forever } else { Wait::No };
+            // Not waiting, a bounded number of arrivals without the answer ends the call
+            // ([`Inner::idle_budget`]); the rest stays queued.
+            if !wait && idle >= inner.idle_budget() {
+                return Ok(RndvState::Waiting);
+            }
+            idle += 1;
             match inner.progress(&self.target, w) {
                 Ok(true) => {}
                 Ok(false) => return Ok(RndvState::Waiting),
@@ -1408,11 +1428,14 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         }
         let mut inner = self.inner.borrow_mut();
         inner.check()?;
-        // Whatever has arrived, and at least one message.
+        // Whatever has arrived, and at least one message. Once it has one, it takes no more
+        // arrivals without waiting than a receive that does not wait ([`Inner::idle_budget`]).
+        let mut idle = 0usize;
         loop {
             let w = if inner.rndv.ready.is_empty() {
                 Wait::Forever
-            } else if inner.rndv.ready.len() < bufs.len() {
+            } else if inner.rndv.ready.len() < bufs.len() && idle < inner.idle_budget() {
+                idle += 1;
                 Wait::No
             } else {
                 break;

@@ -705,3 +705,166 @@ fn rendezvous_sides_answer_only_their_own_connections() {
     b.close(id, Side::Listener, "done").unwrap();
     assert_eq!(m.rendezvous_count(), 0);
 }
+
+/// Descriptors as large as a frame allows: 256 segments and a 4 KiB opaque blob.
+fn bulky(tag: u8) -> rsmsg::bootstrap::Descriptors {
+    use rsmsg::bootstrap::{Descriptors, SegmentDescriptor};
+    let segments = (0..=255u8)
+        .map(|i| SegmentDescriptor {
+            segment_id: i,
+            group: 0,
+            addr: u64::from(i) << 20,
+            len: 64,
+            rkey: 1,
+            partition_size: 64,
+            partition_count: 1,
+            span_factor: 1,
+        })
+        .collect();
+    Descriptors {
+        segments,
+        opaque: vec![tag; 4096],
+        ..Descriptors::default()
+    }
+}
+
+/// The text of a `LimitExceeded` refusal.
+fn limited<T: std::fmt::Debug>(r: Result<T, BootstrapError>, what: &str) -> String {
+    let e = r.expect_err(what);
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{what}: {e}");
+    e.to_string()
+}
+
+fn eventually(mut what: impl FnMut() -> bool) -> bool {
+    for _ in 0..400 {
+        if what() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+#[test]
+fn queued_descriptor_bytes_are_capped_per_client_and_in_all() {
+    use rsmsg::bootstrap::{Side, queued_footprint};
+    let unit = queued_footprint(&bulky(0));
+    let mut l = Limits::default();
+    l.max_queued_bytes = 1 << 20;
+    l.max_queued_bytes_per_client = 256 << 10;
+    let share = l.max_queued_bytes_per_client / unit;
+    let m = Manager::bind_with("127.0.0.1:0", token(), l).unwrap();
+    let addr = m.local_addr();
+    let client = || ManagerClient::connect(addr, &token(), T).unwrap();
+    let names: Vec<EndpointName> = (0..4)
+        .map(|i| EndpointName::new(format!("l{i}")).unwrap())
+        .collect();
+    let mut lis = client();
+    for n in &names {
+        lis.register(&info(n.as_str())).unwrap();
+    }
+
+    // One client fills its share with connection requests, then with sent messages...
+    let mut a = client();
+    let mut queued = 0;
+    while queued < share / 2 {
+        a.connect_to(&info("a"), &names[0], &bulky(1)).unwrap();
+        queued += 1;
+    }
+    let small = rsmsg::bootstrap::Descriptors::default();
+    let id = a.connect_to(&info("a"), &names[1], &small).unwrap();
+    let inc = lis.wait_connect(&names[1], T).unwrap().unwrap();
+    assert_eq!(inc.id, id);
+    while queued < share {
+        a.send(id, Side::Initiator, &bulky(2)).unwrap();
+        queued += 1;
+    }
+    assert_eq!(m.queued_bytes(), share * unit);
+    // ...and the next either way is refused, with nothing queued; the connection stays usable.
+    let why = limited(
+        a.connect_to(&info("a"), &names[0], &bulky(1)),
+        "offer over share",
+    );
+    assert!(why.contains("this client"), "{why}");
+    limited(a.send(id, Side::Initiator, &bulky(2)), "send over share");
+    assert_eq!(m.queued_bytes(), share * unit);
+    assert_eq!(m.rendezvous_count(), share / 2 + 1);
+    a.ping().unwrap();
+
+    // Another client still queues: the share is per client.
+    let mut b = client();
+    b.connect_to(&info("b"), &names[2], &bulky(3)).unwrap();
+    assert_eq!(m.queued_bytes(), (share + 1) * unit);
+
+    // Clients, each within its share, fill the manager's budget; then nobody queues more.
+    let mut others = Vec::new();
+    let global = loop {
+        let mut c = client();
+        let refused = loop {
+            match c.connect_to(&info("c"), &names[3], &bulky(4)) {
+                Ok(_) => assert!(m.queued_bytes() <= 1 << 20),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
+        others.push(c);
+        if refused.to_string().contains("the manager holds") {
+            break refused;
+        }
+        assert!(
+            others.len() < 8,
+            "the global limit never applied: {refused}"
+        );
+    };
+    assert!(m.queued_bytes() + unit > 1 << 20, "{global}");
+    let why = limited(
+        client().connect_to(&info("d"), &names[2], &bulky(5)),
+        "a fresh client over the global limit",
+    );
+    assert!(why.contains("the manager holds"), "{why}");
+    limited(b.connect_to(&info("b"), &names[2], &bulky(3)), "b");
+
+    // Delivering releases: the listener takes the requests for l0...
+    let before = m.queued_bytes();
+    let mut taken = Vec::new();
+    while let Some(inc) = lis.wait_connect(&names[0], Duration::ZERO).unwrap() {
+        assert_eq!(inc.offer, bulky(1));
+        taken.push(inc.id);
+    }
+    assert_eq!(taken.len(), share / 2);
+    assert_eq!(m.queued_bytes(), before - share / 2 * unit);
+    // ...and reads the messages sent on the accepted rendezvous.
+    for _ in share / 2..share {
+        assert_eq!(lis.recv(id, Side::Listener, T).unwrap(), Some(bulky(2)));
+    }
+    assert_eq!(m.queued_bytes(), before - share * unit);
+    a.send(id, Side::Initiator, &bulky(2)).unwrap();
+    // Closing both sides discards what still waits.
+    a.close(id, Side::Initiator, "done").unwrap();
+    lis.close(id, Side::Listener, "done").unwrap();
+    assert_eq!(m.queued_bytes(), before - share * unit);
+    // Leaving discards what waits for a departed client and the requests nobody took yet.
+    lis.send(taken[0], Side::Listener, &bulky(6)).unwrap();
+    drop(a);
+    assert!(eventually(|| m.queued_bytes() == before - share * unit));
+    drop(others);
+    assert!(
+        eventually(|| m.queued_bytes() == unit),
+        "{}",
+        m.queued_bytes()
+    );
+    // A departed listener's requests go with it.
+    drop(lis);
+    assert!(eventually(|| m.queued_bytes() == 0), "{}", m.queued_bytes());
+    assert!(eventually(|| m.rendezvous_count() == 1));
+    // b's request, its listener gone, remains until b closes it; the budget is whole again.
+    let mut lis = client();
+    lis.register(&info("l0")).unwrap();
+    for _ in 0..share {
+        b.connect_to(&info("b"), &names[0], &bulky(7)).unwrap();
+    }
+    assert_eq!(m.queued_bytes(), share * unit);
+    drop(b);
+    assert!(eventually(|| m.queued_bytes() == 0), "{}", m.queued_bytes());
+    assert!(eventually(|| m.rendezvous_count() == 0));
+}

@@ -63,7 +63,9 @@ pub use client::{Incoming, ManagerClient};
 pub use error::BootstrapError;
 pub use launcher::{LaunchError, LaunchInfo, Launcher};
 pub use registration::Registration;
-pub use server::{DEFAULT_PORT, Limits, Manager, ManagerConfig, ManagerHandle, run};
+pub use server::{
+    DEFAULT_PORT, Limits, Manager, ManagerConfig, ManagerHandle, queued_footprint, run,
+};
 pub use wire::{
     DecodeError, Descriptors, EndpointInfo, EndpointName, ErrorCode, HostId, MailboxDescriptor,
     QpInfo, RendezvousId, SegmentDescriptor, Side, TransportSet,

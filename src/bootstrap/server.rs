@@ -21,7 +21,7 @@ use super::error::BootstrapError;
 use super::frame_io::{ReadError, read_frame, write_frame};
 use super::wire::{
     DecodeError, Descriptors, EndpointInfo, EndpointName, ErrorCode, MAX_PAYLOAD, MAX_TEXT_LEN,
-    Message, RendezvousId, Side, VERSION,
+    Message, RendezvousId, SegmentDescriptor, Side, VERSION,
 };
 
 /// The manager's resource limits and timeouts.
@@ -43,6 +43,12 @@ pub struct Limits {
     pub max_pending_per_endpoint: usize,
     /// Most undelivered descriptor messages queued for one side of a rendezvous.
     pub max_queued_per_side: usize,
+    /// Most bytes of descriptors (connection offers and sent messages) queued undelivered in
+    /// all, each counted by its heap footprint ([`queued_footprint`]).
+    pub max_queued_bytes: usize,
+    /// Most of those bytes one client connection may have queued (counted against the sender
+    /// until delivered or discarded), so that no one client takes the whole budget.
+    pub max_queued_bytes_per_client: usize,
     /// Time a new client has to complete authentication.
     pub handshake_timeout: Duration,
     /// Time a frame has to arrive completely once its first byte arrived.
@@ -65,6 +71,8 @@ impl Default for Limits {
             max_rendezvous: 4096,
             max_pending_per_endpoint: 64,
             max_queued_per_side: 16,
+            max_queued_bytes: 64 << 20,
+            max_queued_bytes_per_client: 8 << 20,
             handshake_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
@@ -168,6 +176,7 @@ impl Manager {
         let shared = Arc::new(Shared {
             token,
             limits,
+            budget: Arc::new(Budget::default()),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
@@ -216,6 +225,11 @@ impl ManagerHandle {
         self.shared.state.lock().rendezvous.len()
     }
 
+    /// The bytes of descriptors queued undelivered now (see [`Limits::max_queued_bytes`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.budget.total()
+    }
+
     /// The number of registered endpoints.
     pub fn endpoint_count(&self) -> usize {
         self.shared.state.lock().endpoints.len()
@@ -258,6 +272,8 @@ impl Drop for ManagerHandle {
 struct Shared {
     token: Token,
     limits: Limits,
+    /// Bytes of queued descriptors. Its lock is taken inside the state lock, never around it.
+    budget: Arc<Budget>,
     state: Mutex<State>,
     changed: Condvar,
     shutdown: AtomicBool,
@@ -297,7 +313,7 @@ struct Rendezvous {
     /// request to. Send, recv and close on a side come only from its connection.
     conns: [u64; 2],
     /// Messages waiting for each side, indexed by the receiving side.
-    queues: [VecDeque<Descriptors>; 2],
+    queues: [VecDeque<Queued>; 2],
     /// Close reason of each side, indexed by the closing side.
     closed: [Option<String>; 2],
     /// Whether the listener has taken the request.
@@ -305,6 +321,104 @@ struct Rendezvous {
     /// Long polls waiting on this rendezvous now; it does not expire while one waits.
     waiters: u32,
     last_activity: Instant,
+}
+
+/// A message waiting at the manager, with the budget it holds until it is dropped.
+#[derive(Debug)]
+struct Queued {
+    payload: Descriptors,
+    _charge: Charge,
+}
+
+/// The bytes a queued [`Descriptors`] counts against [`Limits::max_queued_bytes`]: its heap
+/// footprint, i.e. the queue entry itself plus the capacity of its vectors. This is at least
+/// its encoded length (a 34-byte wire segment takes more in memory) and at most about 14.5 KiB
+/// (256 segments and a 4 KiB opaque blob, the most a frame can carry).
+pub fn queued_footprint(d: &Descriptors) -> usize {
+    size_of::<Queued>()
+        + d.segments.capacity() * size_of::<SegmentDescriptor>()
+        + d.opaque.capacity()
+}
+
+/// The bytes of queued descriptors, in all and per sending connection.
+#[derive(Debug, Default)]
+struct Budget {
+    inner: Mutex<BudgetInner>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetInner {
+    total: usize,
+    per_client: HashMap<u64, usize>,
+}
+
+/// Bytes taken from the [`Budget`] for one queued message; dropping it gives them back, so
+/// that every way a message leaves the manager (delivered, or discarded with its rendezvous
+/// or registration) releases exactly what was taken, once.
+#[derive(Debug)]
+struct Charge {
+    budget: Arc<Budget>,
+    conn: u64,
+    bytes: usize,
+}
+
+impl Budget {
+    fn total(&self) -> usize {
+        self.inner.lock().total
+    }
+
+    /// Takes `bytes` for a message `conn` queues, or says which limit refuses it (the text of
+    /// a `LimitExceeded` reply).
+    fn charge(
+        self: &Arc<Self>,
+        limits: &Limits,
+        conn: u64,
+        bytes: usize,
+    ) -> Result<Charge, String> {
+        let mut b = self.inner.lock();
+        let mine = b.per_client.get(&conn).copied().unwrap_or(0);
+        if mine.saturating_add(bytes) > limits.max_queued_bytes_per_client {
+            return Err(format!(
+                "this client has {mine} bytes of descriptors queued undelivered; {bytes} more \
+                 would pass its limit of {}",
+                limits.max_queued_bytes_per_client
+            ));
+        }
+        if b.total.saturating_add(bytes) > limits.max_queued_bytes {
+            return Err(format!(
+                "the manager holds {} bytes of descriptors queued undelivered; {bytes} more \
+                 would pass its limit of {}",
+                b.total, limits.max_queued_bytes
+            ));
+        }
+        b.total += bytes;
+        *b.per_client.entry(conn).or_insert(0) += bytes;
+        Ok(Charge {
+            budget: Arc::clone(self),
+            conn,
+            bytes,
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let mut b = self.budget.inner.lock();
+        debug_assert!(b.total >= self.bytes, "queued byte count underflow");
+        b.total = b.total.saturating_sub(self.bytes);
+        if let Entry::Occupied(mut e) = b.per_client.entry(self.conn) {
+            debug_assert!(
+                *e.get() >= self.bytes,
+                "per-client queued byte count underflow"
+            );
+            *e.get_mut() = e.get().saturating_sub(self.bytes);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        } else {
+            debug_assert!(false, "a charge without its client's count");
+        }
+    }
 }
 
 fn ix(side: Side) -> usize {
@@ -415,6 +529,7 @@ fn admit(
                 stream,
                 conn,
                 owned: HashSet::new(),
+                took_part: false,
             };
             client.serve();
             client.cleanup();
@@ -489,6 +604,9 @@ struct Client<'a> {
     stream: TcpStream,
     conn: u64,
     owned: HashSet<EndpointName>,
+    /// Whether this connection ever registered or requested a connection, i.e. may hold a
+    /// rendezvous side.
+    took_part: bool,
 }
 
 impl Client<'_> {
@@ -705,10 +823,19 @@ impl Client<'_> {
                         ),
                     )
                 } else {
-                    r.queues[ix(side.peer())].push_back(payload);
-                    r.last_activity = Instant::now();
-                    self.shared.changed.notify_all();
-                    Message::Ok
+                    let bytes = queued_footprint(&payload);
+                    match self.shared.budget.charge(limits, self.conn, bytes) {
+                        Err(why) => err(ErrorCode::LimitExceeded, why),
+                        Ok(charge) => {
+                            r.queues[ix(side.peer())].push_back(Queued {
+                                payload,
+                                _charge: charge,
+                            });
+                            r.last_activity = Instant::now();
+                            self.shared.changed.notify_all();
+                            Message::Ok
+                        }
+                    }
                 }
             }
             Message::Recv {
@@ -786,6 +913,7 @@ impl Client<'_> {
                     );
                 }
                 info!(name = %info.name, host = %info.host_id, transports = info.transports.bits(), "registered");
+                self.took_part = true;
                 self.owned.insert(info.name.clone());
                 v.insert(Registration {
                     info,
@@ -828,6 +956,15 @@ impl Client<'_> {
                 ),
             );
         }
+        let charge = match self
+            .shared
+            .budget
+            .charge(limits, self.conn, queued_footprint(&offer))
+        {
+            Ok(c) => c,
+            Err(why) => return err(ErrorCode::LimitExceeded, why),
+        };
+        self.took_part = true;
         *next_id += 1;
         let id = *next_id;
         info!(rendezvous = id, from = %from.name, to = %to, "connection requested");
@@ -837,7 +974,13 @@ impl Client<'_> {
                 from,
                 listener: to.clone(),
                 conns,
-                queues: [VecDeque::new(), VecDeque::from([offer])],
+                queues: [
+                    VecDeque::new(),
+                    VecDeque::from([Queued {
+                        payload: offer,
+                        _charge: charge,
+                    }]),
+                ],
                 closed: [None, None],
                 accepted: false,
                 waiters: 0,
@@ -875,7 +1018,10 @@ impl Client<'_> {
                     rendezvous.remove(&id);
                     continue;
                 }
-                let offer = r.queues[ix(Side::Listener)].pop_front().unwrap_or_default();
+                let offer = r.queues[ix(Side::Listener)]
+                    .pop_front()
+                    .map(|q| q.payload)
+                    .unwrap_or_default();
                 r.accepted = true;
                 r.last_activity = Instant::now();
                 debug!(rendezvous = id, from = %r.from.name, "connection request delivered");
@@ -929,8 +1075,8 @@ impl Client<'_> {
                     format!("rendezvous {id} has not been accepted yet: wait-connect first"),
                 );
             }
-            if let Some(payload) = r.queues[ix(side)].pop_front() {
-                return Message::Delivered { payload };
+            if let Some(q) = r.queues[ix(side)].pop_front() {
+                return Message::Delivered { payload: q.payload };
             }
             if let Some(reason) = &r.closed[ix(side.peer())] {
                 return closed_by(id, side.peer(), reason);
@@ -989,14 +1135,46 @@ impl Client<'_> {
         self.stream.set_nonblocking(false).is_err() || gone
     }
 
+    /// Forgets what the departed connection held: its registrations (see
+    /// [`remove_registration`]) and its rendezvous sides, which nobody else may use. Each such
+    /// side is closed (its peer learns it once the messages already sent to it are read), and
+    /// messages waiting for it are discarded, as they can no longer be delivered; a request it
+    /// made that the listener has not taken yet goes entirely.
     fn cleanup(&mut self) {
-        if self.owned.is_empty() {
+        if !self.took_part {
             return;
         }
         let mut st = self.shared.state.lock();
         for name in self.owned.drain() {
             info!(name = %name, "registration removed: its client left");
             remove_registration(&mut st, &name);
+        }
+        let conn = self.conn;
+        let State {
+            endpoints,
+            rendezvous,
+            ..
+        } = &mut *st;
+        let before = rendezvous.len();
+        rendezvous.retain(|id, r| {
+            for side in [Side::Initiator, Side::Listener] {
+                if r.conns[ix(side)] == conn {
+                    r.queues[ix(side)].clear();
+                    r.closed[ix(side)].get_or_insert_with(|| "its client left".into());
+                    r.last_activity = Instant::now();
+                }
+            }
+            let keep =
+                !(r.closed.iter().all(Option::is_some) || (r.conns[0] == conn && !r.accepted));
+            if !keep {
+                debug!(rendezvous = id, "rendezvous discarded: its client left");
+            }
+            keep
+        });
+        if rendezvous.len() != before {
+            for reg in endpoints.values_mut() {
+                reg.pending.retain(|id| rendezvous.contains_key(id));
+            }
         }
         self.shared.changed.notify_all();
     }
@@ -1009,6 +1187,8 @@ fn remove_registration(st: &mut State, name: &EndpointName) {
         for id in reg.pending {
             if let Some(r) = st.rendezvous.get_mut(&id) {
                 r.closed[ix(Side::Listener)] = Some(format!("listener {name} is gone"));
+                // The request was never handed out and never will be: its offer goes.
+                r.queues[ix(Side::Listener)].clear();
                 r.last_activity = Instant::now();
             }
         }
@@ -1040,5 +1220,44 @@ fn closed_by(id: RendezvousId, side: Side, reason: &str) -> Message {
             ErrorCode::Closed,
             format!("rendezvous {id} closed by the {side}: {reason}"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_return_what_they_took_and_respect_both_limits() {
+        let limits = Limits {
+            max_queued_bytes: 100,
+            max_queued_bytes_per_client: 60,
+            ..Limits::default()
+        };
+        let budget = Arc::new(Budget::default());
+        let a1 = budget.charge(&limits, 1, 40).unwrap();
+        let refused = budget.charge(&limits, 1, 30).unwrap_err();
+        assert!(refused.contains("this client"), "{refused}");
+        let b1 = budget.charge(&limits, 2, 60).unwrap();
+        assert_eq!(budget.total(), 100);
+        // Within client 3's share, but not within the whole.
+        let refused = budget.charge(&limits, 3, 1).unwrap_err();
+        assert!(refused.contains("the manager holds"), "{refused}");
+        drop(a1);
+        let a2 = budget.charge(&limits, 1, 20).unwrap();
+        assert_eq!(budget.total(), 80);
+        drop((a2, b1));
+        assert_eq!(budget.total(), 0);
+        assert!(budget.inner.lock().per_client.is_empty());
+    }
+
+    #[test]
+    fn footprint_covers_the_encoded_length() {
+        let d = Descriptors {
+            opaque: vec![1; 100],
+            ..Descriptors::default()
+        };
+        assert!(queued_footprint(&d) >= d.encode().unwrap().len());
+        assert!(queued_footprint(&Descriptors::default()) > 0);
     }
 }

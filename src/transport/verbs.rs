@@ -1671,10 +1671,18 @@ impl Drop for VerbsListener {
     /// Tells the initiators still in a handshake that it is over, rather than leaving them to
     /// their own timeout.
     fn drop(&mut self) {
+        // Only over the connection that holds them (never a new one made for this), and not
+        // waiting on a manager that does not answer once per handshake: the manager closes the
+        // rest when the registration's connection goes.
         for a in std::mem::take(&mut self.answering) {
-            let _ = self
-                .reg
-                .with_client(|c| c.close(a.id, Side::Listener, "the listener was closed"));
+            if !self.reg.is_connected()
+                || self
+                    .reg
+                    .with_client(|c| c.close(a.id, Side::Listener, "the listener was closed"))
+                    .is_err()
+            {
+                break;
+            }
         }
     }
 }
@@ -1768,41 +1776,65 @@ impl VerbsListener {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<VerbsConnection>, TransportError> {
-        let start = Instant::now();
-        let deadline = start.checked_add(timeout);
+        let deadline = Instant::now().checked_add(timeout);
+        let left = || {
+            deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            })
+        };
         loop {
             // Initiators that answered (or failed, or ran out of time) since the last look.
-            if let Some(done) = self.poll_answering(Duration::ZERO) {
+            if let Some(done) = self.poll_answering(Duration::ZERO, false) {
                 return done.map(Some);
             }
-            let left = deadline.map_or(Duration::MAX, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
             // New requests: wait for one only when no handshake is in progress.
             if self.answering.len() < MAX_ANSWERING {
                 let wait = if self.answering.is_empty() {
-                    left
+                    left()
                 } else {
                     Duration::ZERO
                 };
-                match self.reg.accept(wait) {
-                    Ok(Some(incoming)) => {
-                        self.begin(incoming)?;
-                        continue;
+                let name = self.reg.info().name.clone();
+                if let Some(incoming) = self.manager(|c| c.wait_connect(&name, wait))? {
+                    self.begin(incoming)?;
+                    if left().is_zero() {
+                        return Ok(None);
                     }
-                    Ok(None) => {}
-                    Err(e) => return Err(self.lost_manager(e)),
+                    continue;
                 }
             }
+            let left = left();
             if left.is_zero() {
                 return Ok(None);
             }
             // Handshakes in progress: wait a little on the oldest (the manager answers at
             // once when its queue pair arrives), then look at everything again.
-            if let Some(done) = self.poll_answering(left.min(ANSWER_SLICE)) {
+            if let Some(done) = self.poll_answering(left.min(ANSWER_SLICE), true) {
                 return done.map(Some);
             }
         }
+    }
+
+    /// Runs `f` on the registration's manager connection (reconnecting and registering again
+    /// first if it was lost). A lost connection abandons the handshakes in progress: their
+    /// rendezvous went with it.
+    fn manager<T>(
+        &mut self,
+        f: impl FnOnce(&mut ManagerClient) -> Result<T, BootstrapError>,
+    ) -> Result<T, BootstrapError> {
+        let r = self.reg.with_client(f);
+        if let Err(e) = &r
+            && lost(e)
+            && !self.answering.is_empty()
+        {
+            tracing::warn!(
+                abandoned = self.answering.len(),
+                error = %e,
+                "lost the manager with handshakes in progress"
+            );
+            self.answering.clear();
+        }
+        r
     }
 
     /// Takes a request: validates the offer, creates this side's resources and sends the
@@ -1815,10 +1847,7 @@ impl VerbsListener {
                 Ok(())
             }
             Err(e) => {
-                let reason = e.to_string();
-                let _ = self
-                    .reg
-                    .with_client(|c| c.close(id, Side::Listener, &reason));
+                self.close_rendezvous(id, &e.to_string());
                 Err(e)
             }
         }
@@ -1847,8 +1876,7 @@ impl VerbsListener {
         let mut answer = receiving.descriptors(&self.layout, &hello);
         answer.qp = Some(qp_info(&queues.local));
         let id = incoming.id;
-        self.reg
-            .with_client(|c| c.send(id, Side::Listener, &answer))?;
+        self.manager(|c| c.send(id, Side::Listener, &answer))?;
         Ok(Answering {
             id,
             peer_name,
@@ -1861,23 +1889,30 @@ impl VerbsListener {
     }
 
     /// Looks whether a handshake in progress can finish: the oldest is waited on for up to
-    /// `wait`, the others are only looked at. Returns the first that finished, connected or
-    /// failed, its rendezvous closed; `None` when none did.
+    /// `wait`, the others (unless `oldest_only`) are only looked at. Returns the first that
+    /// finished, connected or failed, its rendezvous closed; `None` when none did.
     fn poll_answering(
         &mut self,
         wait: Duration,
+        oldest_only: bool,
     ) -> Option<Result<VerbsConnection, TransportError>> {
-        for i in 0..self.answering.len() {
+        let n = if oldest_only {
+            self.answering.len().min(1)
+        } else {
+            self.answering.len()
+        };
+        for i in 0..n {
             let id = self.answering[i].id;
             let wait = if i == 0 { wait } else { Duration::ZERO };
-            let got = match self.reg.with_client(|c| c.recv(id, Side::Listener, wait)) {
+            let got = match self.manager(|c| c.recv(id, Side::Listener, wait)) {
                 Ok(Some(theirs)) => Ok(theirs),
                 Ok(None) if Instant::now() >= self.answering[i].deadline => Err(setup_err(
                     &self.answering[i].peer_name,
                     "no queue pair in time",
                 )),
                 Ok(None) => continue,
-                Err(e) if lost(&e) => return Some(Err(self.lost_manager(e))),
+                // Every handshake was abandoned with the connection.
+                Err(e) if lost(&e) => return Some(Err(e.into())),
                 Err(e) => Err(e.into()),
             };
             let a = self.answering.remove(i)?;
@@ -1911,8 +1946,7 @@ impl VerbsListener {
             opaque: READY.to_vec(),
             ..Descriptors::default()
         };
-        self.reg
-            .with_client(|c| c.send(a.id, Side::Listener, &ready))?;
+        self.manager(|c| c.send(a.id, Side::Listener, &ready))?;
         Ok(conn)
     }
 
@@ -1926,24 +1960,16 @@ impl VerbsListener {
             Ok(_) => "connected".to_string(),
             Err(e) => e.to_string(),
         };
-        let _ = self
-            .reg
-            .with_client(|c| c.close(id, Side::Listener, &reason));
+        self.close_rendezvous(id, &reason);
         r
     }
 
-    /// A manager error; when it lost the manager connection, the handshakes in progress are
-    /// abandoned (their rendezvous went with it).
-    fn lost_manager(&mut self, e: BootstrapError) -> TransportError {
-        if lost(&e) && !self.answering.is_empty() {
-            tracing::warn!(
-                abandoned = self.answering.len(),
-                error = %e,
-                "lost the manager with handshakes in progress"
-            );
-            self.answering.clear();
+    /// Closes this side of a rendezvous, best effort; not when the manager connection was
+    /// lost (the rendezvous went with it, and a new connection may not touch it).
+    fn close_rendezvous(&mut self, id: RendezvousId, reason: &str) {
+        if self.reg.is_connected() {
+            let _ = self.manager(|c| c.close(id, Side::Listener, reason));
         }
-        e.into()
     }
 }
 

@@ -469,3 +469,37 @@ fn a_listener_event_fd_turns_readable_when_a_connection_waits() {
     assert!(!rsmsg::shm::wait_readable_any(&fd, Some(Duration::ZERO)).unwrap());
     drop(peer.join().unwrap());
 }
+
+#[test]
+fn an_endpoint_whose_listener_is_closed_goes_on_without_it() {
+    let name = unique("closed-listener");
+    let mut ep = Endpoint::bind(Config::default(), &name).unwrap();
+    let c = rsmsg::connect(&Config::default(), &name).unwrap();
+    c.send(b"before").unwrap();
+    assert_eq!(
+        &*ep.recv_timeout(HANG_GUARD).unwrap().expect("message"),
+        b"before"
+    );
+    ep.listener().expect("bound with a listener").close();
+    // The connection already made carries on; the closed listener is neither waited on nor
+    // counted as a stream of failed set-ups.
+    c.send(b"after").unwrap();
+    assert_eq!(
+        &*ep.recv_timeout(HANG_GUARD).unwrap().expect("message"),
+        b"after"
+    );
+    assert!(
+        ep.recv_timeout(Duration::from_millis(50))
+            .unwrap()
+            .is_none()
+    );
+    assert!(ep.listener().is_none(), "the closed listener was let go");
+    assert_eq!(ep.accept_failures(), 0);
+    assert!(matches!(
+        ep.accept(Duration::from_millis(50)),
+        Err(EndpointError::Config { .. })
+    ));
+    // The name is free again.
+    drop(Listener::bind(&Config::default(), &name).unwrap());
+    drop(c);
+}

@@ -193,14 +193,21 @@ impl Listener {
     /// Stops listening, from any thread: the accept threads stop, the name is unregistered and
     /// its socket removed, and an accept waiting on another thread returns an error (a
     /// connection already handed over may still be returned first). Returns once the threads
-    /// have stopped. Dropping the listener does the same.
+    /// have stopped; with a manager, once it acknowledged the unregistration (a manager that
+    /// does not answer is given up on after the manager timeout, 10 s). Dropping the listener
+    /// does the same.
     pub fn close(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the shared-memory accept (blocked in accept(2)) with a connection of our own.
-        if let Some(p) = &self.shm_path {
-            let _ = UnixStream::connect(p);
+        // Held until the threads are joined, so that a second close waits for the first.
+        let mut held = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            // Wake the shared-memory accept (blocked in accept(2)) with a connection of our
+            // own: only the first time, when the socket is still ours (the name may be bound
+            // again by now).
+            if let Some(p) = &self.shm_path {
+                let _ = UnixStream::connect(p);
+            }
         }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads = std::mem::take(&mut *held);
         // An accept thread blocked handing over a connection is unblocked when the receiver
         // goes; while an accept on another thread holds it, that accept is receiving, which
         // unblocks the thread as well. Once they have all stopped, a waiting accept sees the
@@ -225,6 +232,14 @@ impl Listener {
         for t in threads {
             let _ = t.join();
         }
+        drop(held);
+        // An event loop watching `event_fd` looks again and finds the listener closed.
+        let _ = self.wake.signal();
+    }
+
+    /// Whether [`Listener::close`] was called: accepts fail at once from then on.
+    pub fn is_closed(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 
     /// The name listened under.

@@ -216,6 +216,8 @@ impl Endpoint {
                 }
                 Ok(None) if deadline.is_some() => return Ok(None),
                 Ok(None) => {}
+                // Closed (through `listener()`): no connection will come.
+                Err(e) if l.is_closed() => return Err(e),
                 Err(e) => self.note_accept_failure(&e),
             }
         }
@@ -482,6 +484,12 @@ impl Endpoint {
                     self.add(a.conn, name, a.transport, true);
                 }
                 Ok(None) => return,
+                // Closed (through `listener()`): nothing more will come; the endpoint goes on
+                // without it.
+                Err(_) if l.is_closed() => {
+                    self.listener = None;
+                    return;
+                }
                 Err(e) => self.note_accept_failure(&e),
             }
         }

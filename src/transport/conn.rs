@@ -798,24 +798,25 @@ impl<L: Link> Inner<L> {
         self.stash_cap
     }
 
-    /// After the `idle`-th arrival that brought the caller nothing: whether the call is done,
-    /// `wait` having none of its time left. A call that does not wait ends after
-    /// [`Inner::idle_budget`] of them; a timed one reads the clock (only on such arrivals: a
-    /// peer that keeps ringing never lets the link come up empty, where the wait itself looks),
-    /// starting it at the first if the wait has not started it yet (the arrivals before came
-    /// without waiting).
+    /// After the `idle`-th arrival that brought the caller nothing: whether the call is done.
+    /// Only after [`Inner::idle_budget`] of them, as for a call that does not wait (so that a
+    /// late wake-up still takes a message queued behind a few notices); then a timed call ends
+    /// once its deadline has passed. `wait` is started here if the wait itself has not started
+    /// it yet (the arrivals before came without waiting), and read only on such arrivals: a
+    /// peer that keeps ringing never lets the link come up empty, where the wait looks.
     pub(super) fn idle_done(&self, wait: &mut Wait, idle: usize) -> bool {
-        match *wait {
-            Wait::Forever => false,
-            Wait::No => idle >= self.idle_budget(),
-            Wait::For(t) => {
-                if let Some(d) = Instant::now().checked_add(t) {
-                    *wait = Wait::Until(d);
-                }
-                t.is_zero()
-            }
-            Wait::Until(d) => Instant::now() >= d,
+        if let Wait::For(t) = *wait
+            && let Some(d) = Instant::now().checked_add(t)
+        {
+            *wait = Wait::Until(d);
         }
+        idle >= self.idle_budget()
+            && match *wait {
+                Wait::No => true,
+                Wait::Until(d) => Instant::now() >= d,
+                // Forever, or too long to have an instant.
+                Wait::Forever | Wait::For(_) => false,
+            }
     }
 
     /// Waits until a credit may have arrived: busy, it re-reads the mailbox; otherwise it waits

@@ -198,8 +198,9 @@ int rsmsg_listen(struct rsmsg_config cfg, const char *name, struct rsmsg_listene
 int rsmsg_accept(struct rsmsg_listener listener, struct rsmsg_conn *out_conn);
 
 // Stops listening and frees the listener; connections it accepted stay open. Returns once
-// the name is unregistered and the listener's threads have stopped; an `rsmsg_accept` waiting
-// on another thread returns `RSMSG_ERR_CLOSED`.
+// the name is unregistered and the listener's threads have stopped (a bootstrap manager that
+// does not acknowledge the unregistration is given up on after 10 s); an `rsmsg_accept`
+// waiting on another thread returns `RSMSG_ERR_CLOSED`.
 //
 // Thread safety: any thread.
 int rsmsg_listener_free(struct rsmsg_listener listener);

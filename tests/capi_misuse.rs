@@ -568,8 +568,7 @@ fn freeing_a_listener_ends_an_accept_waiting_on_another_thread() {
         (rsmsg_accept(l, &mut c), last_error())
     });
     rx.recv().unwrap();
-    // Give the accept time to begin waiting (if it has not yet, it finds the handle gone:
-    // RSMSG_ERR_BAD_HANDLE, which the assertion below also reports).
+    // Give the accept time to begin waiting.
     thread::sleep(std::time::Duration::from_millis(200));
     // Freeing runs on a thread of its own, so that a free that waits for the accept (which
     // nobody will ever satisfy) fails the test instead of hanging it.
@@ -584,7 +583,12 @@ fn freeing_a_listener_ends_an_accept_waiting_on_another_thread() {
         RSMSG_OK
     );
     let (rc, why) = waiting.join().unwrap();
-    assert_eq!(rc, RSMSG_ERR_CLOSED, "{why}");
+    // Closed while it waited; on a machine so loaded that the accept began only after the
+    // free, the handle is gone: either way it returned.
+    assert!(
+        rc == RSMSG_ERR_CLOSED || rc == RSMSG_ERR_BAD_HANDLE,
+        "{rc}: {why}"
+    );
     // The name is free again at once.
     let mut again = rsmsg_listener { id: 0 };
     assert_eq!(

@@ -1092,7 +1092,7 @@ impl Client<'_> {
     fn holds(&self, r: &Rendezvous, id: RendezvousId, side: Side) -> bool {
         let holder = r.conns[ix(side)];
         if holder != self.conn {
-            warn!(
+            debug!(
                 rendezvous = id.0,
                 %side,
                 holder,

@@ -269,8 +269,9 @@ pub extern "C" fn rsmsg_accept(listener: rsmsg_listener, out_conn: *mut rsmsg_co
 }
 
 /// Stops listening and frees the listener; connections it accepted stay open. Returns once
-/// the name is unregistered and the listener's threads have stopped; an `rsmsg_accept` waiting
-/// on another thread returns `RSMSG_ERR_CLOSED`.
+/// the name is unregistered and the listener's threads have stopped (a bootstrap manager that
+/// does not acknowledge the unregistration is given up on after 10 s); an `rsmsg_accept`
+/// waiting on another thread returns `RSMSG_ERR_CLOSED`.
 ///
 /// Thread safety: any thread.
 #[unsafe(no_mangle)]

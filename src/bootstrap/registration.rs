@@ -107,7 +107,7 @@ impl Registration {
 
     fn check<T>(&mut self, result: Result<T, BootstrapError>) -> Result<T, BootstrapError> {
         if let Err(e) = &result
-            && (e.is_unreachable() || matches!(e, BootstrapError::Broken))
+            && e.is_unreachable()
         {
             warn!(name = %self.info.name, error = %e, "lost the manager; will register again");
             self.client = None;

@@ -1824,7 +1824,7 @@ impl VerbsListener {
     ) -> Result<T, BootstrapError> {
         let r = self.reg.with_client(f);
         if let Err(e) = &r
-            && lost(e)
+            && e.is_unreachable()
             && !self.answering.is_empty()
         {
             tracing::warn!(
@@ -1912,7 +1912,7 @@ impl VerbsListener {
                 )),
                 Ok(None) => continue,
                 // Every handshake was abandoned with the connection.
-                Err(e) if lost(&e) => return Some(Err(e.into())),
+                Err(e) if e.is_unreachable() => return Some(Err(e.into())),
                 Err(e) => Err(e.into()),
             };
             let a = self.answering.remove(i)?;
@@ -1971,11 +1971,6 @@ impl VerbsListener {
             let _ = self.manager(|c| c.close(id, Side::Listener, reason));
         }
     }
-}
-
-/// Whether a manager error means the connection to it is gone.
-fn lost(e: &BootstrapError) -> bool {
-    e.is_unreachable() || matches!(e, BootstrapError::Broken)
 }
 
 // ---------------------------------------------------------------------------------------------

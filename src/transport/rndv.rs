@@ -1288,6 +1288,12 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// read it. Several transfers may be in flight on one connection; each handle borrows its
     /// buffer until it completes.
     ///
+    /// A transfer the peer cannot read (shared memory where it may not read this process, or
+    /// `RSMSG_RNDV_STREAM_ONLY=1` on either side) is streamed: its chunks go through the
+    /// segments before `send_start` returns, waiting for credits as [`Connection::send`] does,
+    /// so such a call returns only as the peer takes the chunks (in any receive or rendezvous
+    /// call of its own).
+    ///
     /// # Errors
     /// As [`Connection::send`]; the registration of the buffer failed.
     pub fn send_start<'b>(&self, buf: &'b [u8]) -> Result<SendHandle<'_, 'b, L, T>, SendError> {

@@ -36,7 +36,7 @@ struct Hostile {
     bell: DoorbellProducer,
     /// The victim's credit mailbox (credits for what the victim sends us).
     mailbox: CreditMailbox,
-    _own: (Arc<ShmRegion>, rsmsg::shm::EventFd, Vec<ShmRegion>),
+    _own: (Arc<ShmRegion>, rsmsg::shm::WakeSocket, Vec<ShmRegion>),
 }
 
 impl Hostile {
@@ -622,4 +622,117 @@ fn a_call_that_never_waits_takes_at_most_a_receive_queue_of_notices() {
     assert!(victim.failure().is_none(), "{:?}", victim.failure());
     drop(step_tx);
     hostile.join().unwrap();
+}
+
+/// Clears `O_NONBLOCK` on an fd's open file description, which every process holding the fd
+/// shares: what a hostile peer can do to any fd it was passed.
+fn make_blocking(fd: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL/F_SETFL on a valid fd; no pointers.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        assert!(flags >= 0);
+        assert_eq!(
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK),
+            0
+        );
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within a guard far above
+/// any real call (a hang, not a measure of speed).
+fn within_guard<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+/// The peer holds the end of our wake-up socket it signals. Making that file blocking (which a
+/// passed eventfd would have shared with us) must not make our own drain, in `arm`, wait.
+#[test]
+fn a_peer_that_makes_our_wake_up_blocking_cannot_hang_arm() {
+    let name = format!("hostile-wake-arm-{}", std::process::id());
+    let listener = ShmListener::bind(&name, layout(), PollMode::Event).unwrap();
+    let p = listener.path().to_path_buf();
+    let hostile = thread::spawn(move || {
+        let h = shm_handshake::connect(&p, &layout());
+        make_blocking(std::os::fd::AsFd::as_fd(&h.victim_wake));
+        h
+    });
+    let victim = listener.accept().unwrap();
+    let h = hostile.join().unwrap();
+    let victim = within_guard("arm", move || {
+        // Twice: the first may find a signal left from set-up; the second surely finds none.
+        victim.arm().unwrap();
+        assert!(!victim.arm().unwrap(), "nothing was sent");
+        victim
+    });
+    // And the wake-up still works: the peer signals through its end, the victim sees it.
+    let one = [1u8];
+    // SAFETY: sends one byte from a live buffer on a valid fd.
+    let rc = unsafe {
+        libc::send(
+            std::os::fd::AsRawFd::as_raw_fd(&h.victim_wake),
+            one.as_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    assert_eq!(rc, 1);
+    let fd = victim.event_fd().expect("event mode lends its fd");
+    assert!(rsmsg::shm::wait_readable_any(&[fd], Some(Duration::from_secs(5))).unwrap());
+}
+
+/// The peer says it waits in an event loop, then fills its own wake-up socket and makes the
+/// end we signal blocking (with an eventfd: its counter at the maximum, `O_NONBLOCK` cleared).
+/// Our send, which signals it, must not wait.
+#[test]
+fn a_peer_whose_wake_up_is_full_and_blocking_cannot_hang_a_send() {
+    let name = format!("hostile-wake-send-{}", std::process::id());
+    let listener = ShmListener::bind(&name, layout(), PollMode::Busy).unwrap();
+    let p = listener.path().to_path_buf();
+    let hostile = thread::spawn(move || {
+        // Mode 1: event, so the victim checks our `sleeping` word after each push.
+        let h = shm_handshake::connect_as(&p, &layout(), 1);
+        let (ring, _, _) = shm_handshake::geometry(&layout(), &h.victim);
+        let mut own_bell =
+            rsmsg::shm::DoorbellConsumer::new(h.own_control.clone(), 0, ring).unwrap();
+        assert!(!own_bell.arm().unwrap(), "armed with nothing queued");
+        let remote = std::os::fd::AsFd::as_fd(&h.own_event_remote);
+        let one = [1u8];
+        let mut sent = 0usize;
+        loop {
+            // SAFETY: sends one byte from a live buffer on a valid fd.
+            let rc = unsafe {
+                libc::send(
+                    std::os::fd::AsRawFd::as_raw_fd(&remote),
+                    one.as_ptr().cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc < 0 {
+                break;
+            }
+            sent += 1;
+        }
+        assert!(sent > 0, "the queue took something before it filled");
+        make_blocking(remote);
+        (h, own_bell)
+    });
+    let victim = listener.accept().unwrap();
+    let (h, mut own_bell) = hostile.join().unwrap();
+    let victim = within_guard("send", move || {
+        victim.send(b"to an armed peer").unwrap();
+        victim
+    });
+    assert!(
+        own_bell.try_pop().unwrap().is_some(),
+        "the message was pushed"
+    );
+    assert!(victim.failure().is_none());
+    drop(h);
 }

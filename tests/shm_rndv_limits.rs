@@ -64,7 +64,7 @@ struct Hostile {
     /// Where the victim publishes the credits of our sends.
     mailbox: CreditMailbox,
     tx: Sender,
-    _own: (Arc<ShmRegion>, rsmsg::shm::EventFd, Vec<ShmRegion>),
+    _own: (Arc<ShmRegion>, rsmsg::shm::WakeSocket, Vec<ShmRegion>),
 }
 
 impl Hostile {

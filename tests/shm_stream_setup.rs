@@ -373,7 +373,7 @@ fn crossing_streamed_transfers_complete() {
     }
 }
 
-/// A `Hello` of handshake version 4 for the default layout, with `probe` as its probe address.
+/// A `Hello` of handshake `version` for the default layout, with `probe` as its probe address.
 fn raw_hello(version: u16, probe: u64) -> [u8; 512] {
     let mut h = [0u8; 512];
     h[0..4].copy_from_slice(b"RSHM");
@@ -393,10 +393,11 @@ fn a_hello_without_a_valid_probe_is_refused() {
     use std::io::Write;
     let path = sock_path();
     let listener = ShmListener::bind_path(&path, Layout::default(), PollMode::Busy).expect("bind");
-    let cases: [(u16, u64, &str); 3] = [
-        (4, 0, "probe address"),
-        (4, u64::MAX - 8, "probe address"),
+    let cases: [(u16, u64, &str); 4] = [
+        (5, 0, "probe address"),
+        (5, u64::MAX - 8, "probe address"),
         (3, rsmsg::shm::probe_addr(), "version 3"),
+        (4, rsmsg::shm::probe_addr(), "version 4"),
     ];
     for (version, probe, want) in cases {
         let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();

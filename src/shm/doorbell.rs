@@ -5,7 +5,7 @@
 //! | offset | size | written by | content |
 //! |---|---|---|---|
 //! | 0 | 8 (line of 128) | consumer | `tail`: absolute count of entries consumed (u64) |
-//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps on the futex or is about to, 2 while it waits on its eventfd ([`DoorbellConsumer::arm`]) |
+//! | 128 | 4 (line of 128) | consumer sets, producer clears | `sleeping`: 1 while the consumer sleeps on the futex or is about to, 2 while it waits on its wake-up socket ([`DoorbellConsumer::arm`]) |
 //! | 256 | 32 × capacity | producer | slots of 32 bytes: the word `tag << 32 \| value` (`tag = (position + 1) mod 2^32`), then 16 bytes of header (all zero: none), then 8 spare bytes |
 //!
 //! The memory starts zeroed (a fresh [`ShmRegion`](super::ShmRegion) is): tail 0, nobody
@@ -43,18 +43,19 @@
 //!   already changed the word, so the wait returns at once. (Without the clear, that wake is
 //!   lost and the consumer sleeps until its timeout; the loom model finds this.)
 //!
-//! # A futex, and an eventfd for event loops
+//! # A futex, and a wake-up socket for event loops
 //! The wake-up word lives in the ring's own shared page: the producer pays a system call only
 //! when the flag says the consumer really waits, and the busy path never makes one.
 //! `FUTEX_WAIT` takes a timeout directly, and the shared (non-`PRIVATE`) futex ops key the word
 //! by its page in the memfd, so the two processes meet on the same wait queue: that is how a
 //! blocking receive sleeps. A futex cannot be polled, so a consumer driven by an event loop
 //! (`poll`, `epoll`, an async reactor) instead *arms* ([`DoorbellConsumer::arm`]): it stores 2
-//! in the same word, with the same fence and re-check, and waits on an eventfd of its own that
-//! the producer holds (passed with `SCM_RIGHTS` at connection setup,
-//! [`DoorbellProducer::set_event_fd`]). The producer's [`notify`](DoorbellProducer::notify)
-//! writes the eventfd when it finds 2 and wakes the futex when it finds 1: one handshake, two
-//! ways to sleep.
+//! in the same word, with the same fence and re-check, and waits on its end of a wake-up socket
+//! pair whose other end the producer holds (passed with `SCM_RIGHTS` at connection setup,
+//! [`DoorbellProducer::set_wake_socket`]; a socket, not an eventfd, so that neither process can
+//! make the other's calls block, see [`WakeSocket`]). The producer's
+//! [`notify`](DoorbellProducer::notify) sends on it when it finds 2 and wakes the futex when it
+//! finds 1: one handshake, two ways to sleep.
 //!
 //! # A faulty or hostile peer
 //! Indices are always computed from this side's local position, so no shared value can steer an
@@ -74,6 +75,8 @@ use std::sync::Arc;
 use super::ShmError;
 #[cfg(not(loom))]
 use super::ShmRegion;
+#[cfg(not(loom))]
+use super::WakeSocket;
 #[cfg(loom)]
 use super::sync::ModelFutex;
 use super::sync::{AtomicU32, AtomicU64, Ordering, fence, spin_hint};
@@ -312,9 +315,9 @@ pub struct DoorbellProducer {
     /// The consumer's `tail` as last read: entries below it are free to overwrite.
     tail_cache: u64,
     cap: u64,
-    /// The consumer's eventfd, signaled when it has armed it (see [`DoorbellConsumer::arm`]).
+    /// The consumer's wake-up socket, signaled when it has armed (see [`DoorbellConsumer::arm`]).
     #[cfg(not(loom))]
-    event: Option<Arc<EventFd>>,
+    event: Option<Arc<WakeSocket>>,
 }
 
 // SAFETY: the raw pointers point into memory owned by `owner` (an `Arc`, itself Send + Sync),
@@ -348,10 +351,10 @@ impl DoorbellProducer {
         })
     }
 
-    /// Signals `event` (the consumer's eventfd, received from its process) whenever
+    /// Signals `event` (the consumer's wake-up socket, received from its process) whenever
     /// [`notify`](Self::notify) finds the consumer armed with [`DoorbellConsumer::arm`].
     #[cfg(not(loom))]
-    pub fn set_event_fd(&mut self, event: Arc<EventFd>) {
+    pub fn set_wake_socket(&mut self, event: Arc<WakeSocket>) {
         self.event = Some(event);
     }
 
@@ -419,8 +422,8 @@ impl DoorbellProducer {
     /// [`ShmError::Futex`] if `futex(2)` fails.
     ///
     /// The flag's value says how the consumer waits: [`SLEEP_FUTEX`] on the futex, [`SLEEP_ARMED`]
-    /// on its eventfd (through `poll`/`epoll`, after [`DoorbellConsumer::arm`]); the eventfd is
-    /// written only in the second case, the futex woken otherwise.
+    /// on its wake-up socket (through `poll`/`epoll`, after [`DoorbellConsumer::arm`]); the
+    /// socket is signaled only in the second case, the futex woken otherwise.
     #[inline]
     pub fn notify(&self) -> Result<bool, ShmError> {
         fence(Ordering::SeqCst);
@@ -653,11 +656,11 @@ impl DoorbellConsumer {
         }
     }
 
-    /// Announces that the consumer is about to wait on its eventfd (in `poll`, `epoll` or an
-    /// async reactor) rather than on the futex: the producer's next
-    /// [`notify`](DoorbellProducer::notify) signals the eventfd. Returns `true` when an entry is already
-    /// there (take it with [`try_pop`](Self::try_pop) and do not wait), `false` when the wait
-    /// may begin: the entry that ends it signals the eventfd.
+    /// Announces that the consumer is about to wait on its wake-up socket (in `poll`, `epoll` or
+    /// an async reactor) rather than on the futex: the producer's next
+    /// [`notify`](DoorbellProducer::notify) signals the socket. Returns `true` when an entry is
+    /// already there (take it with [`try_pop`](Self::try_pop) and do not wait), `false` when the
+    /// wait may begin: the entry that ends it signals the socket.
     ///
     /// The same Dekker handshake as the futex sleep: the flag is set, a `SeqCst` fence, then the
     /// slot is checked; the producer stores the slot, fences, then reads the flag.
@@ -727,12 +730,13 @@ impl DoorbellConsumer {
 
 /// Value of the `sleeping` word while the consumer sleeps on the futex.
 pub const SLEEP_FUTEX: u32 = 1;
-/// Value of the `sleeping` word while the consumer waits on its eventfd ([`DoorbellConsumer::arm`]).
+/// Value of the `sleeping` word while the consumer waits on its wake-up socket ([`DoorbellConsumer::arm`]).
 pub const SLEEP_ARMED: u32 = 2;
 
-/// A non-blocking eventfd (`eventfd(2)`): the consumer's pollable wake-up, created by the
-/// consumer's process and passed to the producer's (`SCM_RIGHTS`). The producer writes it only
-/// when the consumer armed it, so the busy path never makes a system call.
+/// A non-blocking eventfd (`eventfd(2)`) for wake-ups within one process (a listener's threads).
+/// Never pass one to another process: the open file description, and with it `O_NONBLOCK`, would
+/// be shared, so the other process could make our reads and writes block. Across processes the
+/// doorbell signals a [`WakeSocket`] instead.
 #[cfg(not(loom))]
 #[derive(Debug)]
 pub struct EventFd {
@@ -761,36 +765,7 @@ impl EventFd {
         })
     }
 
-    /// Adopts an fd received from a peer, refusing anything but a non-blocking eventfd (a write
-    /// to a blocking one could hang this process on a counter the peer filled).
-    ///
-    /// # Errors
-    /// [`ShmError::EventFd`] (`"check"`) for another kind of fd or a blocking one.
-    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self, ShmError> {
-        use std::os::fd::AsRawFd;
-        let bad = |why: &str| ShmError::EventFd {
-            op: "check",
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
-        };
-        let link =
-            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
-                ShmError::EventFd {
-                    op: "check",
-                    source: e,
-                }
-            })?;
-        if link.as_os_str() != "anon_inode:[eventfd]" {
-            return Err(bad("the fd is not an eventfd"));
-        }
-        // SAFETY: F_GETFL on an fd we own reads its status flags; no pointers.
-        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0 || flags & libc::O_NONBLOCK == 0 {
-            return Err(bad("the eventfd is not non-blocking"));
-        }
-        Ok(Self { fd })
-    }
-
-    /// The fd, for `poll`/`epoll` (readable once signaled) or for passing to the peer.
+    /// The fd, for `poll`/`epoll` (readable once signaled).
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.fd.as_fd()

@@ -135,6 +135,16 @@ pub enum ShmError {
         #[source]
         source: io::Error,
     },
+    /// A wake-up socket operation failed, or a received fd is not a wake-up socket of the peer
+    /// ([`WakeSocket`](super::WakeSocket)).
+    #[error("wake-up socket {op} failed")]
+    Wake {
+        /// The step: `"create"`, `"check"`, `"signal"` or `"drain"`.
+        op: &'static str,
+        /// The OS error, or what the check found.
+        #[source]
+        source: io::Error,
+    },
     /// Too many fds for one message.
     #[error("{count} fds requested, at most {max} per message")]
     TooManyFds {

@@ -45,6 +45,8 @@ mod mailbox;
 mod region;
 pub(crate) mod sync;
 mod vmread;
+#[cfg(not(loom))]
+mod wake;
 
 #[cfg(not(loom))]
 pub use doorbell::EventFd;
@@ -62,3 +64,5 @@ pub use region::{REQUIRED_SEALS, RegionView, ShmRegion};
 pub use vmread::{
     PROBE_CONTENT, PROBE_LEN, may_read_peer, probe_addr, probe_peer, read_peer_memory,
 };
+#[cfg(not(loom))]
+pub use wake::WakeSocket;

@@ -16,9 +16,12 @@
 //! 1. connector → listener: `Hello` (magic, version, poll mode, pid, the connector's receive
 //!    layout, the address of its readability probe).
 //! 2. listener → connector: `Hello` with the listener's receive layout and probe, then a frame
-//!    carrying the fds of its control region and target segments.
-//! 3. connector → listener: a frame carrying the connector's fds, then one byte: whether it
-//!    can read the listener's memory (it read the listener's probe with `process_vm_readv`).
+//!    carrying the fds of its control region, of its wake-up socket's other end (the peer
+//!    signals it when we wait in an event loop; checked to be a datagram socket pair made by the
+//!    process the kernel saw connect) and of its target segments.
+//! 3. connector → listener: a frame carrying the connector's fds (the same three kinds), then
+//!    one byte: whether it can read the listener's memory (it read the listener's probe with
+//!    `process_vm_readv`).
 //! 4. listener → connector: two bytes once it has mapped them: status 1, then whether it can
 //!    read the connector's memory.
 //!
@@ -47,16 +50,17 @@ use crate::core::{RndvRequest, refuse_reason};
 use crate::shm::{PROBE_LEN, probe_addr, probe_peer, read_peer_memory, socket_peer_pid};
 
 use crate::shm::{
-    CreditMailbox, DoorbellConsumer, DoorbellProducer, EventFd, MAX_FDS, PeerStatus, PushOutcome,
-    RingLayout, ShmRegion, WaitMode, recv_fds, send_fds, socket_peer_status,
+    CreditMailbox, DoorbellConsumer, DoorbellProducer, MAX_FDS, PeerStatus, PushOutcome,
+    RingLayout, ShmRegion, WaitMode, WakeSocket, recv_fds, send_fds, socket_peer_status,
 };
 
 const MAGIC: [u8; 4] = *b"RSHM";
-/// Version 4: the hello carries the address of a readability probe, and the sides exchange
-/// whether they can read each other (version 3: no probe; the fds passed are the control region,
-/// the receiver's eventfd, then the segments; doorbell slots are 32 bytes and carry a copy of the
-/// message header).
-const VERSION: u16 = 4;
+/// Version 5: the second fd passed is one end of a datagram socket pair the receiver made (its
+/// wake-up for event loops, [`WakeSocket`]), where version 4 passed an eventfd. Version 4: the
+/// hello carries the address of a readability probe, and the sides exchange whether they can
+/// read each other (version 3: no probe). The fds passed are the control region, the wake-up,
+/// then the segments; doorbell slots are 32 bytes and carry a copy of the message header.
+const VERSION: u16 = 5;
 const HELLO_LEN: usize = 512;
 /// Where the probe address sits in the hello (its last 8 bytes).
 const PROBE_AT: usize = HELLO_LEN - 8;
@@ -66,7 +70,7 @@ const LAYOUT_TEXT_MAX: usize = PROBE_AT - 18;
 const MAILBOX_SLOTS: usize = 257;
 const WAITER_SLOT: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Fds passed before the segments: the control region and the eventfd.
+/// Fds passed before the segments: the control region and the wake-up socket's other end.
 const FIXED_FDS: usize = 2;
 
 /// A connection over shared memory.
@@ -276,7 +280,9 @@ impl ControlGeometry {
 struct Local {
     control: Arc<ShmRegion>,
     /// Signaled by the peer when we wait in an event loop ([`Connection::arm`]).
-    event: EventFd,
+    event: WakeSocket,
+    /// The other end of `event`'s pair, passed to the peer.
+    event_remote: OwnedFd,
     segments: Vec<ShmRegion>,
 }
 
@@ -289,15 +295,17 @@ impl Local {
             .iter()
             .map(|s| ShmRegion::create(&format!("rsmsg-seg{}", s.id.0), s.bytes() as usize))
             .collect::<Result<Vec<_>, _>>()?;
+        let (event, event_remote) = WakeSocket::pair()?;
         Ok(Local {
             control,
-            event: EventFd::new()?,
+            event,
+            event_remote,
             segments,
         })
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        [self.control.fd(), self.event.fd()]
+        [self.control.fd(), self.event_remote.as_fd()]
             .into_iter()
             .chain(self.segments.iter().map(|s| s.fd()))
             .collect()
@@ -307,7 +315,7 @@ impl Local {
 /// The peer's receiving resources, mapped here.
 struct Remote {
     control: Arc<ShmRegion>,
-    event: EventFd,
+    event: WakeSocket,
     segments: Vec<ShmRegion>,
 }
 
@@ -316,7 +324,7 @@ impl Remote {
         fds: Vec<OwnedFd>,
         recv: &Layout,
         geo: ControlGeometry,
-        peer: &str,
+        (peer, peer_pid): (&str, i32),
     ) -> Result<Remote, TransportError> {
         let tables = crate::core::Tables::new(recv.clone());
         if fds.len() != FIXED_FDS + tables.segments().len() {
@@ -331,7 +339,7 @@ impl Remote {
         }
         let mut fds = fds.into_iter();
         let control = Arc::new(ShmRegion::from_fd(fds.next().expect("counted"), geo.bytes)?);
-        let event = EventFd::from_fd(fds.next().expect("counted"))?;
+        let event = WakeSocket::from_peer(fds.next().expect("counted"), peer_pid)?;
         let segments = tables
             .segments()
             .iter()
@@ -361,8 +369,8 @@ pub struct ShmLink {
     peer_mailbox: CreditMailbox,
     /// Whether the peer sleeps (event/adaptive): then every push is followed by a wake-up check.
     peer_sleeps: bool,
-    /// Our eventfd (the peer signals it when we armed it).
-    event: EventFd,
+    /// Our wake-up socket (the peer signals it when we armed).
+    event: WakeSocket,
     _control: Arc<ShmRegion>,
     _peer_control: Arc<ShmRegion>,
     /// The peer's process id as the kernel saw it connect (`SO_PEERCRED`): whose memory a
@@ -831,7 +839,12 @@ fn handshake(
         FIXED_FDS + theirs.layout.segment_count() as usize,
         peer,
     )?;
-    let remote = Remote::open(fds, &theirs.layout, peer_geo, peer)?;
+    let remote = Remote::open(
+        fds,
+        &theirs.layout,
+        peer_geo,
+        (peer, socket_peer_pid(&sock)?),
+    )?;
     let mut v = [0u8; 1];
     read_by(&mut sock, &mut v, deadline, "read the peer's readability")?;
     let peer_reads_us = decode_verdict(v[0], peer)?;
@@ -916,7 +929,7 @@ fn build(
     let bell = DoorbellConsumer::new(local.control.clone(), 0, my_geo.ring)?;
     let mailbox = CreditMailbox::new(local.control.clone(), my_geo.mailbox_offset, MAILBOX_SLOTS)?;
     let mut doorbell = DoorbellProducer::new(remote.control.clone(), 0, peer_geo.ring)?;
-    doorbell.set_event_fd(Arc::new(remote.event));
+    doorbell.set_wake_socket(Arc::new(remote.event));
     let peer_mailbox = CreditMailbox::new(
         remote.control.clone(),
         peer_geo.mailbox_offset,
@@ -989,7 +1002,12 @@ pub fn connect_path(
         FIXED_FDS + theirs.layout.segment_count() as usize,
         &peer,
     )?;
-    let remote = Remote::open(fds, &theirs.layout, peer_geo, &peer)?;
+    let remote = Remote::open(
+        fds,
+        &theirs.layout,
+        peer_geo,
+        (&peer, socket_peer_pid(&sock)?),
+    )?;
     let my_geo = ControlGeometry::new(&layout, &theirs.layout)?;
     let local = Local::create(&layout, my_geo)?;
     send_frame_fds(&sock, &local.fds())?;
@@ -1052,6 +1070,10 @@ mod handshake_tests {
         let mut b = good;
         b[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert!(reason(&b).contains("version 3"), "{}", reason(&b));
+        // Version 4 passed an eventfd where a wake-up socket is expected now.
+        let mut b = good;
+        b[4..6].copy_from_slice(&4u16.to_le_bytes());
+        assert!(reason(&b).contains("version 4"), "{}", reason(&b));
         // A layout description running into the probe's bytes.
         let mut b = good;
         b[16..18].copy_from_slice(&((LAYOUT_TEXT_MAX + 1) as u16).to_le_bytes());

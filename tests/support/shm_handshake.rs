@@ -1,17 +1,17 @@
 //! The shared-memory handshake done by hand, as any process on the host could (handshake
-//! version 4, see docs/shm.md), for tests whose peer then writes what an honest one never would.
+//! version 5, see docs/shm.md), for tests whose peer then writes what an honest one never would.
 //! Each test that includes it uses its own subset.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rsmsg::core::{Layout, Tables};
-use rsmsg::shm::{CreditMailbox, EventFd, MAX_FDS, RingLayout, ShmRegion, recv_fds, send_fds};
+use rsmsg::shm::{CreditMailbox, MAX_FDS, RingLayout, ShmRegion, WakeSocket, recv_fds, send_fds};
 
 pub const HELLO_LEN: usize = 512;
 pub const MAILBOX_SLOTS: usize = 257;
@@ -39,23 +39,34 @@ pub struct Handshake {
     /// Our own control region (the victim publishes our sends' credits at `own_mailbox_offset`).
     pub own_control: Arc<ShmRegion>,
     pub own_mailbox_offset: usize,
-    pub own_event: EventFd,
+    /// Our wake-up socket (the victim signals it when our ring's `sleeping` word says armed).
+    pub own_event: WakeSocket,
+    /// A copy of the end of it we passed the victim (what the victim signals).
+    pub own_event_remote: OwnedFd,
+    /// The end of the victim's wake-up socket pair it passed us (we would signal it).
+    pub victim_wake: OwnedFd,
     pub own_segments: Vec<ShmRegion>,
 }
 
 /// Connects to the listener at `path` offering `mine`, and completes the handshake.
 pub fn connect(path: &Path, mine: &Layout) -> Handshake {
+    connect_as(path, mine, 0)
+}
+
+/// As [`connect`], announcing poll mode byte `mode` (0 busy, 1 event, 2 adaptive).
+pub fn connect_as(path: &Path, mine: &Layout, mode: u8) -> Handshake {
     let mut sock = UnixStream::connect(path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut hello = [0u8; HELLO_LEN];
     hello[0..4].copy_from_slice(b"RSHM");
-    hello[4..6].copy_from_slice(&4u16.to_le_bytes());
+    hello[4..6].copy_from_slice(&5u16.to_le_bytes());
+    hello[6] = mode;
     hello[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     let text = mine.to_string();
     hello[16..18].copy_from_slice(&(text.len() as u16).to_le_bytes());
     hello[18..18 + text.len()].copy_from_slice(text.as_bytes());
-    // Handshake version 4: the readability probe's address in the last 8 bytes.
+    // Since version 4: the readability probe's address in the last 8 bytes.
     hello[HELLO_LEN - 8..].copy_from_slice(&rsmsg::shm::probe_addr().to_le_bytes());
     sock.write_all(&hello).unwrap();
     let mut theirs = [0u8; HELLO_LEN];
@@ -65,7 +76,7 @@ pub fn connect(path: &Path, mine: &Layout) -> Handshake {
         .unwrap()
         .parse()
         .unwrap();
-    // The victim's regions: control region, wake-up eventfd, then the segments.
+    // The victim's regions: control region, its wake-up socket's other end, then the segments.
     let tables = Tables::new(victim.clone());
     let expected = 2 + tables.segments().len();
     let mut fds = Vec::new();
@@ -78,7 +89,7 @@ pub fn connect(path: &Path, mine: &Layout) -> Handshake {
     let (ring, mailbox_offset, control_bytes) = geometry(&victim, mine);
     let mut fds = fds.into_iter();
     let control = Arc::new(ShmRegion::from_fd(fds.next().unwrap(), control_bytes).unwrap());
-    let _victim_event = fds.next().unwrap();
+    let victim_wake = fds.next().unwrap();
     let segments = tables
         .segments()
         .iter()
@@ -93,15 +104,15 @@ pub fn connect(path: &Path, mine: &Layout) -> Handshake {
         .iter()
         .map(|s| ShmRegion::create("hand-seg", s.bytes() as usize).unwrap())
         .collect();
-    let own_event = EventFd::new().unwrap();
-    let all: Vec<_> = [own_control.fd(), own_event.fd()]
+    let (own_event, own_event_remote) = WakeSocket::pair().unwrap();
+    let all: Vec<_> = [own_control.fd(), own_event_remote.as_fd()]
         .into_iter()
         .chain(own_segments.iter().map(|s| s.fd()))
         .collect();
     for chunk in all.chunks(MAX_FDS) {
         send_fds(&sock, &(chunk.len() as u64).to_le_bytes(), chunk).unwrap();
     }
-    // Whether we can read the victim (version 4), then its status and its own verdict.
+    // Whether we can read the victim (since version 4), then its status and its own verdict.
     sock.write_all(&[1]).unwrap();
     let mut ok = [0u8; 2];
     sock.read_exact(&mut ok).unwrap();
@@ -116,6 +127,8 @@ pub fn connect(path: &Path, mine: &Layout) -> Handshake {
         own_control,
         own_mailbox_offset,
         own_event,
+        own_event_remote,
+        victim_wake,
         own_segments,
     }
 }

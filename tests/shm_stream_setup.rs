@@ -275,6 +275,49 @@ fn a_stalled_stream_times_out_the_receive_and_is_resumed() {
     assert_eq!(&*tx.recv().unwrap(), b"pong");
 }
 
+/// A timed receive keeps the deadline it was called with when a rendezvous request arrives
+/// during it: the streamed message that then stalls makes it time out at that deadline, not a
+/// whole timeout after the request came (as it did, the wait starting again for the stream).
+#[test]
+fn a_stream_that_begins_late_in_a_timed_receive_keeps_its_deadline() {
+    let (rx, tx) = pair();
+    rx.set_rndv_config(RndvConfig {
+        stream_only: true,
+        ..rx.rndv_config()
+    });
+    let len = 1 << 20;
+    // The request comes 1.5 s into a 2 s receive; its chunks are not sent until `go`.
+    let (timeout, request_at) = (Duration::from_secs(2), Duration::from_millis(1500));
+    let (start, go) = (mpsc::channel::<Instant>(), mpsc::channel::<()>());
+    let sender = thread::spawn(move || {
+        let big = payload(3, len);
+        let t0 = start.1.recv().unwrap();
+        thread::sleep(request_at.saturating_sub(t0.elapsed()));
+        let h = tx.send_start(&big).unwrap();
+        go.1.recv().unwrap();
+        h.wait().expect("the transfer completes once received");
+        tx
+    });
+    let t0 = Instant::now();
+    start.0.send(t0).unwrap();
+    match rx.recv_timeout(timeout) {
+        Err(TransportError::Timeout(d)) => assert_eq!(d, timeout),
+        other => panic!("expected a timeout, got {:?}", other.map(|m| m.len())),
+    }
+    let took = t0.elapsed();
+    assert!(took >= timeout, "returned before its deadline: {took:?}");
+    // With the deadline started again when the request came, it ends near 3.5 s.
+    assert!(
+        took < request_at + timeout - Duration::from_millis(500),
+        "the receive waited {took:?}: its deadline started again for the stream"
+    );
+    go.0.send(()).unwrap();
+    let mut buf = vec![0u8; len];
+    assert_eq!(rx.recv_into(&mut buf).expect("the resumed message"), len);
+    assert!(buf == payload(3, len));
+    sender.join().unwrap();
+}
+
 /// Short deadlines while the chunks are coming: each receive takes what has arrived and times
 /// out, or returns the message; every byte arrives, in order, whatever the split.
 #[test]

@@ -400,9 +400,12 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// # Errors
     /// [`TransportError::Timeout`] when nothing came, otherwise as [`Connection::try_recv`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Message<'_, L, T>, TransportError> {
-        match self.recv_msg(Wait::For(timeout))? {
-            Some(m) => Ok(m),
-            None => Err(TransportError::Timeout(timeout)),
+        match self.recv_msg(Wait::For(timeout)) {
+            Ok(Some(m)) => Ok(m),
+            // Whichever part of the call timed out (waiting for an arrival, or for a stream's
+            // chunks against the deadline the call started), it reports the caller's timeout.
+            Ok(None) | Err(TransportError::Timeout(_)) => Err(TransportError::Timeout(timeout)),
+            Err(e) => Err(e),
         }
     }
 
@@ -541,7 +544,9 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(inner.fail(e)),
             };
-            match self.accept(&mut inner, imm, inline, dst.as_deref_mut(), deadline) {
+            // `wait`, not `deadline`: once the wait has started it is the instant the call ends,
+            // which a rendezvous served from here (a stream's chunks) keeps.
+            match self.accept(&mut inner, imm, inline, dst.as_deref_mut(), wait) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 // Consumed here (a credit notice, a control message): off the message path.
                 Ok(None) => {

@@ -431,3 +431,59 @@ fn recv_into_many_takes_what_arrived_in_order() {
     h.wait().unwrap();
     assert_eq!(a.rndv_stats().received, 1);
 }
+
+/// Receives `what` on a thread and fails the test if it has not finished within a guard far
+/// above any real call (a hang, not a measure of speed).
+fn within_guard<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+/// A's eager messages fill B's partitions while B's application is busy sending a large
+/// message to A. A receives it, so A must send `done` through B's partitions: B, waiting for
+/// that answer, gives them back (it copies A's messages aside). Before, B held them, A's
+/// receive waited for a credit and B for `done`: both hung. Then B still gets every one of
+/// A's messages, intact and in order. In both poll modes, reading and streaming.
+#[test]
+fn a_receive_that_must_answer_is_not_held_up_by_its_own_messages() {
+    for (mode, stream) in [
+        (PollMode::Busy, false),
+        (PollMode::Event, false),
+        (PollMode::Busy, true),
+    ] {
+        let (a, b) = pair_with(Layout::default(), mode);
+        if stream {
+            stream_only(&a);
+        }
+        let mut sent = 0u64;
+        while a.try_send(&payload(sent, 1000)).is_ok() {
+            sent += 1;
+        }
+        assert!(sent > 0);
+        let len = 4 << 20;
+        let b = within_guard("the sender's blocking send", move || {
+            let big = payload(99, len);
+            let sender = thread::spawn(move || {
+                b.send(&big).expect("the large send completes");
+                b
+            });
+            let mut buf = vec![0u8; len];
+            assert_eq!(a.recv_into(&mut buf).expect("the large message"), len);
+            assert!(buf == payload(99, len), "{mode:?} stream {stream}");
+            let b = sender.join().unwrap();
+            drop(a);
+            b
+        });
+        for i in 0..sent {
+            let m = b.recv().expect("every message A sent before");
+            assert!(
+                *m == payload(i, 1000)[..],
+                "message {i}, {mode:?} stream {stream}"
+            );
+        }
+    }
+}

@@ -409,7 +409,16 @@ impl<L: Link> Inner<L> {
     /// Takes one immediate (waiting as `wait` says) and files what it brings: credits to the
     /// sender, answers to the rendezvous table, data and requests to the ready queue. `Ok(false)`
     /// when nothing came.
-    fn progress(&mut self, target: &impl TargetMemory, wait: Wait) -> Result<bool, TransportError> {
+    ///
+    /// `give_back`: this side waits for its own transfer (an answer, or credits for its chunks),
+    /// so a data message is copied out of its partitions, which go back to the peer at once,
+    /// within [`Inner::give_back_room`] ([`Inner::give_back`]); a receive leaves it in place.
+    fn progress(
+        &mut self,
+        target: &impl TargetMemory,
+        wait: Wait,
+        give_back: bool,
+    ) -> Result<bool, TransportError> {
         let Some(imm) = self.next_immediate(wait)? else {
             return Ok(false);
         };
@@ -425,6 +434,9 @@ impl<L: Link> Inner<L> {
                 match d.kind {
                     MessageKind::Data if self.has_partial() => {
                         // A streamed message is still coming: its chunks need the partitions.
+                        self.copy_out(target, d)?;
+                    }
+                    MessageKind::Data if give_back && self.give_back_room(d.len) => {
                         self.copy_out(target, d)?;
                     }
                     MessageKind::Data => self.rndv.ready.push_back(Ready::Data(d)),
@@ -606,6 +618,37 @@ impl<L: Link> Inner<L> {
             "refusing a rendezvous request: too many transfers queued"
         );
         self.send_control_blocking(&ControlMessage::RendezvousRefused { id, reason })?;
+        Ok(())
+    }
+
+    /// Whether `n` more bytes may be copied out by a side that waits for its own transfer
+    /// ([`Inner::give_back`]): up to the receive layout's segment bytes in all, so everything
+    /// the peer can have in our partitions at once, within [`Inner::copy_limit`].
+    fn give_back_room(&self, n: usize) -> bool {
+        self.rndv.ready.copied.saturating_add(n as u64) <= self.rx.layout().segment_bytes()
+    }
+
+    /// Before this side waits for its own transfer: copies the data messages it holds in
+    /// their partitions out of them, oldest first and within [`Inner::give_back_room`], so that
+    /// the partitions go back to the peer. The peer may need one to answer: a peer receiving
+    /// our request sends `done` through our partitions, and with them all holding its earlier
+    /// messages, which our application has not received, it would wait for a credit that only
+    /// our receive gives, while we wait for its answer. Messages that arrive during the wait are
+    /// given back the same way ([`Inner::progress`]). Past the room they stay in place, so a
+    /// peer that keeps sending data meets back-pressure as before.
+    fn give_back(&mut self, target: &impl TargetMemory) -> Result<(), TransportError> {
+        for i in 0..self.rndv.ready.len() {
+            if let Some(&Ready::Data(d)) = self.rndv.ready.get(i) {
+                if !self.give_back_room(d.len) {
+                    break;
+                }
+                let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
+                self.release(d.token)?;
+                self.rndv
+                    .ready
+                    .replace(i, Ready::Owned { data, seq: d.seq });
+            }
+        }
         Ok(())
     }
 
@@ -1069,7 +1112,8 @@ impl<L: Link> Inner<L> {
         // Event modes: the peer rings when it returns credit (busy peers ignore the request and
         // the next reservation re-reads the mailbox).
         self.link.want_credit_notice();
-        self.progress(target, Wait::For(CREDIT_POLL))?;
+        self.give_back(target)?;
+        self.progress(target, Wait::For(CREDIT_POLL), true)?;
         Ok(())
     }
 
@@ -1410,8 +1454,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             if !wait && idle >= inner.idle_budget() {
                 return Ok(RndvState::Waiting);
             }
+            if idle == 0
+                && let Err(e) = inner.give_back(&self.target)
+            {
+                return Err(SendError::Transport(inner.fail(e)));
+            }
             idle += 1;
-            match inner.progress(&self.target, w) {
+            match inner.progress(&self.target, w, true) {
                 Ok(true) => {}
                 Ok(false) => return Ok(RndvState::Waiting),
                 Err(e) => return Err(SendError::Transport(inner.fail(e))),
@@ -1446,7 +1495,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             } else {
                 break;
             };
-            match inner.progress(&self.target, w) {
+            match inner.progress(&self.target, w, false) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => return Err(inner.fail(e)),

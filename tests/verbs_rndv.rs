@@ -475,3 +475,44 @@ fn recv_into_many_reads_several_messages_at_once() {
     assert_eq!(b.rndv_stats().sent, big);
     println!("24 messages in {batches} receives");
 }
+
+/// As the shared-memory test of the same name: A's eager messages fill B's partitions while B
+/// sends A a large message; A's receive must send `done` through B's partitions, and B, waiting
+/// for it, gives them back. Then B receives every one of A's messages, intact and in order.
+#[test]
+fn a_receive_that_must_answer_is_not_held_up_by_its_own_messages() {
+    let ctx = device_or_skip!("a_receive_that_must_answer_is_not_held_up_by_its_own_messages");
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    let mut sent = 0u64;
+    while a.try_send(&payload(sent, 1000)).is_ok() {
+        sent += 1;
+    }
+    assert!(sent > 0);
+    let len = 4 << 20;
+    let sender = thread::spawn(move || {
+        let big = payload(99, len);
+        b.send(&big).expect("the large send completes");
+        b
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = thread::spawn(move || {
+        let mut buf = vec![0u8; len];
+        let n = a.recv_into(&mut buf).expect("the large message");
+        let _ = tx.send(());
+        (a, n, buf)
+    });
+    rx.recv_timeout(HANG_GUARD)
+        .expect("the receive that answers hung");
+    let (a, n, buf) = receiver.join().unwrap();
+    assert_eq!(n, len);
+    assert!(buf == payload(99, len));
+    let b = sender.join().unwrap();
+    for i in 0..sent {
+        let m = b
+            .recv_timeout(HANG_GUARD)
+            .expect("every message A sent before");
+        assert!(*m == payload(i, 1000)[..], "message {i}");
+    }
+    drop(a);
+}

@@ -487,3 +487,46 @@ fn a_receive_that_must_answer_is_not_held_up_by_its_own_messages() {
         }
     }
 }
+
+/// As above, with the large message's sender blocked in eager sends after it started the
+/// transfer (A's partitions full of them): waiting for credits with a transfer of its own
+/// unanswered, B gives its partitions back too, so A's `done` goes out; then A takes the eager
+/// messages and B's sends complete. Every message arrives intact and in order at both ends.
+#[test]
+fn a_receive_that_must_answer_is_not_held_up_by_a_sender_waiting_for_credits() {
+    for mode in [PollMode::Busy, PollMode::Event] {
+        let (a, b) = pair_with(Layout::default(), mode);
+        let mut sent = 0u64;
+        while a.try_send(&payload(sent, 1000)).is_ok() {
+            sent += 1;
+        }
+        let len = 4 << 20;
+        let eager = 4 * sent;
+        let b = within_guard("the receive that answers", move || {
+            let sender = thread::spawn(move || {
+                let big = payload(99, len);
+                let h = b.send_start(&big).unwrap();
+                for i in 0..eager {
+                    b.send(&payload(1000 + i, 500)).expect("eager send");
+                }
+                h.wait().expect("the large transfer completes");
+                drop(big);
+                b
+            });
+            let mut buf = vec![0u8; len];
+            assert_eq!(a.recv_into(&mut buf).expect("the large message"), len);
+            assert!(buf == payload(99, len), "{mode:?}");
+            for i in 0..eager {
+                let m = a.recv().expect("eager message");
+                assert!(*m == payload(1000 + i, 500)[..], "eager {i}, {mode:?}");
+            }
+            let b = sender.join().unwrap();
+            drop(a);
+            b
+        });
+        for i in 0..sent {
+            let m = b.recv().expect("every message A sent before");
+            assert!(*m == payload(i, 1000)[..], "message {i}, {mode:?}");
+        }
+    }
+}

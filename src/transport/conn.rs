@@ -79,7 +79,7 @@ pub(super) struct Inner<L> {
     pub(super) link: L,
     pub(super) tx: Sender,
     pub(super) rx: Receiver,
-    mode: PollMode,
+    pub(super) mode: PollMode,
     /// Immediates taken from the link while waiting for credits, in arrival order.
     stash: VecDeque<u32>,
     /// At most this many: a peer within the protocol cannot exceed it (see [`Inner::stash`]).
@@ -309,7 +309,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 // moving it around is a measurable share of a small message's cost.
                 Ok(()) => return Ok(()),
                 Err(SendError::WouldBlock) => {
-                    let r = inner.wait_credit();
+                    let r = inner.wait_credit_giving_back(&self.target);
                     inner.note(r.map_err(SendError::from))?;
                 }
                 Err(e) => return inner.note(Err(e)),
@@ -332,7 +332,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         loop {
             match inner.send_parts(&[msg], msg.len()) {
                 Err(SendError::WouldBlock) => {
-                    let r = inner.wait_credit();
+                    let r = inner.wait_credit_giving_back(&self.target);
                     inner.note(r.map_err(SendError::from))?;
                 }
                 r => return inner.note(r),
@@ -352,7 +352,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         let res = loop {
             match inner.reserve(MessageKind::Data, len) {
                 Err(SendError::WouldBlock) => {
-                    let r = inner.wait_credit();
+                    let r = inner.wait_credit_giving_back(&self.target);
                     inner.note(r.map_err(SendError::from))?;
                 }
                 Err(e) => return inner.note(Err(e)),
@@ -917,7 +917,7 @@ impl<L: Link> Inner<L> {
     }
 
     /// Whether a mailbox slot holds more than the sender knows.
-    fn credit_news(&self) -> bool {
+    pub(super) fn credit_news(&self) -> bool {
         self.tx.tables().segments().iter().any(|s| {
             self.tx
                 .credit(s.id)

@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use super::conn::{Connection, Got, Inner, Message, SendError, Wait};
-use super::{Link, TargetMemory, TransportError};
+use super::{Link, PollMode, TargetMemory, TransportError};
 use crate::core::control::CHUNK_HEADER_LEN;
 use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind};
 use crate::core::{
@@ -1115,6 +1115,55 @@ impl<L: Link> Inner<L> {
         self.give_back(target)?;
         self.progress(target, Wait::For(CREDIT_POLL), true)?;
         Ok(())
+    }
+
+    /// [`Inner::wait_credit`] for an eager send. While a rendezvous transfer of ours waits for
+    /// its answer, the peer may need our partitions to send it, and they may all hold its
+    /// earlier messages, which our application (in this send) has not received: then this wait
+    /// takes what arrives and gives partitions back as a waiting rendezvous sender does
+    /// ([`Inner::give_back`]), so that neither side waits for the other. With no transfer
+    /// waiting it is [`Inner::wait_credit`] unchanged.
+    pub(super) fn wait_credit_giving_back(
+        &mut self,
+        target: &impl TargetMemory,
+    ) -> Result<(), TransportError> {
+        if self.rndv.sends.waiting() == 0 {
+            return self.wait_credit();
+        }
+        self.give_back(target)?;
+        // News: a mailbox slot above what the sender knows, or a credit applied meanwhile (a
+        // credit notice taken by `progress`).
+        let credits = self.tx.stats().credits;
+        let news = |s: &Self| s.credit_news() || s.tx.stats().credits != credits;
+        loop {
+            self.link.check_peer()?;
+            // What has arrived: credits, answers, and data given back.
+            for _ in 0..self.idle_budget() {
+                if news(self) || !self.progress(target, Wait::No, true)? {
+                    break;
+                }
+            }
+            if news(self) {
+                return Ok(());
+            }
+            match self.mode {
+                PollMode::Busy => {
+                    for _ in 0..1024 {
+                        std::hint::spin_loop();
+                        if self.credit_news() {
+                            return Ok(());
+                        }
+                    }
+                }
+                PollMode::Event | PollMode::Adaptive { .. } => {
+                    self.link.want_credit_notice();
+                    if news(self) {
+                        return Ok(());
+                    }
+                    self.progress(target, Wait::For(CREDIT_POLL), true)?;
+                }
+            }
+        }
     }
 
     /// Sends one chunk (control message: fixed part `head`, then `data`) if partitions are free.

@@ -637,19 +637,7 @@ impl<L: Link> Inner<L> {
     /// given back the same way ([`Inner::progress`]). Past the room they stay in place, so a
     /// peer that keeps sending data meets back-pressure as before.
     fn give_back(&mut self, target: &impl TargetMemory) -> Result<(), TransportError> {
-        for i in 0..self.rndv.ready.len() {
-            if let Some(&Ready::Data(d)) = self.rndv.ready.get(i) {
-                if !self.give_back_room(d.len) {
-                    break;
-                }
-                let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
-                self.release(d.token)?;
-                self.rndv
-                    .ready
-                    .replace(i, Ready::Owned { data, seq: d.seq });
-            }
-        }
-        Ok(())
+        self.copy_out_held_within(target, |s, n| Ok(s.give_back_room(n)))
     }
 
     /// Whether a streamed message is still coming in (its chunks need partitions).
@@ -691,9 +679,21 @@ impl<L: Link> Inner<L> {
     /// Copies the data messages held in their partitions out of them, so that the partitions go
     /// back to the sender at once: the chunks of a streamed message need them.
     fn copy_out_held(&mut self, target: &impl TargetMemory) -> Result<(), TransportError> {
+        self.copy_out_held_within(target, |s, n| s.check_copy(n).map(|()| true))
+    }
+
+    /// Copies the data messages held in their partitions out of them, oldest first, while
+    /// `room(self, n)` allows `n` more bytes; stops at the first it does not.
+    fn copy_out_held_within(
+        &mut self,
+        target: &impl TargetMemory,
+        room: impl Fn(&Self, usize) -> Result<bool, TransportError>,
+    ) -> Result<(), TransportError> {
         for i in 0..self.rndv.ready.len() {
             if let Some(&Ready::Data(d)) = self.rndv.ready.get(i) {
-                self.check_copy(d.len)?;
+                if !room(self, d.len)? {
+                    break;
+                }
                 let data = target.bytes(d.token.segment(), d.offset, d.len)?.to_vec();
                 self.release(d.token)?;
                 self.rndv

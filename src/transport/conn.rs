@@ -12,7 +12,7 @@ use super::{Link, PollMode, TargetMemory, TransportError};
 use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind, reconstruct_freed};
 use crate::core::{
     ControlMessage, Layout, MessageKind, ProtocolError, Receiver, ReceiverStats, ReleaseToken,
-    ReserveError, Sender, SenderStats, close_reason,
+    ReserveError, RndvConfig, Sender, SenderStats, close_reason,
 };
 
 /// How long a receive may wait.
@@ -120,12 +120,31 @@ impl<L: Link, T: TargetMemory> fmt::Debug for Connection<L, T> {
 impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// Joins a link to the core. `send_layout` is the peer's receive layout (the target segments
     /// we write into), `recv_layout` ours.
+    ///
+    /// The rendezvous settings come from the environment (`RSMSG_RNDV_*`); a malformed value is
+    /// logged and the defaults are used. The transports parse it during set-up, fail on a
+    /// malformed value, and pass what they read to [`Connection::with_rndv`].
     pub fn new(
         link: L,
         target: T,
         send_layout: Layout,
         recv_layout: Layout,
         mode: PollMode,
+    ) -> Self {
+        let rndv = RndvConfig::from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring the rendezvous environment");
+            RndvConfig::default()
+        });
+        Self::with_rndv(link, target, (send_layout, recv_layout), mode, rndv)
+    }
+
+    /// As [`Connection::new`], with these rendezvous settings: (`send_layout`, `recv_layout`).
+    pub(crate) fn with_rndv(
+        link: L,
+        target: T,
+        (send_layout, recv_layout): (Layout, Layout),
+        mode: PollMode,
+        rndv: RndvConfig,
     ) -> Self {
         let stash_cap = Layout::recv_wqe_bound_for(&recv_layout, &send_layout) as usize;
         crate::copy::calibrate();
@@ -135,7 +154,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 link.event_fd().and_then(|fd| fd.try_clone_to_owned().ok())
             }
         };
-        let rndv = RndvInner::new(send_layout.max_eager_payload());
+        let rndv = RndvInner::new(send_layout.max_eager_payload(), rndv);
         Connection {
             target,
             event,

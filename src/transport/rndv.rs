@@ -356,14 +356,7 @@ pub(super) struct RndvInner {
 }
 
 impl RndvInner {
-    pub(super) fn new(max_eager: usize) -> Self {
-        // The transports parse the environment during set-up and fail the connection on a
-        // malformed value (`TransportError::Config`) before it gets here; only a link built
-        // outside them, or the environment changed in between, can meet an error here.
-        let cfg = RndvConfig::from_env().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "ignoring the rendezvous environment");
-            RndvConfig::default()
-        });
+    pub(super) fn new(max_eager: usize, cfg: RndvConfig) -> Self {
         RndvInner {
             switch: cfg.switch_point(max_eager),
             cfg,

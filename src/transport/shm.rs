@@ -821,7 +821,10 @@ fn handshake(
         layout: layout.clone(),
         probe: probe_addr(),
     };
-    let we_read = read_verdict(&sock, &theirs)?;
+    // A malformed RSMSG_RNDV_* value fails the set-up (naming the variable) rather than
+    // silently dropping every rendezvous setting; the connection then uses what was read here.
+    let rndv = RndvConfig::from_env()?;
+    let we_read = read_verdict(&sock, &theirs, &rndv)?;
     sock.write_all(&ours.encode()?)
         .map_err(io("send our hello"))?;
     let my_geo = ControlGeometry::new(layout, &theirs.layout)?;
@@ -861,7 +864,7 @@ fn handshake(
         layout,
         theirs,
         mode,
-        (peer_reads_us, we_read),
+        (rndv, peer_reads_us, we_read),
     )
 }
 
@@ -869,10 +872,12 @@ fn handshake(
 /// `RSMSG_RNDV_STREAM_ONLY` is set here (this side never reads its peer), otherwise whether the
 /// peer's probe reads back from the process the kernel saw connect (`SO_PEERCRED`). Fails with
 /// [`TransportError::Config`] when an `RSMSG_RNDV_*` variable is malformed.
-fn read_verdict(sock: &UnixStream, theirs: &Hello) -> Result<bool, TransportError> {
-    // A malformed RSMSG_RNDV_* value fails the set-up (naming the variable) rather than
-    // silently dropping every rendezvous setting.
-    if RndvConfig::from_env()?.stream_only {
+fn read_verdict(
+    sock: &UnixStream,
+    theirs: &Hello,
+    rndv: &RndvConfig,
+) -> Result<bool, TransportError> {
+    if rndv.stream_only {
         return Ok(false);
     }
     let pid = socket_peer_pid(sock)?;
@@ -924,7 +929,8 @@ fn build(
     recv_layout: &Layout,
     theirs: Hello,
     mode: PollMode,
-    (peer_reads_us, we_read): (bool, bool),
+    // The rendezvous settings read at set-up, and the handshake's readability verdicts.
+    (rndv, peer_reads_us, we_read): (RndvConfig, bool, bool),
 ) -> Result<ShmConnection, TransportError> {
     let bell = DoorbellConsumer::new(local.control.clone(), 0, my_geo.ring)?;
     let mailbox = CreditMailbox::new(local.control.clone(), my_geo.mailbox_offset, MAILBOX_SLOTS)?;
@@ -952,7 +958,13 @@ fn build(
     let target = ShmTarget {
         segments: local.segments,
     };
-    let conn = Connection::new(link, target, theirs.layout, recv_layout.clone(), mode);
+    let conn = Connection::with_rndv(
+        link,
+        target,
+        (theirs.layout, recv_layout.clone()),
+        mode,
+        rndv,
+    );
     conn.set_rndv_readability(peer_reads_us, we_read);
     Ok(conn)
 }
@@ -995,7 +1007,10 @@ pub fn connect_path(
     sock.read_exact(&mut b)
         .map_err(io("read the peer's hello"))?;
     let theirs = Hello::decode(&b, &peer)?;
-    let we_read = read_verdict(&sock, &theirs)?;
+    // A malformed RSMSG_RNDV_* value fails the set-up (naming the variable) rather than
+    // silently dropping every rendezvous setting; the connection then uses what was read here.
+    let rndv = RndvConfig::from_env()?;
+    let we_read = read_verdict(&sock, &theirs, &rndv)?;
     let peer_geo = ControlGeometry::new(&theirs.layout, &layout)?;
     let fds = recv_frame_fds(
         &sock,
@@ -1029,7 +1044,7 @@ pub fn connect_path(
         &layout,
         theirs,
         mode,
-        (peer_reads_us, we_read),
+        (rndv, peer_reads_us, we_read),
     )
 }
 

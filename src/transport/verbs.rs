@@ -1608,12 +1608,12 @@ fn finish(
     let target = VerbsTarget {
         segments: receiving.targets,
     };
-    Ok(Connection::new(
+    Ok(Connection::with_rndv(
         link,
         target,
-        peer.hello.layout,
-        recv_layout.clone(),
+        (peer.hello.layout, recv_layout.clone()),
         mode,
+        rndv_env,
     ))
 }
 

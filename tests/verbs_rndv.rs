@@ -516,3 +516,56 @@ fn a_receive_that_must_answer_is_not_held_up_by_its_own_messages() {
     }
     drop(a);
 }
+
+/// As the shared-memory test of the same name: B started a transfer to A, then blocks in eager
+/// sends while A's earlier messages fill B's partitions; A's receive of the transfer answers
+/// through B's partitions, which B, waiting for credits with its transfer unanswered, gives
+/// back. Every message arrives intact and in order at both ends.
+#[test]
+fn a_receive_that_must_answer_is_not_held_up_by_a_sender_waiting_for_credits() {
+    let ctx = device_or_skip!(
+        "a_receive_that_must_answer_is_not_held_up_by_a_sender_waiting_for_credits"
+    );
+    let mgr = manager();
+    let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
+    let mut sent = 0u64;
+    while a.try_send(&payload(sent, 1000)).is_ok() {
+        sent += 1;
+    }
+    let len = 4 << 20;
+    let eager = 4 * sent;
+    let sender = thread::spawn(move || {
+        let big = payload(99, len);
+        let h = b.send_start(&big).unwrap();
+        for i in 0..eager {
+            b.send(&payload(1000 + i, 500)).expect("eager send");
+        }
+        h.wait().expect("the large transfer completes");
+        drop(big);
+        b
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = thread::spawn(move || {
+        let mut buf = vec![0u8; len];
+        let n = a.recv_into(&mut buf).expect("the large message");
+        assert_eq!(n, len);
+        assert!(buf == payload(99, len));
+        for i in 0..eager {
+            let m = a.recv_timeout(HANG_GUARD).expect("eager message");
+            assert!(*m == payload(1000 + i, 500)[..], "eager {i}");
+        }
+        let _ = tx.send(());
+        a
+    });
+    rx.recv_timeout(HANG_GUARD)
+        .expect("the receive that answers hung");
+    let a = receiver.join().unwrap();
+    let b = sender.join().unwrap();
+    for i in 0..sent {
+        let m = b
+            .recv_timeout(HANG_GUARD)
+            .expect("every message A sent before");
+        assert!(*m == payload(i, 1000)[..], "message {i}");
+    }
+    drop(a);
+}

@@ -130,7 +130,7 @@ impl WakeSocket {
     }
 
     /// Takes what was signaled, never waiting; returns whether anything was. Takes at most
-    /// [`DRAIN_MAX`] datagrams, so a peer that keeps sending cannot hold the call.
+    /// 64 datagrams, so a peer that keeps sending cannot hold the call.
     ///
     /// # Errors
     /// [`ShmError::Wake`] (`"drain"`) for a failure of `recv(2)` other than "nothing queued".

@@ -123,7 +123,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     ///
     /// The rendezvous settings come from the environment (`RSMSG_RNDV_*`); a malformed value is
     /// logged and the defaults are used. The transports parse it during set-up, fail on a
-    /// malformed value, and pass what they read to [`Connection::with_rndv`].
+    /// malformed value, and pass what they read to the connection they build.
     pub fn new(
         link: L,
         target: T,
@@ -394,6 +394,13 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// brought no message (credit notices, control messages), it returns `Ok(None)` and leaves
     /// the rest, in order, for the next call, so a peer that keeps ringing cannot hold it.
     /// What is left still counts for [`Connection::arm`], which then returns `true`.
+    ///
+    /// One exception to "never waits": a rendezvous message it takes is answered (*done*, or a
+    /// refusal) before it returns, and the answer travels in the peer's partitions. If they all
+    /// hold messages of ours that the peer's application has not received, the call waits until
+    /// one is free: until the peer receives, or waits for a transfer of its own (which gives
+    /// partitions back, `docs/rendezvous.md`). Deferring the answer instead would leave the
+    /// peer's send waiting on this side calling again.
     ///
     /// # Errors
     /// A protocol violation by the peer (the connection is then failed), a peer that closed.

@@ -5,18 +5,16 @@ use super::directory::{Directory, EntryState};
 use super::error::{ConfigError, ProtocolError};
 use super::stats::{GroupStats, ReceiverStats};
 use super::tables::{SegmentEntry, Tables};
-use super::types::{
-    Generation, GroupId, MessageKind, PartitionIndex, SegmentId, ring_index, ring_lap,
-};
+use super::types::{Generation, GroupId, MessageKind, PartitionIndex, RingPos, SegmentId};
 use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind};
 
 /// Allocation state of one target segment.
 #[derive(Debug, Clone)]
 struct TargetSegment {
-    /// Absolute ring position where the next message must start.
-    head: u64,
-    /// Absolute position below which every partition is released (contiguously).
-    freed: u64,
+    /// Ring position where the next message must start.
+    head: RingPos,
+    /// Ring position below which every partition is released (contiguously).
+    freed: RingPos,
     /// Last `freed` emitted as a credit.
     reported: u64,
     /// Emit a credit once `freed - reported` reaches this (a quarter segment, at least 1).
@@ -36,8 +34,8 @@ impl TargetSegment {
     fn new(entry: SegmentEntry) -> Self {
         let partitions = entry.partitions;
         TargetSegment {
-            head: 0,
-            freed: 0,
+            head: RingPos::default(),
+            freed: RingPos::default(),
             reported: 0,
             quarter: u64::from((partitions / 4).max(1)),
             partitions,
@@ -48,12 +46,16 @@ impl TargetSegment {
         }
     }
 
+    /// Partitions not yet returned to the sender.
+    fn in_use(&self) -> u64 {
+        self.head.abs() - self.freed.abs()
+    }
+
     /// Advances `freed` over the contiguous run of released or padding partitions.
     #[inline(always)]
     fn advance(&mut self) {
-        let n = u64::from(self.partitions);
-        while self.freed < self.head {
-            let pos = ring_index(self.freed, n);
+        while self.freed.abs() < self.head.abs() {
+            let pos = self.freed.index();
             let Some(d) = self.directory.entry(pos) else {
                 break;
             };
@@ -62,7 +64,7 @@ impl TargetSegment {
             }
             let extent = d.extent;
             self.directory.free_run(pos, extent);
-            self.freed += u64::from(extent);
+            self.freed.advance(extent, self.partitions);
         }
     }
 
@@ -70,10 +72,11 @@ impl TargetSegment {
     /// least a quarter segment since the last credit, or the segment has nothing in use.
     #[inline(always)]
     fn take_credit(&mut self) -> Option<u64> {
-        let moved = self.freed - self.reported;
-        if moved > 0 && (moved >= self.quarter || self.freed == self.head) {
-            self.reported = self.freed;
-            Some(self.freed)
+        let freed = self.freed.abs();
+        let moved = freed - self.reported;
+        if moved > 0 && (moved >= self.quarter || freed == self.head.abs()) {
+            self.reported = freed;
+            Some(freed)
         } else {
             None
         }
@@ -254,12 +257,12 @@ impl Receiver {
 
     /// Current absolute freed position of a segment (what a credit would say now).
     pub fn freed(&self, segment: SegmentId) -> Option<u64> {
-        self.segments.get(segment.index()).map(|s| s.freed)
+        self.segments.get(segment.index()).map(|s| s.freed.abs())
     }
 
     /// Absolute ring position where the next message of a segment must start.
     pub fn head(&self, segment: SegmentId) -> Option<u64> {
-        self.segments.get(segment.index()).map(|s| s.head)
+        self.segments.get(segment.index()).map(|s| s.head.abs())
     }
 
     /// Messages of a segment held by the application.
@@ -273,14 +276,14 @@ impl Receiver {
         Some(
             g.segments
                 .iter()
-                .map(|s| self.segments[s.index()].head - self.segments[s.index()].freed)
+                .map(|s| self.segments[s.index()].in_use())
                 .sum(),
         )
     }
 
     /// Partitions of all segments not yet freed (held, released out of order, padding).
     pub fn total_partitions_in_use(&self) -> u64 {
-        self.segments.iter().map(|s| s.head - s.freed).sum()
+        self.segments.iter().map(TargetSegment::in_use).sum()
     }
 
     /// The directory of a target segment.
@@ -317,7 +320,6 @@ impl Receiver {
                 step: "immediate",
                 segment,
             })?;
-        let n = u64::from(s.partitions);
         let f = first.get();
         if f >= s.partitions {
             return Err(ProtocolError::PartitionOutOfRange {
@@ -327,8 +329,8 @@ impl Receiver {
                 partitions: s.partitions,
             });
         }
-        let pos = ring_index(s.head, n);
-        let mut lap = ring_lap(s.head, n);
+        let pos = s.head.index();
+        let mut lap = s.head.lap();
         let padding = if f == pos {
             0
         } else if f == 0 {
@@ -366,7 +368,7 @@ impl Receiver {
             first,
             generation,
             padding,
-            base: s.head,
+            base: s.head.abs(),
             offset,
         })
     }
@@ -393,7 +395,7 @@ impl Receiver {
                 segment,
             })?;
         let seg_entry = s.entry;
-        if s.head != arrival.base {
+        if s.head.abs() != arrival.base {
             return Err(ProtocolError::StaleArrival { segment });
         }
         let h = Header::decode(header)?;
@@ -457,25 +459,24 @@ impl Receiver {
         }
         // All checks passed: commit.
         if arrival.padding > 0 {
-            let n = u64::from(s.partitions);
             let marked = s.directory.mark_padding(
                 pad_start,
                 arrival.padding,
-                Generation::from_lap(ring_lap(s.head, n)),
+                Generation::from_lap(s.head.lap()),
             );
             debug_assert!(marked, "run checked free and in range");
-            s.head += u64::from(arrival.padding);
+            s.head.advance(arrival.padding, s.partitions);
         }
         let marked = s
             .directory
             .mark_message(first, count, h.len, h.generation, EntryState::InUse);
         debug_assert!(marked, "run checked free and in range");
-        s.head += u64::from(count);
+        s.head.advance(count, s.partitions);
         s.held += 1;
         self.expected_seq = self.expected_seq.wrapping_add(1);
         if arrival.padding > 0 {
             s.advance();
-            if s.freed > s.reported && (s.freed - s.reported >= s.quarter) {
+            if s.freed.abs() > s.reported && (s.freed.abs() - s.reported >= s.quarter) {
                 self.pending[segment.index() / 64] |= 1 << (segment.index() % 64);
             }
         }
@@ -560,12 +561,12 @@ impl Receiver {
         }
         s.held -= 1;
         self.stats.releases += 1;
-        if s.freed < s.head && ring_index(s.freed, u64::from(s.partitions)) == first {
+        if s.freed.abs() < s.head.abs() && s.freed.index() == first {
             // In order (the common case): the message is where `freed` stands, so it is freed
             // at once, then whatever released messages follow it (what `advance` would do
             // after marking it released).
             s.directory.free_run(first, d.extent);
-            s.freed += u64::from(d.extent);
+            s.freed.advance(d.extent, s.partitions);
             s.advance();
         } else {
             s.directory.set_first_state(first, EntryState::Released);
@@ -594,14 +595,14 @@ impl Receiver {
                 let Some(s) = self.segments.get_mut(idx) else {
                     continue;
                 };
-                if s.freed == s.reported {
+                if s.freed.abs() == s.reported {
                     continue;
                 }
-                s.reported = s.freed;
+                s.reported = s.freed.abs();
                 self.stats.credits_emitted += 1;
                 return Some(CreditUpdate {
                     segment: SegmentId(idx as u8),
-                    freed: s.freed,
+                    freed: s.freed.abs(),
                 });
             }
         }
@@ -613,7 +614,7 @@ impl Receiver {
     /// e.g. when idle).
     pub fn flush(&mut self) {
         for (i, s) in self.segments.iter().enumerate() {
-            if s.freed > s.reported {
+            if s.freed.abs() > s.reported {
                 self.pending[i / 64] |= 1 << (i % 64);
             }
         }

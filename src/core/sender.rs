@@ -7,15 +7,15 @@ use super::error::{ConfigError, ProtocolError, ReserveError};
 use super::stats::{GroupStats, SenderStats};
 use super::tables::{GroupEntry, Tables};
 use super::types::{
-    Generation, GroupId, MessageKind, PartitionIndex, SegmentId, ring_index, ring_lap,
+    Generation, GroupId, MessageKind, PartitionIndex, RingPos, SegmentId, ring_index,
 };
 use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind, reconstruct_freed};
 
 /// Allocation state of one source segment (the sender's image of a target segment).
 #[derive(Debug, Clone)]
 struct SourceSegment {
-    /// Absolute ring position of the next partition to hand out.
-    head: u64,
+    /// Ring position of the next partition to hand out.
+    head: RingPos,
     /// Highest credit received: partitions below are free again.
     freed: u64,
     partitions: u32,
@@ -112,7 +112,7 @@ impl SourceSegment {
     fn track(&mut self, seq: u32, kind: MessageKind) {
         self.unconfirmed.push_back(Outstanding {
             seq,
-            end: self.head,
+            end: self.head.abs(),
             data: kind == MessageKind::Data,
         });
     }
@@ -161,7 +161,7 @@ impl Sender {
 impl SourceSegment {
     fn new(partitions: u32, partition_size: u32) -> Self {
         SourceSegment {
-            head: 0,
+            head: RingPos::default(),
             freed: 0,
             partitions,
             shift: partition_size.trailing_zeros(),
@@ -174,8 +174,8 @@ impl SourceSegment {
     #[inline(always)]
     fn place(&self, count: u32) -> Option<(u32, u32)> {
         let n = u64::from(self.partitions);
-        let avail = n - (self.head - self.freed);
-        let pos = ring_index(self.head, n);
+        let avail = n - (self.head.abs() - self.freed);
+        let pos = self.head.index();
         if pos + count <= self.partitions {
             (avail >= u64::from(count) && self.directory.is_free_run(pos, count))
                 .then_some((pos, 0))
@@ -329,7 +329,7 @@ impl Sender {
 
     /// Absolute ring head of a segment (partitions handed out so far, padding included).
     pub fn head(&self, segment: SegmentId) -> Option<u64> {
-        self.segments.get(segment.index()).map(|s| s.head)
+        self.segments.get(segment.index()).map(|s| s.head.abs())
     }
 
     /// Highest credit received for a segment.
@@ -339,7 +339,9 @@ impl Sender {
 
     /// Partitions of a segment not yet given back by the receiver.
     pub fn partitions_in_use(&self, segment: SegmentId) -> Option<u64> {
-        self.segments.get(segment.index()).map(|s| s.head - s.freed)
+        self.segments
+            .get(segment.index())
+            .map(|s| s.head.abs() - s.freed)
     }
 
     /// Partitions of a group's segments not yet freed.
@@ -348,14 +350,14 @@ impl Sender {
         Some(
             g.segments
                 .iter()
-                .map(|s| self.segments[s.index()].head - self.segments[s.index()].freed)
+                .map(|s| self.segments[s.index()].head.abs() - self.segments[s.index()].freed)
                 .sum(),
         )
     }
 
     /// Partitions of all segments not yet given back.
     pub fn total_partitions_in_use(&self) -> u64 {
-        self.segments.iter().map(|s| s.head - s.freed).sum()
+        self.segments.iter().map(|s| s.head.abs() - s.freed).sum()
     }
 
     /// The directory of a segment's source image.
@@ -555,18 +557,16 @@ impl Sender {
     #[inline(always)]
     fn commit(&mut self, sel: Selection, kind: MessageKind, len: usize) -> Reservation {
         let s = &mut self.segments[sel.segment.index()];
-        let n = u64::from(s.partitions);
         if sel.padding > 0 {
-            let pos = ring_index(s.head, n);
             let marked = s.directory.mark_padding(
-                pos,
+                s.head.index(),
                 sel.padding,
-                Generation::from_lap(ring_lap(s.head, n)),
+                Generation::from_lap(s.head.lap()),
             );
             debug_assert!(marked, "run checked free and in range");
-            s.head += u64::from(sel.padding);
+            s.head.advance(sel.padding, s.partitions);
         }
-        let generation = Generation::from_lap(ring_lap(s.head, n));
+        let generation = Generation::from_lap(s.head.lap());
         let first = sel.first.get();
         // `len` fits u32: it is at most the largest eager payload, and P * S <= 2^32.
         let len32 = len as u32;
@@ -574,7 +574,7 @@ impl Sender {
             s.directory
                 .mark_message(first, sel.count, len32, generation, EntryState::InUse);
         debug_assert!(marked, "run checked free and in range");
-        s.head += u64::from(sel.count);
+        s.head.advance(sel.count, s.partitions);
         let s_shift = s.shift;
         let seq = self.next_seq;
         self.next_seq = seq.wrapping_add(1);
@@ -631,15 +631,16 @@ impl Sender {
         if freed <= s.freed {
             return Ok(());
         }
-        if freed > s.head {
+        let head = s.head.abs();
+        if freed > head {
             return Err(ProtocolError::CreditAboveHead {
                 segment,
                 freed,
-                head: s.head,
+                head,
             });
         }
         let n = u64::from(s.partitions);
-        if freed < s.head {
+        if freed < head {
             let at = s.directory.entry(ring_index(freed, n));
             if !at.is_some_and(|d| d.first && d.state != EntryState::Free) {
                 return Err(ProtocolError::CreditNotOnBoundary { segment, freed });
@@ -690,7 +691,8 @@ impl Sender {
                 step: "credit notice",
                 segment,
             })?
-            .head;
+            .head
+            .abs();
         let freed = reconstruct_freed(freed_low, head).ok_or(ProtocolError::CreditAboveHead {
             segment,
             freed: u64::from(freed_low),

@@ -123,9 +123,55 @@ impl MessageKind {
     }
 }
 
+/// An absolute position in a segment's ring of partitions, with its index (`abs % n`) and lap
+/// (`abs / n`) kept beside it: the per-message path moves it by a message's partitions and
+/// reads all three without a division or a test of `n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RingPos {
+    abs: u64,
+    index: u32,
+    lap: u64,
+}
+
+impl RingPos {
+    /// The absolute position: partitions passed since the start.
+    #[inline(always)]
+    pub(crate) fn abs(self) -> u64 {
+        self.abs
+    }
+
+    /// The partition index, `abs % n`.
+    #[inline(always)]
+    pub(crate) fn index(self) -> u32 {
+        self.index
+    }
+
+    /// The lap, `abs / n`.
+    #[inline(always)]
+    pub(crate) fn lap(self) -> u64 {
+        self.lap
+    }
+
+    /// Moves on by `k` partitions in a ring of `n`. Callers never pass the ring's end: a
+    /// message or padding run ends at or before it (`index + k <= n`), and reaching it wraps
+    /// to index 0 of the next lap.
+    #[inline(always)]
+    pub(crate) fn advance(&mut self, k: u32, n: u32) {
+        debug_assert!(u64::from(self.index) + u64::from(k) <= u64::from(n));
+        self.abs += u64::from(k);
+        let i = self.index + k;
+        if i >= n {
+            self.index = i - n;
+            self.lap += 1;
+        } else {
+            self.index = i;
+        }
+    }
+}
+
 /// Index of absolute ring position `pos` in a segment of `n` partitions (`pos % n`), with a
-/// mask instead of a division when `n` is a power of two, as in the default layouts: this runs
-/// several times per message on both sides.
+/// mask instead of a division when `n` is a power of two, as in the default layouts (the
+/// per-message paths keep a [`RingPos`] instead).
 #[inline(always)]
 pub(crate) fn ring_index(pos: u64, n: u64) -> u32 {
     if n.is_power_of_two() {
@@ -135,27 +181,31 @@ pub(crate) fn ring_index(pos: u64, n: u64) -> u32 {
     }
 }
 
-/// Lap of absolute ring position `pos` in a segment of `n` partitions (`pos / n`); see
-/// [`ring_index`].
-#[inline(always)]
-pub(crate) fn ring_lap(pos: u64, n: u64) -> u64 {
-    if n.is_power_of_two() {
-        pos >> n.trailing_zeros()
-    } else {
-        pos / n
-    }
-}
-
 #[cfg(test)]
 mod ring_tests {
-    use super::{ring_index, ring_lap};
+    use super::{RingPos, ring_index};
+
+    #[test]
+    fn ring_pos_keeps_index_and_lap_of_its_absolute_position() {
+        for n in [1u32, 2, 3, 5, 8, 12, 16, 1000] {
+            let mut p = RingPos::default();
+            // Runs of 1..=n partitions, never past the ring's end (as messages and padding).
+            let mut k = 1;
+            for _ in 0..500 {
+                let step = k.min(n - p.index());
+                p.advance(step, n);
+                assert_eq!(p.index(), ring_index(p.abs(), u64::from(n)), "n={n}");
+                assert_eq!(p.lap(), p.abs() / u64::from(n), "n={n}");
+                k = k % n + 1;
+            }
+        }
+    }
 
     #[test]
     fn ring_math_matches_division() {
         for n in [1u64, 2, 3, 5, 8, 12, 16, 256, 1000, 65536] {
             for pos in [0u64, 1, n - 1, n, n + 1, 7 * n + 3, u64::MAX - 1, u64::MAX] {
                 assert_eq!(u64::from(ring_index(pos, n)), pos % n, "index {pos} % {n}");
-                assert_eq!(ring_lap(pos, n), pos / n, "lap {pos} / {n}");
             }
         }
     }

@@ -278,6 +278,33 @@ fn needless_padding_refused() {
 }
 
 #[test]
+fn a_wrapped_message_onto_its_own_padding_is_refused() {
+    // 4 partitions, span 4: three one-partition messages taken and released (freed = head = 3).
+    let mut rx = Receiver::new("64:4:4,256:4:2".parse().unwrap());
+    for i in 0..3 {
+        let a = rx.on_immediate(msg_imm(0, i, 0)).unwrap();
+        let d = rx.accept(a, &header(MessageKind::Data, 1, i, 0)).unwrap();
+        rx.release(d.token).unwrap();
+    }
+    // A 4-partition message at partition 0 of lap 1 pads partition 3 of lap 0: with its
+    // padding it needs 5 partitions of a ring of 4. Partitions 0..3 are free in the directory,
+    // and so was 3 until the padding took it.
+    let a = rx.on_immediate(msg_imm(0, 0, 1)).unwrap();
+    assert_eq!(a.padding(), 1);
+    assert!(matches!(
+        rx.accept(a, &header(MessageKind::Data, 200, 3, 1)),
+        Err(ProtocolError::PartitionNotFree {
+            step: "accept after padding",
+            partition: 3,
+            ..
+        })
+    ));
+    // Three partitions after the padding fit.
+    let d = rx.accept(a, &header(MessageKind::Data, 150, 3, 1)).unwrap();
+    assert_eq!(d.token.count(), 3);
+}
+
+#[test]
 fn overrun_of_held_partitions_refused() {
     // All 8 partitions held; a message for lap 1 partition 0 would overwrite a held one.
     let rx = receiver_with(8);

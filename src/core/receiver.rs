@@ -450,6 +450,20 @@ impl Receiver {
                 partition: p,
             });
         }
+        // A message after padding must fit, with its padding, in what was freed (the sender's
+        // rule). The directory alone does not say so when the message wraps onto the very
+        // partitions its padding takes: they are free until the padding is marked.
+        if arrival.padding > 0 {
+            let room = (s.freed.abs() + u64::from(s.partitions))
+                .saturating_sub(s.head.abs() + u64::from(arrival.padding));
+            if u64::from(count) > room {
+                return Err(ProtocolError::PartitionNotFree {
+                    step: "accept after padding",
+                    segment,
+                    partition: first + room as u32,
+                });
+            }
+        }
         if !s.directory.is_free_run(first, count) {
             return Err(ProtocolError::PartitionNotFree {
                 step: "accept",

@@ -299,8 +299,23 @@ fn a_wrapped_message_onto_its_own_padding_is_refused() {
             ..
         })
     ));
+    // The same header through the one-pass path: the same error, and nothing changed.
+    assert_eq!(
+        rx.accept_with_header(msg_imm(0, 0, 1), &header(MessageKind::Data, 200, 3, 1)),
+        Err(ProtocolError::PartitionNotFree {
+            step: "accept after padding",
+            segment: SegmentId(0),
+            partition: 3,
+        })
+    );
+    assert_eq!(
+        (rx.head(SegmentId(0)), rx.freed(SegmentId(0))),
+        (Some(3), Some(3))
+    );
     // Three partitions after the padding fit.
-    let d = rx.accept(a, &header(MessageKind::Data, 150, 3, 1)).unwrap();
+    let d = rx
+        .accept_with_header(msg_imm(0, 0, 1), &header(MessageKind::Data, 150, 3, 1))
+        .unwrap();
     assert_eq!(d.token.count(), 3);
 }
 

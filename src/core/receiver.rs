@@ -6,7 +6,7 @@ use super::error::{ConfigError, ProtocolError};
 use super::stats::{GroupStats, ReceiverStats};
 use super::tables::{SegmentEntry, Tables};
 use super::types::{Generation, GroupId, MessageKind, PartitionIndex, RingPos, SegmentId};
-use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind};
+use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind, MAGIC};
 
 /// Allocation state of one target segment.
 #[derive(Debug, Clone)]
@@ -370,6 +370,116 @@ impl Receiver {
             padding,
             base: s.head.abs(),
             offset,
+        })
+    }
+
+    /// [`Receiver::on_immediate`] then [`Receiver::accept`], for a transport that carries the
+    /// header beside the immediate. The common case, a message that starts at its segment's
+    /// ring head and fits, is validated and committed in one pass: the immediate is compared
+    /// with the one a sender builds for that position and lap, and the partitions are known
+    /// free from the ring positions (every partition from `head` up to `freed` plus the
+    /// segment's size is free, every other one is not: the directory says the same, see the
+    /// debug assertion). Anything else (padding at the ring's end, any check that fails) takes
+    /// the two steps, so the result and every error are exactly theirs.
+    ///
+    /// # Errors
+    /// As [`Receiver::on_immediate`] and [`Receiver::accept`].
+    #[inline(always)]
+    pub fn accept_with_header(
+        &mut self,
+        imm: u32,
+        header: &[u8; HEADER_LEN],
+    ) -> Result<Delivery, ProtocolError> {
+        if let Some(d) = self.accept_at_head(imm, header) {
+            return Ok(d);
+        }
+        let arrival = self.on_immediate(imm)?;
+        self.accept(arrival, header)
+    }
+
+    /// The one-pass case of [`Receiver::accept_with_header`]: `Some` once committed, `None`
+    /// (nothing changed) when the two-step path must decide.
+    #[inline(always)]
+    fn accept_at_head(&mut self, imm: u32, header: &[u8; HEADER_LEN]) -> Option<Delivery> {
+        if Immediate(imm).kind_bits() != ImmediateKind::MESSAGE_TYPE {
+            return None;
+        }
+        let segment = SegmentId((imm >> 22) as u8);
+        let s = self.segments.get_mut(segment.index())?;
+        let pos = s.head.index();
+        let generation = Generation::from_lap(s.head.lap());
+        let at_head = (pos << 6) | u32::from(generation.imm_bits());
+        let [
+            b0,
+            b1,
+            b2,
+            b3,
+            l0,
+            l1,
+            l2,
+            l3,
+            q0,
+            q1,
+            q2,
+            q3,
+            g0,
+            g1,
+            g2,
+            g3,
+        ] = *header;
+        let kind = match (u16::from_le_bytes([b0, b1]), MessageKind::from_u8(b2), b3) {
+            (MAGIC, Some(kind), 0) => kind,
+            _ => return None,
+        };
+        let len = u32::from_le_bytes([l0, l1, l2, l3]);
+        let seq = u32::from_le_bytes([q0, q1, q2, q3]);
+        if imm & 0x3f_ffff != at_head
+            || u32::from_le_bytes([g0, g1, g2, g3]) != generation.0
+            || seq != self.expected_seq
+        {
+            return None;
+        }
+        let count = s.entry.partitions_for(u64::from(len) + HEADER_LEN as u64);
+        let free = (s.freed.abs() + u64::from(s.partitions)).saturating_sub(s.head.abs());
+        if count > u64::from(s.entry.span) || count > u64::from(s.partitions - pos) || count > free
+        {
+            return None;
+        }
+        let count = count as u32;
+        debug_assert!(
+            s.directory.is_free_run(pos, count),
+            "ring positions and directory agree"
+        );
+        let marked = s
+            .directory
+            .mark_message(pos, count, len, generation, EntryState::InUse);
+        debug_assert!(marked, "run checked free and in range");
+        s.head.advance(count, s.partitions);
+        s.held += 1;
+        self.expected_seq = self.expected_seq.wrapping_add(1);
+        let group = s.entry.group;
+        let offset = ((pos as usize) << s.shift) + HEADER_LEN;
+        let st = &mut self.stats;
+        st.messages += 1;
+        st.bytes += u64::from(len);
+        if kind == MessageKind::Control {
+            st.control_messages += 1;
+        }
+        if let Some(g) = st.per_group.get_mut(group.index()) {
+            g.messages += 1;
+            g.bytes += u64::from(len);
+        }
+        Some(Delivery {
+            token: ReleaseToken {
+                segment,
+                first: PartitionIndex::from_u16(pos as u16),
+                count,
+                generation,
+            },
+            kind,
+            seq,
+            offset,
+            len: len as usize,
         })
     }
 

@@ -134,6 +134,10 @@ impl Link for AnyLink {
         each_link!(self, l => l.header_with_immediate())
     }
     #[inline]
+    fn inline_headers(&self) -> bool {
+        each_link!(self, l => l.inline_headers())
+    }
+    #[inline]
     fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
         each_link!(self, l => l.publish_credit(credit))
     }

@@ -35,6 +35,10 @@ type InlineHeader = Option<[u8; HEADER_LEN]>;
 /// How long a blocking wait sleeps before it looks at the peer's liveness again.
 const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 
+/// Polls a busy receive makes on its direct path ([`Connection::recv_direct`]) before the
+/// general wait, with its clock and liveness checks, takes over: a few microseconds.
+const DIRECT_POLLS: u32 = 4096;
+
 /// Why a send did not happen.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -80,8 +84,11 @@ pub(super) struct Inner<L> {
     pub(super) tx: Sender,
     pub(super) rx: Receiver,
     pub(super) mode: PollMode,
-    /// Immediates taken from the link while waiting for credits, in arrival order.
-    stash: VecDeque<u32>,
+    /// Immediates taken from the link while waiting for credits, in arrival order, each with
+    /// the header that came beside it. Also, for the rest of one receive call, the arrival
+    /// that call's direct path took and handed over ([`Connection::recv_direct`]), which may
+    /// be a credit notice.
+    stash: VecDeque<(u32, InlineHeader)>,
     /// At most this many: a peer within the protocol cannot exceed it (see [`Inner::stash`]).
     stash_cap: usize,
     failed: Option<String>,
@@ -540,12 +547,83 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     // ---- end of delivery confirmation ---------------------------------------------------------
 
     fn recv_msg(&self, deadline: Wait) -> Result<Option<Message<'_, L, T>>, TransportError> {
+        if let Some(m) = self.recv_direct(deadline)? {
+            return Ok(Some(m));
+        }
         match self.recv_until(deadline, None)? {
             Some(Got::Msg(m)) => Ok(Some(m)),
             Some(Got::Landed(_)) => Err(TransportError::Failed(
                 "a rendezvous landed without a destination".into(),
             )),
             None => Ok(None),
+        }
+    }
+
+    /// The message path of a receive: the next arrival, if it is a data message that came with
+    /// its header beside the immediate ([`Link::header_with_immediate`]), is validated and
+    /// returned without the general path's layers (waits with deadlines, liveness checks, the
+    /// rendezvous queue). A busy receive that waits forever polls here
+    /// [`DIRECT_POLLS`] times first; the general path then takes over, liveness checks and all.
+    ///
+    /// `Ok(None)` hands over to [`Connection::recv_until`]: nothing arrived yet, or what came
+    /// needs the general path (a credit notice, a message without its header beside it, a
+    /// control message): it is put back, with its header, in front of the stash, where the
+    /// general path looks first, so it is handled and counted exactly as if taken there.
+    #[inline(always)]
+    fn recv_direct(&self, deadline: Wait) -> Result<Option<Message<'_, L, T>>, TransportError> {
+        let mut inner = self.inner.borrow_mut();
+        if !inner.link.inline_headers()
+            || inner.failed.is_some()
+            || !inner.stash.is_empty()
+            || !inner.rndv.ready.is_empty()
+        {
+            return Ok(None);
+        }
+        let polls = match (deadline, inner.mode) {
+            (Wait::Forever, PollMode::Busy) => DIRECT_POLLS,
+            _ => 1,
+        };
+        let mut imm = None;
+        for _ in 0..polls {
+            imm = match inner
+                .link
+                .next_immediate(PollMode::Busy, Some(Duration::ZERO))
+            {
+                Ok(imm) => imm,
+                Err(e) => return Err(inner.fail(e)),
+            };
+            if imm.is_some() {
+                break;
+            }
+        }
+        let Some(imm) = imm else {
+            return Ok(None);
+        };
+        match inner.link.header_with_immediate() {
+            Some(h)
+                if Immediate(imm).kind_bits() == ImmediateKind::MESSAGE_TYPE
+                    && h[2] == MessageKind::Data as u8 =>
+            {
+                let d = match inner.rx.accept_with_header(imm, &h) {
+                    Ok(d) => d,
+                    Err(e) => return Err(inner.fail(e.into())),
+                };
+                let data = match self.target.bytes(d.token.segment(), d.offset, d.len) {
+                    Ok(data) => data,
+                    Err(e) => return Err(inner.fail(e)),
+                };
+                Ok(Some(Message {
+                    conn: self,
+                    token: Some(d.token),
+                    data,
+                    owned: None,
+                    seq: d.seq,
+                }))
+            }
+            inline => {
+                inner.stash.push_front((imm, inline));
+                Ok(None)
+            }
         }
     }
 
@@ -604,15 +682,18 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 Ok(None)
             }
             _ => {
-                let arrival = inner.rx.on_immediate(imm)?;
-                let header: &[u8] = match &inline {
-                    Some(h) => h,
+                let d = match &inline {
+                    Some(h) => inner.rx.accept_with_header(imm, h)?,
                     None => {
-                        self.target
-                            .bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?
+                        let arrival = inner.rx.on_immediate(imm)?;
+                        let header = self.target.bytes(
+                            arrival.segment(),
+                            arrival.header_offset(),
+                            HEADER_LEN,
+                        )?;
+                        inner.rx.accept(arrival, header)?
                     }
                 };
-                let d = inner.rx.accept(arrival, header)?;
                 let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
                 match d.kind {
                     MessageKind::Data => Ok(Some(Got::Msg(Message {
@@ -770,7 +851,7 @@ impl<L: Link> Inner<L> {
     }
 
     /// As [`Inner::next_immediate`], with the header that came beside an immediate fresh from
-    /// the link ([`Link::header_with_immediate`]); `None` for a stashed one. A [`Wait::For`]
+    /// the link ([`Link::header_with_immediate`]), or kept with a stashed one. A [`Wait::For`]
     /// that has to wait becomes the [`Wait::Until`] it waits for, so that a caller looping over
     /// arrivals keeps its deadline.
     #[inline]
@@ -778,8 +859,8 @@ impl<L: Link> Inner<L> {
         &mut self,
         wait: &mut Wait,
     ) -> Result<Option<(u32, InlineHeader)>, TransportError> {
-        if let Some(imm) = self.stash.pop_front() {
-            return Ok(Some((imm, None)));
+        if let Some(arrival) = self.stash.pop_front() {
+            return Ok(Some(arrival));
         }
         // Fast path without a clock read: the immediate is often already there.
         if let Some(imm) = self.link.next_immediate(self.mode, Some(Duration::ZERO))? {
@@ -927,7 +1008,8 @@ impl<L: Link> Inner<L> {
         Ok(())
     }
 
-    /// Keeps a message immediate for the next receive. Every message takes at least one of our
+    /// Keeps a message immediate just taken from the link, with the header that came beside it,
+    /// for the next receive. Every message takes at least one of our
     /// partitions, so a peer within the protocol never has more immediates outstanding than
     /// `stash_cap`; one that sends more (say, zero-length writes while this side waits for
     /// credits) is failed rather than buffered without bound.
@@ -938,7 +1020,8 @@ impl<L: Link> Inner<L> {
             }
             .into());
         }
-        self.stash.push_back(imm);
+        let header = self.link.header_with_immediate();
+        self.stash.push_back((imm, header));
         Ok(())
     }
 
@@ -1071,7 +1154,8 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         inner.check()?;
         let mut notices = 0usize;
         loop {
-            // The stash holds message immediates only (credit notices are applied on arrival).
+            // Between calls the stash holds message immediates only (credit notices are applied
+            // on arrival).
             if !inner.stash.is_empty() {
                 return Ok(true);
             }

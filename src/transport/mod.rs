@@ -220,6 +220,15 @@ pub trait Link {
         None
     }
 
+    /// Whether immediates come with their header ([`Link::header_with_immediate`]) and a poll
+    /// with `Some(ZERO)` is one cheap look (shared memory: a load of the doorbell slot). A
+    /// connection over such a link takes data messages on a direct path and spins on that
+    /// poll in a busy receive before it hands over to the general wait. `false` (the default).
+    #[inline]
+    fn inline_headers(&self) -> bool {
+        false
+    }
+
     /// Publishes a credit into the peer's mailbox (and, if the peer sleeps for credits, a credit
     /// notice immediate).
     ///

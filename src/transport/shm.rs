@@ -539,6 +539,11 @@ impl Link for ShmLink {
         ((h[0] | h[1]) != 0).then_some(h)
     }
 
+    #[inline]
+    fn inline_headers(&self) -> bool {
+        true
+    }
+
     fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
         self.peer_mailbox
             .store(credit.segment.index(), credit.freed)?;

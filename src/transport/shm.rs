@@ -391,19 +391,24 @@ pub struct ShmTarget {
 }
 
 impl TargetMemory for ShmTarget {
-    #[inline]
+    #[inline(always)]
     fn bytes(
         &self,
         segment: SegmentId,
         offset: usize,
         len: usize,
     ) -> Result<&[u8], TransportError> {
-        let region = self
-            .segments
-            .get(segment.index())
-            .ok_or_else(|| TransportError::Failed(format!("no target segment {}", segment.0)))?;
-        Ok(region.received(offset, len)?)
+        match self.segments.get(segment.index()) {
+            Some(region) => Ok(region.received(offset, len)?),
+            None => Err(no_segment("target", segment)),
+        }
     }
+}
+
+/// The error for a segment id outside the table (the core validated it, so never in practice).
+#[cold]
+fn no_segment(which: &str, segment: SegmentId) -> TransportError {
+    TransportError::Failed(format!("no {which} segment {}", segment.0))
 }
 
 fn wait_mode(m: PollMode) -> WaitMode {
@@ -417,14 +422,28 @@ fn wait_mode(m: PollMode) -> WaitMode {
 impl ShmLink {
     #[inline]
     fn segment(&mut self, segment: SegmentId) -> Result<&mut ShmRegion, TransportError> {
-        self.peer_segments
-            .get_mut(segment.index())
-            .ok_or_else(|| TransportError::Failed(format!("no peer segment {}", segment.0)))
+        match self.peer_segments.get_mut(segment.index()) {
+            Some(region) => Ok(region),
+            None => Err(no_segment("peer", segment)),
+        }
     }
 
     #[inline]
     fn push(&mut self, imm: u32) -> Result<(), TransportError> {
         self.push_with(imm, &[0; crate::core::wire::HEADER_LEN])
+    }
+
+    /// After a credit store, for a peer that sleeps: a credit notice if it announced that it
+    /// waits for one. Dekker with `want_credit_notice`: our credit store, a full fence, then
+    /// the peer's flag.
+    #[inline(never)]
+    fn notify_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
+        fence(Ordering::SeqCst);
+        if self.peer_mailbox.load(WAITER_SLOT)? != 0 {
+            self.peer_mailbox.store(WAITER_SLOT, 0)?;
+            self.push(credit.notice().get())?;
+        }
+        Ok(())
     }
 
     /// Pushes `imm` with a copy of its message's header in the slot (zeros: none).
@@ -544,6 +563,7 @@ impl Link for ShmLink {
         true
     }
 
+    #[inline]
     fn publish_credit(&mut self, credit: CreditUpdate) -> Result<(), TransportError> {
         self.peer_mailbox
             .store(credit.segment.index(), credit.freed)?;
@@ -551,13 +571,7 @@ impl Link for ShmLink {
             // A busy-polling peer never announces a wait: it re-reads its mailbox.
             return Ok(());
         }
-        // Dekker with `want_credit_notice`: our credit store, a full fence, then the peer's flag.
-        fence(Ordering::SeqCst);
-        if self.peer_mailbox.load(WAITER_SLOT)? != 0 {
-            self.peer_mailbox.store(WAITER_SLOT, 0)?;
-            self.push(credit.notice().get())?;
-        }
-        Ok(())
+        self.notify_credit(credit)
     }
 
     fn want_credit_notice(&mut self) {

@@ -6,7 +6,7 @@ use super::error::{ConfigError, ProtocolError};
 use super::stats::{GroupStats, ReceiverStats};
 use super::tables::{SegmentEntry, Tables};
 use super::types::{Generation, GroupId, MessageKind, PartitionIndex, RingPos, SegmentId};
-use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind, MAGIC};
+use super::wire::{HEADER_LEN, Header, Immediate, ImmediateKind};
 
 /// Allocation state of one target segment.
 #[derive(Debug, Clone)]
@@ -409,36 +409,11 @@ impl Receiver {
         let pos = s.head.index();
         let generation = Generation::from_lap(s.head.lap());
         let at_head = (pos << 6) | u32::from(generation.imm_bits());
-        let [
-            b0,
-            b1,
-            b2,
-            b3,
-            l0,
-            l1,
-            l2,
-            l3,
-            q0,
-            q1,
-            q2,
-            q3,
-            g0,
-            g1,
-            g2,
-            g3,
-        ] = *header;
-        let kind = match (u16::from_le_bytes([b0, b1]), MessageKind::from_u8(b2), b3) {
-            (MAGIC, Some(kind), 0) => kind,
-            _ => return None,
-        };
-        let len = u32::from_le_bytes([l0, l1, l2, l3]);
-        let seq = u32::from_le_bytes([q0, q1, q2, q3]);
-        if imm & 0x3f_ffff != at_head
-            || u32::from_le_bytes([g0, g1, g2, g3]) != generation.0
-            || seq != self.expected_seq
-        {
+        let h = Header::decode(header).ok()?;
+        if imm & 0x3f_ffff != at_head || h.generation != generation || h.seq != self.expected_seq {
             return None;
         }
+        let (kind, len, seq) = (h.kind, h.len, h.seq);
         let count = s.entry.partitions_for(u64::from(len) + HEADER_LEN as u64);
         let free = (s.freed.abs() + u64::from(s.partitions)).saturating_sub(s.head.abs());
         if count > u64::from(s.entry.span) || count > u64::from(s.partitions - pos) || count > free

@@ -11,8 +11,8 @@ use super::rndv::RndvInner;
 use super::{Link, PollMode, TargetMemory, TransportError};
 use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind, reconstruct_freed};
 use crate::core::{
-    ControlMessage, Layout, MessageKind, ProtocolError, Receiver, ReceiverStats, ReleaseToken,
-    ReserveError, RndvConfig, Sender, SenderStats, close_reason,
+    ControlMessage, Delivery, Layout, MessageKind, ProtocolError, Receiver, ReceiverStats,
+    ReleaseToken, ReserveError, RndvConfig, Sender, SenderStats, close_reason,
 };
 
 /// How long a receive may wait.
@@ -608,17 +608,10 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                     Ok(d) => d,
                     Err(e) => return Err(inner.fail(e.into())),
                 };
-                let data = match self.target.bytes(d.token.segment(), d.offset, d.len) {
-                    Ok(data) => data,
-                    Err(e) => return Err(inner.fail(e)),
-                };
-                Ok(Some(Message {
-                    conn: self,
-                    token: Some(d.token),
-                    data,
-                    owned: None,
-                    seq: d.seq,
-                }))
+                match self.in_place(&d) {
+                    Ok(m) => Ok(Some(m)),
+                    Err(e) => Err(inner.fail(e)),
+                }
             }
             inline => {
                 inner.stash.push_front((imm, inline));
@@ -694,16 +687,10 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                         inner.rx.accept(arrival, header)?
                     }
                 };
-                let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
                 match d.kind {
-                    MessageKind::Data => Ok(Some(Got::Msg(Message {
-                        conn: self,
-                        token: Some(d.token),
-                        data,
-                        owned: None,
-                        seq: d.seq,
-                    }))),
+                    MessageKind::Data => Ok(Some(Got::Msg(self.in_place(&d)?))),
                     MessageKind::Control => {
+                        let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
                         let msg = ControlMessage::decode(data);
                         inner.release(d.token)?;
                         // ---- rendezvous branch: requests are served, answers filed ----
@@ -714,6 +701,31 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                     }
                 }
             }
+        }
+    }
+
+    /// The message a delivery names, read in place in its target segment.
+    #[inline(always)]
+    pub(super) fn in_place(&self, d: &Delivery) -> Result<Message<'_, L, T>, TransportError> {
+        let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
+        Ok(Message {
+            conn: self,
+            token: Some(d.token),
+            data,
+            owned: None,
+            seq: d.seq,
+        })
+    }
+
+    /// A message received into a buffer of its own (a rendezvous message, or one copied out of
+    /// its partitions): nothing to release.
+    pub(super) fn owned(&self, data: Vec<u8>, seq: u32) -> Message<'_, L, T> {
+        Message {
+            conn: self,
+            token: None,
+            data: &[],
+            owned: Some(data),
+            seq,
         }
     }
 

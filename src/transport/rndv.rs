@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use super::conn::{Connection, Got, Inner, Message, SendError, Wait};
+use super::conn::{Connection, Got, Inner, SendError, Wait};
 use super::{Link, PollMode, TargetMemory, TransportError};
 use crate::core::control::CHUNK_HEADER_LEN;
 use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind};
@@ -1188,23 +1188,8 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         wait: Wait,
     ) -> Result<Got<'a, L, T>, TransportError> {
         match ready {
-            Ready::Data(d) => {
-                let data = self.target.bytes(d.token.segment(), d.offset, d.len)?;
-                Ok(Got::Msg(Message {
-                    conn: self,
-                    token: Some(d.token),
-                    data,
-                    owned: None,
-                    seq: d.seq,
-                }))
-            }
-            Ready::Owned { data, seq } => Ok(Got::Msg(Message {
-                conn: self,
-                token: None,
-                data: &[],
-                owned: Some(data),
-                seq,
-            })),
+            Ready::Data(d) => Ok(Got::Msg(self.in_place(&d)?)),
+            Ready::Owned { data, seq } => Ok(Got::Msg(self.owned(data, seq))),
             Ready::Refuse {
                 streamed,
                 id,
@@ -1304,13 +1289,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 None => {
                     let mut v = vec![0u8; req.len];
                     inner.read_and_answer(&self.target, &req, seq, &mut v, false, wait)?;
-                    Ok(Got::Msg(Message {
-                        conn: self,
-                        token: None,
-                        data: &[],
-                        owned: Some(v),
-                        seq,
-                    }))
+                    Ok(Got::Msg(self.owned(v, seq)))
                 }
             },
         }
@@ -1341,13 +1320,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                 inner.rndv.stats.into_caller_buffer += 1;
                 Ok(Got::Landed(data.len()))
             }
-            None => Ok(Got::Msg(Message {
-                conn: self,
-                token: None,
-                data: &[],
-                owned: Some(data),
-                seq,
-            })),
+            None => Ok(Got::Msg(self.owned(data, seq))),
         }
     }
 

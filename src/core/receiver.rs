@@ -46,6 +46,18 @@ impl TargetSegment {
         }
     }
 
+    /// Hands the application the message of `count` partitions from `first` (the ring head,
+    /// checked free): its directory entries, the head, the held count.
+    #[inline(always)]
+    fn take(&mut self, first: u32, count: u32, h: &Header) {
+        let marked =
+            self.directory
+                .mark_message(first, count, h.len, h.generation, EntryState::InUse);
+        debug_assert!(marked, "run checked free and in range");
+        self.head.advance(count, self.partitions);
+        self.held += 1;
+    }
+
     /// Partitions not yet returned to the sender.
     fn in_use(&self) -> u64 {
         self.head.abs() - self.freed.abs()
@@ -198,6 +210,45 @@ impl CreditUpdate {
     /// The credit notice immediate (type 1) that may follow the mailbox write in event mode.
     pub fn notice(&self) -> Immediate {
         Immediate::credit(self.segment, self.freed)
+    }
+}
+
+/// Counts a message handed to the application (and the padding skipped before it).
+#[inline(always)]
+fn count_delivery(st: &mut ReceiverStats, group: GroupId, h: &Header, padding: u32) {
+    st.messages += 1;
+    st.bytes += u64::from(h.len);
+    st.padding_partitions += u64::from(padding);
+    if h.kind == MessageKind::Control {
+        st.control_messages += 1;
+    }
+    if let Some(g) = st.per_group.get_mut(group.index()) {
+        g.messages += 1;
+        g.bytes += u64::from(h.len);
+    }
+}
+
+/// The delivery of a message of `count` partitions from `first`, whose header is at byte
+/// `offset` of its segment.
+#[inline(always)]
+fn delivery(
+    segment: SegmentId,
+    first: PartitionIndex,
+    count: u32,
+    h: &Header,
+    offset: usize,
+) -> Delivery {
+    Delivery {
+        token: ReleaseToken {
+            segment,
+            first,
+            count,
+            generation: h.generation,
+        },
+        kind: h.kind,
+        seq: h.seq,
+        offset: offset + HEADER_LEN,
+        len: h.len as usize,
     }
 }
 
@@ -401,20 +452,21 @@ impl Receiver {
     /// (nothing changed) when the two-step path must decide.
     #[inline(always)]
     fn accept_at_head(&mut self, imm: u32, header: &[u8; HEADER_LEN]) -> Option<Delivery> {
-        if Immediate(imm).kind_bits() != ImmediateKind::MESSAGE_TYPE {
-            return None;
-        }
         let segment = SegmentId((imm >> 22) as u8);
         let s = self.segments.get_mut(segment.index())?;
-        let pos = s.head.index();
+        let first = PartitionIndex::from_u16(s.head.index() as u16);
         let generation = Generation::from_lap(s.head.lap());
-        let at_head = (pos << 6) | u32::from(generation.imm_bits());
         let h = Header::decode(header).ok()?;
-        if imm & 0x3f_ffff != at_head || h.generation != generation || h.seq != self.expected_seq {
+        // The immediate a sender builds for a message at the head: type, segment, partition and
+        // generation bits in one comparison.
+        if imm != Immediate::message(segment, first, generation).get()
+            || h.generation != generation
+            || h.seq != self.expected_seq
+        {
             return None;
         }
-        let (kind, len, seq) = (h.kind, h.len, h.seq);
-        let count = s.entry.partitions_for(u64::from(len) + HEADER_LEN as u64);
+        let pos = first.get();
+        let count = s.entry.partitions_for(u64::from(h.len) + HEADER_LEN as u64);
         let free = (s.freed.abs() + u64::from(s.partitions)).saturating_sub(s.head.abs());
         if count > u64::from(s.entry.span) || count > u64::from(s.partitions - pos) || count > free
         {
@@ -425,37 +477,12 @@ impl Receiver {
             s.directory.is_free_run(pos, count),
             "ring positions and directory agree"
         );
-        let marked = s
-            .directory
-            .mark_message(pos, count, len, generation, EntryState::InUse);
-        debug_assert!(marked, "run checked free and in range");
-        s.head.advance(count, s.partitions);
-        s.held += 1;
+        s.take(pos, count, &h);
         self.expected_seq = self.expected_seq.wrapping_add(1);
         let group = s.entry.group;
-        let offset = ((pos as usize) << s.shift) + HEADER_LEN;
-        let st = &mut self.stats;
-        st.messages += 1;
-        st.bytes += u64::from(len);
-        if kind == MessageKind::Control {
-            st.control_messages += 1;
-        }
-        if let Some(g) = st.per_group.get_mut(group.index()) {
-            g.messages += 1;
-            g.bytes += u64::from(len);
-        }
-        Some(Delivery {
-            token: ReleaseToken {
-                segment,
-                first: PartitionIndex::from_u16(pos as u16),
-                count,
-                generation,
-            },
-            kind,
-            seq,
-            offset,
-            len: len as usize,
-        })
+        let offset = (pos as usize) << s.shift;
+        count_delivery(&mut self.stats, group, &h, 0);
+        Some(delivery(segment, first, count, &h, offset))
     }
 
     /// Validates the header of an arrival (the [`HEADER_LEN`] bytes at
@@ -566,12 +593,7 @@ impl Receiver {
             debug_assert!(marked, "run checked free and in range");
             s.head.advance(arrival.padding, s.partitions);
         }
-        let marked = s
-            .directory
-            .mark_message(first, count, h.len, h.generation, EntryState::InUse);
-        debug_assert!(marked, "run checked free and in range");
-        s.head.advance(count, s.partitions);
-        s.held += 1;
+        s.take(first, count, &h);
         self.expected_seq = self.expected_seq.wrapping_add(1);
         if arrival.padding > 0 {
             s.advance();
@@ -579,29 +601,8 @@ impl Receiver {
                 self.pending[segment.index() / 64] |= 1 << (segment.index() % 64);
             }
         }
-        let st = &mut self.stats;
-        st.messages += 1;
-        st.bytes += u64::from(h.len);
-        st.padding_partitions += u64::from(arrival.padding);
-        if h.kind == MessageKind::Control {
-            st.control_messages += 1;
-        }
-        if let Some(g) = st.per_group.get_mut(seg_entry.group.index()) {
-            g.messages += 1;
-            g.bytes += u64::from(h.len);
-        }
-        Ok(Delivery {
-            token: ReleaseToken {
-                segment,
-                first: arrival.first,
-                count,
-                generation: h.generation,
-            },
-            kind: h.kind,
-            seq: h.seq,
-            offset: arrival.offset + HEADER_LEN,
-            len: h.len as usize,
-        })
+        count_delivery(&mut self.stats, seg_entry.group, &h, arrival.padding);
+        Ok(delivery(segment, arrival.first, count, &h, arrival.offset))
     }
 
     /// The application is done with a message: its partitions become free once every partition

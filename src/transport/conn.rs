@@ -579,16 +579,14 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         {
             return Ok(None);
         }
-        let polls = match (deadline, inner.mode) {
+        let mode = inner.mode;
+        let polls = match (deadline, mode) {
             (Wait::Forever, PollMode::Busy) => DIRECT_POLLS,
             _ => 1,
         };
         let mut imm = None;
         for _ in 0..polls {
-            imm = match inner
-                .link
-                .next_immediate(PollMode::Busy, Some(Duration::ZERO))
-            {
+            imm = match inner.link.next_immediate(mode, Some(Duration::ZERO)) {
                 Ok(imm) => imm,
                 Err(e) => return Err(inner.fail(e)),
             };

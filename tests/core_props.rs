@@ -283,9 +283,14 @@ proptest! {
 /// length from the sender, possibly corrupted, or a release of a held message.
 #[derive(Debug, Clone)]
 enum Arrive {
-    /// The sender reserves `len` bytes; `flip` (bit index into the 16 header bytes and the
-    /// 32-bit immediate, 0..160) corrupts one bit of what the receiver sees, if `Some`.
-    Message { len: usize, flip: Option<u32> },
+    /// The sender reserves `len` bytes, for a control message if `control`; `flip` (bit index
+    /// into the 16 header bytes and the 32-bit immediate, 0..160) corrupts one bit of what the
+    /// receiver sees, if `Some`.
+    Message {
+        len: usize,
+        control: bool,
+        flip: Option<u32>,
+    },
     /// The receiver releases the n-th (modulo) message it holds, then the sender takes the
     /// credits published so far.
     Release(usize),
@@ -299,8 +304,8 @@ enum Arrive {
 fn arrivals() -> impl Strategy<Value = Vec<Arrive>> {
     prop::collection::vec(
         prop_oneof![
-            4 => (0usize..3000, prop::option::weighted(0.2, 0u32..160))
-                .prop_map(|(len, flip)| Arrive::Message { len, flip }),
+            4 => (0usize..3000, prop::bool::weighted(0.2), prop::option::weighted(0.2, 0u32..160))
+                .prop_map(|(len, control, flip)| Arrive::Message { len, control, flip }),
             4 => (0usize..64).prop_map(Arrive::Release),
             1 => (any::<u32>(), any::<[u8; 16]>())
                 .prop_map(|(imm, header)| Arrive::Random { imm, header }),
@@ -343,8 +348,9 @@ proptest! {
             // What the receivers see, then (for a corrupted message they refused) the honest
             // message, so that the stream stays in step with the sender.
             let seen = match op {
-                Arrive::Message { len, flip } => {
-                    let Ok(r) = tx.reserve(len) else { continue };
+                Arrive::Message { len, control, flip } => {
+                    let kind = if control { MessageKind::Control } else { MessageKind::Data };
+                    let Ok(r) = tx.reserve_kind(kind, len) else { continue };
                     let (imm, header) = (r.immediate.get(), r.header);
                     let (mut bad_imm, mut bad_header) = (imm, header);
                     match flip {

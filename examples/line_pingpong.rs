@@ -1,6 +1,7 @@
 //! The cost of handing one cache line from one core to the other and back, right now: two
 //! threads ping-pong a counter through two lines 2 KiB apart (so no prefetcher couples them),
-//! and the program prints half the median round trip in nanoseconds.
+//! and the program prints half the median round trip in nanoseconds (round trips are timed in
+//! batches of 100; the median is over the batches' means).
 //!
 //! This is the floor under any one-way latency between two processes of this host (rsmsg's
 //! shared-memory transport moves one such line per message, UCX's FIFO about two), and on a
@@ -22,7 +23,8 @@ fn main() {
     let n: u64 = std::env::args()
         .nth(1)
         .map(|a| a.parse().expect("ROUND_TRIPS must be a number"))
-        .unwrap_or(200_000);
+        .unwrap_or(200_000)
+        .max(1);
     let lines = Arc::new([Line(AtomicU64::new(0)), Line(AtomicU64::new(0))]);
     let peer = {
         let lines = Arc::clone(&lines);

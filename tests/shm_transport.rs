@@ -270,3 +270,46 @@ fn layouts_with_more_segments_than_one_fd_frame_carries() {
         seq += 150;
     }
 }
+
+#[test]
+fn padding_freed_under_a_held_message_reaches_the_sender() {
+    // A segment of 16 partitions of 64 B (a message takes its 16-byte header too), and one of
+    // a single 4 KiB partition, filled by a held message so that the sender has nowhere else
+    // to go.
+    let layout: Layout = "64:16:16,4096:1:1".parse().unwrap();
+    let (a, b) = pair_with(layout.clone(), layout, PollMode::Busy);
+    let len = |parts: usize| parts * 64 - 16;
+    b.send(&payload(0, 2000)).unwrap();
+    let big = a.recv().unwrap();
+    assert!(matches!(
+        b.try_send(&payload(0, 2000)),
+        Err(SendError::WouldBlock)
+    ));
+    // 12 partitions, received and released: the sender has its credit.
+    b.send(&payload(1, len(12))).unwrap();
+    a.recv().unwrap().release();
+    // 8 partitions do not fit in the 4 left before the end: 4 of padding, then [0, 8).
+    b.send(&payload(2, len(8))).unwrap();
+    let held = a.recv().unwrap();
+    assert!(*held == payload(2, len(8))[..]);
+    // The padding is free (everything before it is), but only the receiver knows: 6 more
+    // partitions fit in [8, 14) and the sender, counting the padding as in use, sees 4.
+    assert!(matches!(
+        b.try_send(&payload(3, len(6))),
+        Err(SendError::WouldBlock)
+    ));
+    // The receiver looks for its next message while it still holds the wrapped one: the
+    // padding's credit goes out then, and the sender can send what it waits for.
+    assert!(a.try_recv().unwrap().is_none());
+    b.try_send(&payload(3, len(6))).unwrap();
+    let next = a
+        .try_recv()
+        .unwrap()
+        .expect("the message sent after the credit");
+    assert!(*next == payload(3, len(6))[..]);
+    assert!(
+        *held == payload(2, len(8))[..],
+        "the held message is intact"
+    );
+    assert!(*big == payload(0, 2000)[..]);
+}

@@ -876,6 +876,12 @@ impl<L: Link> Inner<L> {
         if let Some(imm) = self.link.next_immediate(self.mode, Some(Duration::ZERO))? {
             return Ok(Some((imm, self.link.header_with_immediate())));
         }
+        // Nothing has come. A quarter segment freed by padding when a wrapped message was
+        // accepted is a credit no release has carried yet (the message may still be held): it
+        // goes out before this side waits, since the sender may need it for what we wait for.
+        while let Some(credit) = self.rx.poll_credit() {
+            self.link.publish_credit(credit)?;
+        }
         let deadline = match *wait {
             Wait::Forever => None,
             Wait::No => return Ok(None),

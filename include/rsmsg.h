@@ -367,6 +367,8 @@ int rsmsg_mesh_recv_view(struct rsmsg_mesh mesh,
 int rsmsg_mesh_view_release(struct rsmsg_mesh mesh, struct rsmsg_view *view);
 
 // Waits until every rank has called `rsmsg_mesh_barrier` (as many times as this one).
+// `RSMSG_ERR_WOULD_BLOCK`: the data messages copied aside while it waited passed the bound of
+// 64 MiB; receive them, then call again, which resumes this barrier.
 //
 // Thread safety: any thread; calls on one mesh are serialized.
 int rsmsg_mesh_barrier(struct rsmsg_mesh mesh);

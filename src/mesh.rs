@@ -21,6 +21,12 @@
 //! token that arrives while the application receives is counted and dropped; a data message
 //! that arrives while a barrier waits is copied aside (its partitions released at once, so the
 //! sender is never starved) and delivered, in order, by the next receive from that rank.
+//!
+//! What is copied aside is bounded: past [`Mesh::set_barrier_backlog`] bytes (default
+//! [`DEFAULT_BARRIER_BACKLOG`]; the bound may be passed by one message) the barrier returns
+//! [`MeshError::BarrierBacklog`] instead of growing without limit. Nothing is lost: the copies
+//! are received as usual, and the next [`Mesh::barrier`] resumes the unfinished one (it sends
+//! no token twice).
 
 #![forbid(unsafe_code)]
 
@@ -49,6 +55,8 @@ const MAX_JOB_LEN: usize = 48;
 const DEFAULT_JOB: &str = "rsmsg-mesh";
 /// Default time the whole mesh setup may take.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default bound on the bytes of data messages a barrier copies aside (all peers together).
+pub const DEFAULT_BARRIER_BACKLOG: usize = 64 << 20;
 
 /// Errors of the mesh layer.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +119,22 @@ pub enum MeshError {
         /// The cause.
         #[source]
         source: SendError,
+    },
+    /// While this rank waited in a barrier, the data messages it copied aside passed the
+    /// barrier backlog bound: the barrier is unfinished. Receive from the ranks that sent them,
+    /// then call [`Mesh::barrier`] again, which resumes it.
+    #[error(
+        "barrier unfinished (waiting for rank {rank}): {bytes} bytes of data messages were \
+         copied aside while it waited, past the bound of {cap}: receive them, then call barrier \
+         again, which resumes it"
+    )]
+    BarrierBacklog {
+        /// The rank the barrier was waiting for.
+        rank: u32,
+        /// Bytes copied aside now, all peers together.
+        bytes: usize,
+        /// The bound ([`Mesh::set_barrier_backlog`]).
+        cap: usize,
     },
     /// Receiving failed (timeout, peer closed, protocol violation).
     #[error("receive from rank {rank}: {source}")]
@@ -261,6 +285,11 @@ pub struct Mesh {
     /// peer connects.
     peers: Vec<Option<Box<Peer>>>,
     epoch: Cell<u64>,
+    /// The barrier of `epoch` when it returned an error before it finished: its tokens sent.
+    unfinished: Cell<Option<u32>>,
+    /// Bytes of data messages copied aside, all peers together, and their bound.
+    stashed: Cell<usize>,
+    backlog_cap: Cell<usize>,
     _listener: Listener,
     _manager: Option<ManagerHandle>,
 }
@@ -499,6 +528,9 @@ impl Mesh {
             size,
             peers,
             epoch: Cell::new(0),
+            unfinished: Cell::new(None),
+            stashed: Cell::new(0),
+            backlog_cap: Cell::new(DEFAULT_BARRIER_BACKLOG),
             _listener: listener,
             _manager: manager,
         })
@@ -575,6 +607,7 @@ impl Mesh {
     pub fn recv(&self, rank: u32, wait: Wait) -> Result<Option<MeshMessage<'_>>, MeshError> {
         let peer = self.peer(rank)?;
         if let Some(v) = peer.stash.borrow_mut().pop_front() {
+            self.stashed.set(self.stashed.get() - v.len());
             return Ok(Some(MeshMessage::Copied(v)));
         }
         let deadline = match wait {
@@ -608,11 +641,29 @@ impl Mesh {
     }
 
     /// Waits until every rank has entered the barrier (gather to rank 0, then release from it).
+    /// After an error it has not finished: the next call resumes it rather than starting
+    /// another.
     ///
     /// # Errors
-    /// A failed connection (a rank that died).
+    /// [`MeshError::BarrierBacklog`] (receive, then call again); a failed connection (a rank
+    /// that died).
     pub fn barrier(&self) -> Result<(), MeshError> {
-        self.epoch.set(self.epoch.get() + 1);
+        let mut sent = match self.unfinished.take() {
+            Some(sent) => sent,
+            None => {
+                self.epoch.set(self.epoch.get() + 1);
+                0
+            }
+        };
+        let r = self.run_barrier(&mut sent);
+        if r.is_err() {
+            self.unfinished.set(Some(sent));
+        }
+        r
+    }
+
+    /// The steps of a barrier not yet done; `sent` counts the tokens this rank has sent in it.
+    fn run_barrier(&self, sent: &mut u32) -> Result<(), MeshError> {
         if self.size == 1 {
             return Ok(());
         }
@@ -620,14 +671,30 @@ impl Mesh {
             for r in 1..self.size {
                 self.wait_barrier(r)?;
             }
-            for r in 1..self.size {
-                self.send_barrier(r)?;
+            while *sent < self.size - 1 {
+                self.send_barrier(*sent + 1)?;
+                *sent += 1;
             }
         } else {
-            self.send_barrier(0)?;
+            if *sent == 0 {
+                self.send_barrier(0)?;
+                *sent = 1;
+            }
             self.wait_barrier(0)?;
         }
         Ok(())
+    }
+
+    /// Bounds the bytes of data messages a barrier copies aside, all peers together (default
+    /// [`DEFAULT_BARRIER_BACKLOG`]); the bound may be passed by one message. Past it the barrier
+    /// returns [`MeshError::BarrierBacklog`].
+    pub fn set_barrier_backlog(&self, bytes: usize) {
+        self.backlog_cap.set(bytes);
+    }
+
+    /// Bytes of data messages copied aside by barriers and not yet received.
+    pub fn barrier_backlog(&self) -> usize {
+        self.stashed.get()
     }
 
     fn send_barrier(&self, rank: u32) -> Result<(), MeshError> {
@@ -640,12 +707,20 @@ impl Mesh {
     fn wait_barrier(&self, rank: u32) -> Result<(), MeshError> {
         let peer = self.peer(rank)?;
         while peer.barriers.get() < self.epoch.get() {
+            let (bytes, cap) = (self.stashed.get(), self.backlog_cap.get());
+            if bytes > cap {
+                return Err(MeshError::BarrierBacklog { rank, bytes, cap });
+            }
             let m = peer
                 .conn
                 .recv()
                 .map_err(|source| MeshError::Recv { rank, source })?;
             match kind(&m, rank)? {
-                KIND_DATA => peer.stash.borrow_mut().push_back(m[HEADER_LEN..].to_vec()),
+                KIND_DATA => {
+                    let v = m[HEADER_LEN..].to_vec();
+                    self.stashed.set(self.stashed.get() + v.len());
+                    peer.stash.borrow_mut().push_back(v);
+                }
                 _ => peer.barriers.set(peer.barriers.get() + 1),
             }
         }

@@ -1,4 +1,5 @@
-//! Mesh setup over shared memory: a rank whose peers never start gets a clear timeout, not a hang.
+//! Mesh over shared memory: a setup that times out clearly rather than hanging, and a barrier
+//! whose copies of data that came while it waited are bounded.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -97,4 +98,51 @@ fn a_setup_timeout_past_the_maximum_is_refused_not_overflowed() {
             Ok(_) => panic!("{timeout:?}: a mesh of 2 formed with one rank"),
         }
     }
+}
+
+#[test]
+fn a_barrier_flooded_with_data_stops_at_its_backlog_bound_loses_nothing_and_resumes() {
+    // Rank 1 sends ten 64 KiB messages, then enters the barrier; rank 0 waits in the barrier
+    // with a bound of 128 KiB on what it copies aside.
+    const N: usize = 10;
+    const LEN: usize = 64 << 10;
+    let s = setup("mesh-flood", Duration::from_secs(30));
+    let s1 = s.clone();
+    let r1 = thread::spawn(move || {
+        let m = Mesh::connect(&Config::default(), 1, 2, &s1).unwrap();
+        for i in 0..N {
+            m.send(0, &vec![i as u8; LEN]).unwrap();
+        }
+        m.barrier().unwrap();
+        m.barrier().unwrap();
+    });
+    let m = Mesh::connect(&Config::default(), 0, 2, &s).unwrap();
+    m.set_barrier_backlog(128 << 10);
+    match m.barrier() {
+        Err(MeshError::BarrierBacklog { rank, bytes, cap }) => {
+            assert_eq!(rank, 1);
+            assert_eq!(cap, 128 << 10);
+            // Past the bound by at most one message.
+            assert!(
+                bytes > cap && bytes <= cap + LEN,
+                "{bytes} bytes copied aside"
+            );
+            assert_eq!(m.barrier_backlog(), bytes);
+        }
+        other => panic!("expected the backlog bound, got {other:?}"),
+    }
+    // Every message arrives once, in order: the copies first, then the rest in place.
+    for i in 0..N {
+        let msg = m
+            .recv(1, rsmsg::mesh::Wait::For(Duration::from_secs(30)))
+            .unwrap()
+            .expect("every message");
+        assert_eq!(msg.len(), LEN);
+        assert!(msg.iter().all(|&b| b == i as u8), "message {i}");
+    }
+    assert_eq!(m.barrier_backlog(), 0);
+    // The unfinished barrier resumes (rank 1 is in it), and a next one still pairs up.
+    m.barrier().unwrap();
+    m.barrier().unwrap();
+    r1.join().unwrap();
 }

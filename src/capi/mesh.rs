@@ -332,6 +332,8 @@ pub extern "C" fn rsmsg_mesh_view_release(mesh: rsmsg_mesh, view: *mut rsmsg_vie
 }
 
 /// Waits until every rank has called `rsmsg_mesh_barrier` (as many times as this one).
+/// `RSMSG_ERR_WOULD_BLOCK`: the data messages copied aside while it waited passed the bound of
+/// 64 MiB; receive them, then call again, which resumes this barrier.
 ///
 /// Thread safety: any thread; calls on one mesh are serialized.
 #[unsafe(no_mangle)]

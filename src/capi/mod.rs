@@ -318,6 +318,7 @@ fn mesh_code(e: &MeshError) -> c_int {
         MeshError::BadRank { .. } => RSMSG_ERR_INVALID_ARG,
         MeshError::Send { source, .. } => send_code(source),
         MeshError::Recv { source, .. } => transport_code(source),
+        MeshError::BarrierBacklog { .. } => RSMSG_ERR_WOULD_BLOCK,
     }
 }
 

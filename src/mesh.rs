@@ -372,17 +372,34 @@ fn not_there_yet(e: &EndpointError) -> bool {
     }
 }
 
+/// A connect the manager refused for its load (`LimitExceeded`: as many connection requests
+/// already wait for that rank as the manager queues, or its rendezvous or queued-bytes budget is
+/// spent). Every rank above connects to the lower ones at once, so a job larger than the
+/// manager's queue meets this while the mesh forms; the waiting requests drain as the lower
+/// rank accepts them, so such a connect is tried again, like one to a rank not there yet.
+fn refused_for_load(e: &EndpointError) -> bool {
+    match e {
+        EndpointError::Bootstrap(b) | EndpointError::Transport(TransportError::Bootstrap(b)) => {
+            b.code() == Some(ErrorCode::LimitExceeded)
+        }
+        _ => false,
+    }
+}
+
+/// Calls `f` until it succeeds, fails with an error `again` does not accept, or `deadline`
+/// passes (then [`MeshError::SetupTimeout`] with the last error).
 fn retry<T>(
     deadline: Instant,
     timeout: Duration,
     what: &str,
+    again: fn(&EndpointError) -> bool,
     mut f: impl FnMut() -> Result<T, EndpointError>,
 ) -> Result<T, MeshError> {
     let mut pause = Duration::from_millis(2);
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(e) if not_there_yet(&e) => {
+            Err(e) if again(&e) => {
                 if Instant::now() >= deadline {
                     return Err(MeshError::SetupTimeout(timeout, format!("{what}: {e}")));
                 }
@@ -458,9 +475,13 @@ impl Mesh {
             _ => None,
         };
         let me = rank_name(&setup.job, rank);
-        let listener = retry(deadline, setup.timeout, &format!("listen as {me}"), || {
-            Listener::bind(config, &me)
-        })?;
+        let listener = retry(
+            deadline,
+            setup.timeout,
+            &format!("listen as {me}"),
+            not_there_yet,
+            || Listener::bind(config, &me),
+        )?;
         let mut peers: Vec<Option<Box<Peer>>> = (0..size).map(|_| None).collect();
         let mut hello = [0u8; HEADER_LEN];
         hello[0] = KIND_HELLO;
@@ -468,9 +489,13 @@ impl Mesh {
         for lower in 0..rank {
             let name = rank_name(&setup.job, lower);
             let what = format!("connect to rank {lower} ({name})");
-            let conn = retry(deadline, setup.timeout, &what, || {
-                endpoint::connect(config, &name)
-            })?;
+            let conn = retry(
+                deadline,
+                setup.timeout,
+                &what,
+                |e| not_there_yet(e) || refused_for_load(e),
+                || endpoint::connect(config, &name),
+            )?;
             conn.send(&hello).map_err(|source| MeshError::Send {
                 rank: lower,
                 source,
@@ -770,6 +795,64 @@ mod tests {
 
     fn vars(v: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |k| v.iter().find(|(n, _)| *n == k).map(|(_, x)| (*x).into())
+    }
+
+    fn refused(code: ErrorCode) -> EndpointError {
+        EndpointError::Transport(TransportError::Bootstrap(BootstrapError::Remote {
+            step: "connect",
+            code,
+            message: "refused".into(),
+        }))
+    }
+
+    #[test]
+    fn a_connect_refused_for_the_managers_load_is_tried_again_a_registration_is_not() {
+        let connect_again = |e: &EndpointError| not_there_yet(e) || refused_for_load(e);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut calls = 0;
+        let r = retry(
+            deadline,
+            Duration::from_secs(60),
+            "connect",
+            connect_again,
+            || {
+                calls += 1;
+                if calls < 3 {
+                    Err(refused(ErrorCode::LimitExceeded))
+                } else {
+                    Ok(calls)
+                }
+            },
+        );
+        assert_eq!(r.unwrap(), 3);
+        // Other refusals end the step at once.
+        let mut calls = 0;
+        let r = retry(
+            deadline,
+            Duration::from_secs(60),
+            "connect",
+            connect_again,
+            || {
+                calls += 1;
+                Err::<(), _>(refused(ErrorCode::InvalidRequest))
+            },
+        );
+        assert!(matches!(r, Err(MeshError::Endpoint { .. })), "{r:?}");
+        assert_eq!(calls, 1);
+        // Listening (a registration the manager refused for its limits) is not tried again.
+        let mut calls = 0;
+        let r = retry(
+            deadline,
+            Duration::from_secs(60),
+            "listen",
+            not_there_yet,
+            || {
+                calls += 1;
+                Err::<(), _>(refused(ErrorCode::LimitExceeded))
+            },
+        );
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
     }
 
     #[test]

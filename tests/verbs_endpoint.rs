@@ -1,5 +1,6 @@
 //! Endpoints over verbs (in the Soft-RoCE guest): connect by name through a manager, receive
-//! from any peer, one listener accepting shared memory and verbs at once, a failing verbs peer.
+//! from any peer, one listener accepting shared memory and verbs at once, a failing verbs peer, a
+//! mesh whose connects the manager refuses for its load until the listener takes them.
 //!
 //! Without a device they print `skipped: no RDMA device` and return, unless
 //! `RSMSG_REQUIRE_RDMA=1`, which makes a missing device a failure.
@@ -9,8 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use rsmsg::bootstrap::{Manager, ManagerHandle, Token};
+use rsmsg::bootstrap::{Limits, Manager, ManagerHandle, Token};
 use rsmsg::endpoint::{Config, EndpointError, Transport, TransportChoice};
+use rsmsg::mesh::{Mesh, MeshSetup, Wait as MeshWait};
 use rsmsg::transport::TransportError;
 use rsmsg::transport::verbs::VerbsOptions;
 use rsmsg::verbs::{Context, test_context};
@@ -335,4 +337,49 @@ fn an_event_mode_endpoint_sleeps_on_completion_channels_over_verbs() {
     );
     let woke = wakeups() - before;
     assert!(woke < 60, "{woke} wake-ups in an idle 300 ms wait");
+}
+
+#[test]
+fn a_mesh_forms_through_a_manager_that_queues_one_connection_request_per_rank() {
+    let Some(ctx) =
+        test_context("a_mesh_forms_through_a_manager_that_queues_one_connection_request_per_rank")
+    else {
+        return;
+    };
+    // Ranks 1 to 4 all connect to rank 0 first; the manager keeps at most one request waiting
+    // for a listener and refuses the others (`LimitExceeded`) until rank 0 takes it. Rank 0
+    // starts last, so the requests meet the limit as soon as it registers.
+    let mut limits = Limits::default();
+    limits.max_pending_per_endpoint = 1;
+    let mgr = Manager::bind_with("127.0.0.1:0", token(), limits).expect("embedded manager");
+    let cfg = config(&ctx, &mgr, TransportChoice::Verbs).connect_retry(Duration::ZERO);
+    let setup = MeshSetup {
+        job: unique("vep-mesh"),
+        embed_manager: None,
+        timeout: HANG_GUARD,
+    };
+    const SIZE: u32 = 5;
+    let rank = |r: u32| {
+        let (cfg, setup) = (cfg.clone(), setup.clone());
+        move || {
+            let m = Mesh::connect(&cfg, r, SIZE, &setup).unwrap();
+            for to in (0..SIZE).filter(|&to| to != r) {
+                m.send(to, &message(u64::from(r), u64::from(to))).unwrap();
+            }
+            for from in (0..SIZE).filter(|&f| f != r) {
+                let got = m
+                    .recv(from, MeshWait::For(HANG_GUARD))
+                    .unwrap()
+                    .expect("a message");
+                assert_eq!(&*got, &message(u64::from(from), u64::from(r))[..]);
+            }
+            m.barrier().unwrap();
+        }
+    };
+    let higher: Vec<_> = (1..SIZE).map(|r| thread::spawn(rank(r))).collect();
+    thread::sleep(Duration::from_millis(500));
+    rank(0)();
+    for h in higher {
+        h.join().unwrap();
+    }
 }

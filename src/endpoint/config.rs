@@ -319,9 +319,10 @@ impl Config {
         self
     }
 
-    /// How long [`connect`](super::connect) keeps retrying while the manager is unreachable or
-    /// the name is not registered yet (default: no retry). Lets a client start before its
-    /// server.
+    /// How long [`connect`](super::connect) keeps retrying while the manager is unreachable,
+    /// the name is not registered yet, or the manager refuses the request for its load
+    /// (`LimitExceeded`, say too many connection requests waiting for that listener) (default:
+    /// no retry). Lets a client start before its server.
     pub fn connect_retry(mut self, patience: Duration) -> Self {
         self.connect_retry = patience;
         self

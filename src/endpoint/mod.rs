@@ -148,8 +148,9 @@ fn host_id() -> Result<HostId, EndpointError> {
 /// With a manager: looks the name up and connects over shared memory when the peer runs on this
 /// host, offers shared memory, and the configuration allows it (`auto`, `shm`); over verbs
 /// otherwise (`auto` across hosts, always under `verbs`). Without a manager: shared memory to a
-/// listener of this host. While the manager is unreachable or the name not registered, retries
-/// for [`Config::connect_retry`].
+/// listener of this host. While the manager is unreachable, the name not registered, or the
+/// manager refuses the request for its load (`LimitExceeded`), retries for
+/// [`Config::connect_retry`].
 ///
 /// # Errors
 /// An invalid configuration, no such endpoint, no transport both ends can use, a failed
@@ -174,7 +175,13 @@ pub(crate) fn connect_any(config: &Config, name: &str) -> Result<(Conn, Transpor
 }
 
 fn retryable(e: &EndpointError) -> bool {
-    let boot = |b: &BootstrapError| b.is_unreachable() || b.code() == Some(ErrorCode::UnknownName);
+    let boot = |b: &BootstrapError| {
+        b.is_unreachable()
+            || matches!(
+                b.code(),
+                Some(ErrorCode::UnknownName | ErrorCode::LimitExceeded)
+            )
+    };
     match e {
         EndpointError::Bootstrap(b) | EndpointError::Transport(TransportError::Bootstrap(b)) => {
             boot(b)

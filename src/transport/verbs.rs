@@ -1979,8 +1979,9 @@ impl VerbsListener {
 static INITIATOR_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Connects to the endpoint `name` registered with the manager at `manager`, offering `layout`
-/// for messages sent to us. A name not (yet) registered, or a manager not (yet) reachable, is
-/// retried until `opts.setup_timeout`.
+/// for messages sent to us. A name not (yet) registered, a manager not (yet) reachable, or a
+/// request the manager refused for its load (`LimitExceeded`: say, as many connection requests
+/// already wait for that listener as it queues) is retried until `opts.setup_timeout`.
 ///
 /// # Errors
 /// No such endpoint in time, a refused or failed setup, a device error.
@@ -2006,7 +2007,7 @@ pub fn connect(
             .and_then(|mut c| connect_with(&mut c, name, layout.clone(), mode, opts));
         match r {
             Err(TransportError::Bootstrap(e)) if retryable(&e) && Instant::now() < deadline => {
-                tracing::debug!(error = %e, "manager or endpoint not there yet; retrying");
+                tracing::debug!(error = %e, "manager or endpoint not there yet, or busy; retrying");
                 std::thread::sleep(Duration::from_millis(100));
             }
             r => return r,
@@ -2015,7 +2016,11 @@ pub fn connect(
 }
 
 fn retryable(e: &BootstrapError) -> bool {
-    e.is_unreachable() || e.code() == Some(ErrorCode::UnknownName)
+    e.is_unreachable()
+        || matches!(
+            e.code(),
+            Some(ErrorCode::UnknownName | ErrorCode::LimitExceeded)
+        )
 }
 
 /// As [`connect`], over a manager connection the caller holds (no retry).

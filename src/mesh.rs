@@ -354,15 +354,11 @@ fn step(s: impl Into<String>) -> impl FnOnce(EndpointError) -> MeshError {
 fn not_there_yet(e: &EndpointError) -> bool {
     use std::io::ErrorKind;
     match e {
+        // A manager not reachable yet, or busy (as many clients as it serves, or as many
+        // handshakes at once as it takes, which every rank of a large job starting together
+        // can meet), or a name not registered yet.
         EndpointError::Bootstrap(b) | EndpointError::Transport(TransportError::Bootstrap(b)) => {
-            matches!(
-                b,
-                BootstrapError::Connect { .. }
-                    | BootstrapError::Remote {
-                        code: ErrorCode::UnknownName,
-                        ..
-                    }
-            )
+            b.is_unreachable() || b.code() == Some(ErrorCode::UnknownName)
         }
         EndpointError::Transport(TransportError::Io { source, .. }) => matches!(
             source.kind(),

@@ -1,10 +1,10 @@
-//! Mesh over shared memory: a setup that times out clearly rather than hanging, and a barrier
-//! whose copies of data that came while it waited are bounded.
+//! Mesh over shared memory: a setup that times out clearly rather than hanging and gets through a
+//! busy manager, and a barrier whose copies of data that came while it waited are bounded.
 
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rsmsg::bootstrap::LaunchInfo;
+use rsmsg::bootstrap::{LaunchInfo, Limits, Manager, Token};
 use rsmsg::endpoint::Config;
 use rsmsg::mesh::{Mesh, MeshError, MeshSetup};
 
@@ -145,4 +145,41 @@ fn a_barrier_flooded_with_data_stops_at_its_backlog_bound_loses_nothing_and_resu
     m.barrier().unwrap();
     m.barrier().unwrap();
     r1.join().unwrap();
+}
+
+#[test]
+fn a_mesh_forms_through_a_manager_that_turns_clients_away_while_busy() {
+    // Five ranks through a manager that serves six clients and one handshake at a time: the
+    // five listeners hold five, so concurrent connects and registrations are answered `Busy`
+    // until the one before them is done, and the mesh set-up tries them again.
+    const SIZE: u32 = 5;
+    let token = Token::new("mesh-busy-manager-token").unwrap();
+    let mut limits = Limits::default();
+    limits.max_clients = SIZE as usize + 1;
+    limits.max_unauthenticated = 1;
+    let mgr = Manager::bind_with("127.0.0.1:0", token.clone(), limits).unwrap();
+    let cfg = Config::default().manager(mgr.local_addr().to_string(), token);
+    let s = setup("mesh-busy", Duration::from_secs(60));
+    let ranks: Vec<_> = (0..SIZE)
+        .map(|r| {
+            let (cfg, s) = (cfg.clone(), s.clone());
+            thread::spawn(move || {
+                let m = Mesh::connect(&cfg, r, SIZE, &s).unwrap();
+                for to in (0..SIZE).filter(|&to| to != r) {
+                    m.send(to, &[r as u8; 32]).unwrap();
+                }
+                for from in (0..SIZE).filter(|&f| f != r) {
+                    let msg = m
+                        .recv(from, rsmsg::mesh::Wait::For(Duration::from_secs(60)))
+                        .unwrap()
+                        .expect("a message from every rank");
+                    assert_eq!(&*msg, &[from as u8; 32]);
+                }
+                m.barrier().unwrap();
+            })
+        })
+        .collect();
+    for r in ranks {
+        r.join().unwrap();
+    }
 }

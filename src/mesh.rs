@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::bootstrap::launcher::job_name_from_vars;
 use crate::bootstrap::{
-    BootstrapError, ErrorCode, LaunchError, LaunchInfo, Manager, ManagerHandle, Token,
+    BootstrapError, ErrorCode, LaunchError, LaunchInfo, Limits, Manager, ManagerHandle, Token,
 };
 use crate::endpoint::{self, Config, Conn, EndpointError, Listener, Msg};
 use crate::transport::{SendError, TransportError};
@@ -382,6 +382,19 @@ fn refused_for_load(e: &EndpointError) -> bool {
     }
 }
 
+/// The limits of the manager rank 0 embeds for a job of `size` ranks: the defaults, raised so
+/// that the job fits. Each rank's listener stays registered (a client and an endpoint), and each
+/// rank opens one more client for the connect it is setting up; their connection requests all
+/// wait for the listener of one lower rank at worst.
+fn embedded_limits(size: u32) -> Limits {
+    let n = size as usize;
+    let mut l = Limits::default();
+    l.max_clients = l.max_clients.max(2 * n + 32);
+    l.max_endpoints = l.max_endpoints.max(n + 32);
+    l.max_rendezvous = l.max_rendezvous.max(2 * n + 32);
+    l
+}
+
 /// Calls `f` until it succeeds, fails with an error `again` does not accept, or `deadline`
 /// passes (then [`MeshError::SetupTimeout`] with the last error).
 fn retry<T>(
@@ -465,9 +478,10 @@ impl Mesh {
             .checked_add(setup.timeout)
             .ok_or_else(too_long)?;
         let manager = match (&setup.embed_manager, rank) {
-            (Some((addr, token)), 0) => {
-                Some(Manager::bind(addr.as_str(), token.clone()).map_err(MeshError::Manager)?)
-            }
+            (Some((addr, token)), 0) => Some(
+                Manager::bind_with(addr.as_str(), token.clone(), embedded_limits(size))
+                    .map_err(MeshError::Manager)?,
+            ),
             _ => None,
         };
         let me = rank_name(&setup.job, rank);
@@ -799,6 +813,22 @@ mod tests {
             code,
             message: "refused".into(),
         }))
+    }
+
+    #[test]
+    fn an_embedded_manager_has_room_for_the_whole_job() {
+        let d = Limits::default();
+        let small = embedded_limits(4);
+        assert_eq!(
+            (small.max_clients, small.max_endpoints, small.max_rendezvous),
+            (d.max_clients, d.max_endpoints, d.max_rendezvous)
+        );
+        let big = embedded_limits(10_000);
+        assert!(big.max_clients >= 20_000, "{}", big.max_clients);
+        assert!(big.max_endpoints >= 10_000, "{}", big.max_endpoints);
+        assert!(big.max_rendezvous >= 20_000, "{}", big.max_rendezvous);
+        let max = embedded_limits(LaunchInfo::MAX_SIZE);
+        assert!(max.max_clients >= 2 * LaunchInfo::MAX_SIZE as usize);
     }
 
     #[test]

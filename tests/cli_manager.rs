@@ -91,3 +91,68 @@ fn missing_or_short_token_is_refused() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/token"));
 }
+
+#[test]
+fn max_clients_is_applied_and_out_of_range_limits_are_refused() {
+    use rsmsg::bootstrap::{ErrorCode, ManagerClient, Token};
+    use std::time::Duration;
+
+    let mut child = manager(
+        &[
+            "--log",
+            "info",
+            "--max-clients",
+            "1",
+            "--max-endpoints",
+            "7",
+        ],
+        Some(SECRET),
+    )
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null())
+    .spawn()
+    .expect("spawn");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if err.read_line(&mut line).expect("read stderr") == 0 {
+            panic!("manager exited before listening: {seen}");
+        }
+        seen.push_str(&line);
+        if line.contains("bootstrap manager listening") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("max_clients=1") && seen.contains("max_endpoints=7"),
+        "{seen}"
+    );
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("addr= in the listening line")
+        .to_string();
+    let token = Token::new(SECRET).unwrap();
+    let first = ManagerClient::connect(addr.as_str(), &token, Duration::from_secs(30))
+        .expect("the first client is served");
+    match ManagerClient::connect(addr.as_str(), &token, Duration::from_secs(30)) {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}"),
+        Ok(_) => panic!("a second client was served with --max-clients 1"),
+    }
+    drop(first);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    for bad in [
+        ["--max-clients", "0"],
+        ["--max-clients", "65537"],
+        ["--max-endpoints", "0"],
+    ] {
+        let o = manager(&bad, Some(SECRET)).output().unwrap();
+        assert!(!o.status.success(), "{bad:?} accepted");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(bad[0]), "{bad:?}: {e}");
+    }
+}

@@ -18,6 +18,13 @@ pub struct Args {
     /// A file holding the shared secret.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Most clients served at once (default 256). Every listener holds one for as long as it
+    /// is registered, and a connect one while it sets up: a job of N ranks needs about 2N.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_clients: Option<u32>,
+    /// Most registered endpoints (default 4096): one per listener.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1048576))]
+    max_endpoints: Option<u32>,
 }
 
 /// Runs the manager until it is killed.
@@ -28,7 +35,19 @@ pub fn run(args: &Args) -> Result<std::process::ExitCode> {
         args.token_file.as_deref(),
     )
     .context("manager configuration")?;
-    tracing::info!(listen = %args.listen, "starting the bootstrap manager");
+    let mut config = config;
+    if let Some(n) = args.max_clients {
+        config.limits.max_clients = n as usize;
+    }
+    if let Some(n) = args.max_endpoints {
+        config.limits.max_endpoints = n as usize;
+    }
+    tracing::info!(
+        listen = %args.listen,
+        max_clients = config.limits.max_clients,
+        max_endpoints = config.limits.max_endpoints,
+        "starting the bootstrap manager"
+    );
     run_manager(config).context("bootstrap manager")?;
     Ok(std::process::ExitCode::SUCCESS)
 }

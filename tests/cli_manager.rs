@@ -1,9 +1,10 @@
 //! `rsmsg manager`: the token comes from RSMSG_TOKEN or a file and is never logged; the listening
-//! address is logged at `--log info`; a missing or short token is refused.
+//! address is logged at `--log info`; a missing or short token is refused; limits from the command
+//! line; a closed stderr does not stop it.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 
 const SECRET: &str = "cli-manager-test-secret-1234";
 
@@ -19,9 +20,16 @@ fn manager(extra: &[&str], token_env: Option<&str>) -> Command {
     c
 }
 
-/// Starts the manager, waits for its "listening" log line, connects once, stops it, and returns
-/// everything it wrote on stderr.
-fn run_and_stop(mut cmd: Command) -> String {
+/// A manager started and listening: the process, the rest of its stderr, what it wrote up to
+/// its "listening" line, and the address from that line.
+struct Started {
+    child: Child,
+    err: BufReader<ChildStderr>,
+    seen: String,
+    addr: String,
+}
+
+fn start(mut cmd: Command) -> Started {
     let mut child = cmd
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -45,6 +53,23 @@ fn run_and_stop(mut cmd: Command) -> String {
         .find_map(|w| w.strip_prefix("addr="))
         .expect("addr= in the listening line")
         .to_string();
+    Started {
+        child,
+        err,
+        seen,
+        addr,
+    }
+}
+
+/// Starts the manager, waits for its "listening" log line, connects once, stops it, and returns
+/// everything it wrote on stderr.
+fn run_and_stop(cmd: Command) -> String {
+    let Started {
+        mut child,
+        mut err,
+        seen,
+        addr,
+    } = start(cmd);
     TcpStream::connect(&addr).expect("the manager accepts connections");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -97,7 +122,13 @@ fn max_clients_is_applied_and_out_of_range_limits_are_refused() {
     use rsmsg::bootstrap::{ErrorCode, ManagerClient, Token};
     use std::time::Duration;
 
-    let mut child = manager(
+    // `_err` keeps the manager's stderr open while it runs.
+    let Started {
+        mut child,
+        err: _err,
+        seen,
+        addr,
+    } = start(manager(
         &[
             "--log",
             "info",
@@ -107,33 +138,11 @@ fn max_clients_is_applied_and_out_of_range_limits_are_refused() {
             "7",
         ],
         Some(SECRET),
-    )
-    .stderr(Stdio::piped())
-    .stdout(Stdio::null())
-    .spawn()
-    .expect("spawn");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if err.read_line(&mut line).expect("read stderr") == 0 {
-            panic!("manager exited before listening: {seen}");
-        }
-        seen.push_str(&line);
-        if line.contains("bootstrap manager listening") {
-            break;
-        }
-    }
+    ));
     assert!(
         seen.contains("max_clients=1") && seen.contains("max_endpoints=7"),
         "{seen}"
     );
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .expect("addr= in the listening line")
-        .to_string();
     let token = Token::new(SECRET).unwrap();
     let first = ManagerClient::connect(addr.as_str(), &token, Duration::from_secs(30))
         .expect("the first client is served");
@@ -155,4 +164,36 @@ fn max_clients_is_applied_and_out_of_range_limits_are_refused() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(bad[0]), "{bad:?}: {e}");
     }
+}
+
+#[test]
+fn a_manager_whose_stderr_closes_keeps_serving() {
+    use rsmsg::bootstrap::{EndpointName, ErrorCode, ManagerClient, Token};
+    use std::time::Duration;
+
+    // A manager started in the background whose log reader goes away (a closed terminal, a
+    // pipe into a log collector that died): every later log line fails to write, and it must
+    // still serve.
+    let Started {
+        mut child,
+        err,
+        addr,
+        ..
+    } = start(manager(&["--log", "debug"], Some(SECRET)));
+    drop(err);
+    let token = Token::new(SECRET).unwrap();
+    for _ in 0..3 {
+        let c = ManagerClient::connect(addr.as_str(), &token, Duration::from_secs(10));
+        let mut c = c.unwrap_or_else(|e| panic!("the manager stopped serving: {e}"));
+        // A request, which the manager logs at debug: an unknown name is an answer too.
+        let name = EndpointName::new("nobody-here").unwrap();
+        let e = c.lookup(&name).expect_err("nobody registered that name");
+        assert_eq!(e.code(), Some(ErrorCode::UnknownName), "{e}");
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the manager exited when its stderr closed"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -51,17 +51,28 @@ fn log_filter(cli: Option<&str>) -> Result<EnvFilter, String> {
         .map_err(|e| format!("bad log filter {spec:?} ({from}): {e}"))
 }
 
+/// Writes `rsmsg: error: MSG` on stderr, ignoring a closed stderr (where `eprintln!` panics).
+fn report(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "rsmsg: error: {msg}");
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = match log_filter(cli.log.as_deref()) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("rsmsg: error: {e}");
+            report(&e);
             return std::process::ExitCode::from(2);
         }
     };
+    // A log line that cannot be written (stderr closed: a background manager whose terminal or
+    // log reader went away) is dropped. By default the subscriber would report it on stderr
+    // with `eprintln!`, which panics when stderr is closed, and a manager's client threads
+    // died of it.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -74,7 +85,7 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             tracing::debug!(error = ?e, "command failed");
-            eprintln!("rsmsg: error: {e:#}");
+            report(&format!("{e:#}"));
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,6 +1,6 @@
 //! `rsmsg perf` over shared memory (local mode: the binary spawns its own server process):
 //! the JSON rows for lat, bw and rate, size sweeps, timed runs, the progress line, and the
-//! refusal of option combinations that cannot work.
+//! refusal of option combinations that cannot work, and a quiet stop when stdout closes.
 
 use std::process::{Command, Output};
 
@@ -261,4 +261,33 @@ fn client_without_server_fails_clearly() {
         "{}",
         text(&o.stderr)
     );
+}
+
+#[test]
+fn a_closed_stdout_stops_the_run_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    // `rsmsg perf | head -2`: after the reader goes away, the next row cannot be written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rsmsg"))
+        .args(["perf", "-t", "lat", "-s", "8..4k", "-n", "200"])
+        .env_remove("RSMSG_LOG")
+        .env_remove("RSMSG_TRANSPORT")
+        .env_remove("RSMSG_MANAGER")
+        .env_remove("RSMSG_GROUPS")
+        .env_remove("RSMSG_POLL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run rsmsg perf");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with("# rsmsg perf"), "{first}");
+    drop(out);
+    let o = child.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.trim().is_empty(), "nothing on stderr: {err}");
 }

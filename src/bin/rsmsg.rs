@@ -6,6 +6,15 @@
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+/// `println!` that returns the `io::Result` rather than panicking when stdout is closed (output
+/// piped into `head`): the command then stops, and `main` exits quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+    }};
+}
+
 // Crate-root modules resolve relative to src/bin/, so each subcommand names its file.
 #[path = "rsmsg/info.rs"]
 mod info;
@@ -83,6 +92,16 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(code) => code,
+        // Stdout closed (piped into `head`): stop quietly, with the status of a process that
+        // a SIGPIPE ended, as a shell reports it.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::from(141)
+        }
         Err(e) => {
             tracing::debug!(error = ?e, "command failed");
             report(&format!("{e:#}"));

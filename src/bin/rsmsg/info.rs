@@ -157,26 +157,29 @@ fn device_info(dev: &Device) -> anyhow::Result<DeviceInfo> {
     })
 }
 
-fn print_text(infos: &[DeviceInfo]) {
+fn print_text(infos: &[DeviceInfo]) -> std::io::Result<()> {
     for d in infos {
-        println!("{}", d.name);
-        println!("  node_guid       {}", d.node_guid);
-        println!(
+        outln!("{}", d.name)?;
+        outln!("  node_guid       {}", d.node_guid)?;
+        outln!(
             "  fw_ver          {}",
             if d.fw_ver.is_empty() { "-" } else { &d.fw_ver }
-        );
-        println!("  vendor          {:#x}:{}", d.vendor_id, d.vendor_part_id);
-        println!(
+        )?;
+        outln!("  vendor          {:#x}:{}", d.vendor_id, d.vendor_part_id)?;
+        outln!(
             "  max_qp_wr       {}   max_sge {}   max_cqe {}   max_qp_rd_atom {}",
-            d.max_qp_wr, d.max_sge, d.max_cqe, d.max_qp_rd_atom
-        );
+            d.max_qp_wr,
+            d.max_sge,
+            d.max_cqe,
+            d.max_qp_rd_atom
+        )?;
         match d.max_inline {
-            Some(n) => println!("  max_inline      {n} (granted to a probe RC QP)"),
-            None => println!("  max_inline      unknown"),
+            Some(n) => outln!("  max_inline      {n} (granted to a probe RC QP)")?,
+            None => outln!("  max_inline      unknown")?,
         }
         for p in &d.ports {
             let mtu = |m: Option<u32>| m.map_or_else(|| "?".to_string(), |v| v.to_string());
-            println!(
+            outln!(
                 "  port {}: {}  link_layer {}  active_mtu {} (max {})  lid {}",
                 p.port,
                 p.state,
@@ -184,15 +187,16 @@ fn print_text(infos: &[DeviceInfo]) {
                 mtu(p.active_mtu),
                 mtu(p.max_mtu),
                 p.lid
-            );
+            )?;
             if let Some(e) = &p.error {
-                println!("    error: {e}");
+                outln!("    error: {e}")?;
             }
             for g in &p.gids {
-                println!("    GID[{:3}] {:<40} {}", g.index, g.gid, g.gid_type);
+                outln!("    GID[{:3}] {:<40} {}", g.index, g.gid, g.gid_type)?;
             }
         }
     }
+    Ok(())
 }
 
 /// Whether one transport can be used on this host, and why not.
@@ -299,15 +303,16 @@ fn chain(e: &anyhow::Error) -> String {
         .join(": ")
 }
 
-fn print_transports(t: &Transports) {
-    println!("transports");
+fn print_transports(t: &Transports) -> std::io::Result<()> {
+    outln!("transports")?;
     for (name, u) in [("shm", &t.shm), ("verbs", &t.verbs)] {
-        println!(
+        outln!(
             "  {name:<6} {:<10} {}",
             if u.usable { "usable" } else { "unusable" },
             u.reason
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Run `rsmsg info`. Without RDMA devices it still reports the transports and succeeds; an
@@ -347,20 +352,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         devices_error: list_error,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_transports(&report.transports);
+        print_transports(&report.transports)?;
         if report.devices.is_empty() {
-            println!(
+            outln!(
                 "no RDMA devices{}",
                 report
                     .devices_error
                     .as_deref()
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
-            );
+            )?;
         }
-        print_text(&report.devices);
+        print_text(&report.devices)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -279,7 +279,7 @@ fn finish_client<L: Link, T: TargetMemory>(
     }
     let rows = result?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -391,7 +391,7 @@ fn serve_clients<L: Link, T: TargetMemory>(
     args: &Args,
     mut accept: impl FnMut() -> Result<Connection<L, T>>,
 ) -> Result<()> {
-    println!("listening");
+    outln!("listening")?;
     std::io::stdout().flush()?;
     loop {
         let conn = accept().context("accepting a client")?;
@@ -483,7 +483,7 @@ fn client<L: Link, T: TargetMemory>(args: &Args, conn: &Connection<L, T>) -> Res
     let max = conn.max_message();
     let mut rows = Vec::new();
     if !args.json {
-        println!(
+        outln!(
             "# rsmsg perf: transport {}, poll {}, largest eager message {} B, switch point {} B \
              (longer messages go by rendezvous), copies {}",
             args.transport,
@@ -494,7 +494,7 @@ fn client<L: Link, T: TargetMemory>(args: &Args, conn: &Connection<L, T>) -> Res
                 Some(n) => format!("in {n} B pieces (one long memcpy measured slow here)"),
                 None => "one call each".to_string(),
             }
-        );
+        )?;
     }
     for test in tests {
         let sizes = match &args.size {
@@ -502,12 +502,12 @@ fn client<L: Link, T: TargetMemory>(args: &Args, conn: &Connection<L, T>) -> Res
             None => vec![if test == Test::Bw { 65536 } else { 64 }],
         };
         if !args.json {
-            print_header(test);
+            print_header(test)?;
         }
         for &size in &sizes {
             let row = measure(args, conn, test, size)?;
             if !args.json {
-                print_row(&row);
+                print_row(&row)?;
             }
             rows.push(row);
         }
@@ -839,34 +839,52 @@ fn run_plan<L: Link, T: TargetMemory>(
     Ok(start.elapsed())
 }
 
-fn print_header(test: Test) {
+fn print_header(test: Test) -> std::io::Result<()> {
     match test {
-        Test::Lat => println!(
+        Test::Lat => outln!(
             "{:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (one-way latency, us)",
-            "#bytes", "#iters", "t_min", "t_median", "t_avg", "t_99%", "t_99.9%", "t_max"
+            "#bytes",
+            "#iters",
+            "t_min",
+            "t_median",
+            "t_avg",
+            "t_99%",
+            "t_99.9%",
+            "t_max"
         ),
-        Test::Bw | Test::Rate => println!(
+        Test::Bw | Test::Rate => outln!(
             "{:>10} {:>10} {:>14} {:>14}",
-            "#bytes", "#iters", "BW avg[MB/s]", "MsgRate[Mpps]"
+            "#bytes",
+            "#iters",
+            "BW avg[MB/s]",
+            "MsgRate[Mpps]"
         ),
     }
 }
 
-fn print_row(r: &Row) {
+fn print_row(r: &Row) -> std::io::Result<()> {
     if let Some(l) = &r.lat_us {
-        println!(
+        outln!(
             "{:>10} {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-            r.size, r.iterations, l.min, l.p50, l.avg, l.p99, l.p999, l.max
-        );
+            r.size,
+            r.iterations,
+            l.min,
+            l.p50,
+            l.avg,
+            l.p99,
+            l.p999,
+            l.max
+        )?;
     } else {
-        println!(
+        outln!(
             "{:>10} {:>10} {:>14.1} {:>14.3}",
             r.size,
             r.iterations,
             r.bw_mbps.unwrap_or(0.0),
             r.rate_mmps.unwrap_or(0.0)
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -367,11 +367,18 @@ int rsmsg_mesh_recv_view(struct rsmsg_mesh mesh,
 int rsmsg_mesh_view_release(struct rsmsg_mesh mesh, struct rsmsg_view *view);
 
 // Waits until every rank has called `rsmsg_mesh_barrier` (as many times as this one).
-// `RSMSG_ERR_WOULD_BLOCK`: the data messages copied aside while it waited passed the bound of
-// 64 MiB; receive them, then call again, which resumes this barrier.
+// `RSMSG_ERR_WOULD_BLOCK`: the data messages copied aside while it waited passed their bound
+// (`rsmsg_mesh_set_barrier_backlog`, 64 MiB by default); receive them, then call again, which
+// resumes this barrier.
 //
 // Thread safety: any thread; calls on one mesh are serialized.
 int rsmsg_mesh_barrier(struct rsmsg_mesh mesh);
+
+// Bounds the bytes of data messages `rsmsg_mesh_barrier` copies aside while it waits, all
+// peers together (default 64 MiB; the bound may be passed by one message).
+//
+// Thread safety: any thread; calls on one mesh are serialized.
+int rsmsg_mesh_set_barrier_backlog(struct rsmsg_mesh mesh, size_t bytes);
 
 // Closes every connection of the mesh, releases its views and frees the handle (rank 0's
 // embedded manager stops: call `rsmsg_mesh_barrier` first so that no rank is still setting

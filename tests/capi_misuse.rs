@@ -256,6 +256,10 @@ fn double_release_use_after_close_and_wrong_handles_are_errors() {
         rsmsg_mesh_barrier(rsmsg_mesh { id: b.id }),
         RSMSG_ERR_WRONG_KIND
     );
+    assert_eq!(
+        rsmsg_mesh_set_barrier_backlog(rsmsg_mesh { id: b.id }, 1 << 20),
+        RSMSG_ERR_WRONG_KIND
+    );
     let mut view_as_conn = rsmsg_view {
         data: null(),
         len: 0,

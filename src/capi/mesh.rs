@@ -332,8 +332,9 @@ pub extern "C" fn rsmsg_mesh_view_release(mesh: rsmsg_mesh, view: *mut rsmsg_vie
 }
 
 /// Waits until every rank has called `rsmsg_mesh_barrier` (as many times as this one).
-/// `RSMSG_ERR_WOULD_BLOCK`: the data messages copied aside while it waited passed the bound of
-/// 64 MiB; receive them, then call again, which resumes this barrier.
+/// `RSMSG_ERR_WOULD_BLOCK`: the data messages copied aside while it waited passed their bound
+/// (`rsmsg_mesh_set_barrier_backlog`, 64 MiB by default); receive them, then call again, which
+/// resumes this barrier.
 ///
 /// Thread safety: any thread; calls on one mesh are serialized.
 #[unsafe(no_mangle)]
@@ -341,6 +342,19 @@ pub extern "C" fn rsmsg_mesh_barrier(mesh: rsmsg_mesh) -> c_int {
     ffi(|| {
         object!(m = mesh.id, Mesh);
         Ok(m.lock().mesh().barrier()?)
+    })
+}
+
+/// Bounds the bytes of data messages `rsmsg_mesh_barrier` copies aside while it waits, all
+/// peers together (default 64 MiB; the bound may be passed by one message).
+///
+/// Thread safety: any thread; calls on one mesh are serialized.
+#[unsafe(no_mangle)]
+pub extern "C" fn rsmsg_mesh_set_barrier_backlog(mesh: rsmsg_mesh, bytes: usize) -> c_int {
+    ffi(|| {
+        object!(m = mesh.id, Mesh);
+        m.lock().mesh().set_barrier_backlog(bytes);
+        Ok(())
     })
 }
 

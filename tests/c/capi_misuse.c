@@ -43,6 +43,8 @@ int main(void) {
     EXPECT(rsmsg_send(c, "x", 1), RSMSG_ERR_BAD_HANDLE);
     EXPECT(rsmsg_send((rsmsg_conn){cfg.id}, "x", 1), RSMSG_ERR_WRONG_KIND);
     EXPECT(rsmsg_mesh_barrier((rsmsg_mesh){cfg.id}), RSMSG_ERR_WRONG_KIND);
+    EXPECT(rsmsg_mesh_set_barrier_backlog((rsmsg_mesh){cfg.id}, 1), RSMSG_ERR_WRONG_KIND);
+    EXPECT(rsmsg_mesh_set_barrier_backlog((rsmsg_mesh){0}, 1), RSMSG_ERR_BAD_HANDLE);
     EXPECT(rsmsg_recv((rsmsg_conn){cfg.id}, buf, sizeof buf, NULL), RSMSG_ERR_NULL);
     EXPECT(rsmsg_recv((rsmsg_conn){cfg.id}, NULL, 8, &n), RSMSG_ERR_NULL);
     EXPECT(rsmsg_recv_timeout((rsmsg_conn){cfg.id}, buf, sizeof buf, &n, 0), RSMSG_ERR_INVALID_ARG);

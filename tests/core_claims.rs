@@ -35,7 +35,7 @@ impl Pair {
 
     fn write(&mut self, r: &Reservation, fill: u8) {
         let img = &mut self.src[r.segment.index()];
-        img[r.offset..r.payload_offset()].copy_from_slice(&r.header);
+        img[r.offset..r.payload_offset()].copy_from_slice(r.wire_header());
         img[r.payload_offset()..r.payload_offset() + r.len].fill(fill);
     }
 
@@ -46,7 +46,7 @@ impl Pair {
         self.dst[s][span].copy_from_slice(&bytes);
         let a = self.rx.on_immediate(r.immediate.get())?;
         let off = a.header_offset();
-        let hdr = self.dst[s][off..off + 16].to_vec();
+        let hdr = self.dst[s][off..off + a.header_len()].to_vec();
         self.rx.accept(a, &hdr)
     }
 
@@ -614,4 +614,79 @@ fn recv_wqe_bound_covers_both_directions() {
 fn partition_index_is_checked() {
     assert_eq!(PartitionIndex::new(65535).map(|p| p.get()), Some(65535));
     assert_eq!(PartitionIndex::new(65536), None);
+}
+
+// ---------------------------------------------------------------- bare messages (immediate type 2)
+
+#[test]
+fn a_payload_of_exactly_one_partition_goes_bare_in_one_partition() {
+    let mut p = Pair::new(Layout::default());
+    // 4096 B in the 4 KiB group: one partition, no header, where 4112 wire bytes would take two.
+    let (r, d) = p.send(4096, 0x5a);
+    assert!(r.bare);
+    assert_eq!((r.group, r.count, r.padding), (GroupId(1), 1, 0));
+    assert_eq!((r.wire_len(), r.payload_offset()), (4096, r.offset));
+    assert!(r.wire_header().is_empty());
+    assert_eq!(r.immediate.kind_bits(), 2);
+    assert_eq!((d.offset, d.len, d.seq), (r.offset, 4096, 0));
+    assert!(p.payload(&d).iter().all(|&b| b == 0x5a));
+    // Its neighbours keep their header; the sequence numbers run on across both kinds.
+    for (i, len) in [4095usize, 4097, 256, 65536].into_iter().enumerate() {
+        let (r, d) = p.send(len, i as u8);
+        assert_eq!(r.bare, len.is_power_of_two(), "{len}");
+        assert_eq!(r.wire_len(), len + if r.bare { 0 } else { 16 });
+        assert_eq!((d.len, d.seq), (len, i as u32 + 1));
+        assert!(p.payload(&d).iter().all(|&b| b == i as u8));
+    }
+    assert_eq!(p.tx.next_seq(), 5);
+    assert_eq!(p.rx.expected_seq(), 5);
+}
+
+#[test]
+fn a_bare_message_with_no_room_goes_to_larger_partitions_with_its_header() {
+    let mut p = Pair::new(small_layout());
+    // The 256 B group has 8 partitions: 8 bare messages of 256 B fill it...
+    for i in 0..8 {
+        let (r, _) = p.send(256, i);
+        assert!(r.bare && r.group == GroupId(1) && r.count == 1);
+    }
+    // ...then the next goes with its header to the 1 KiB group, never to the 64 B group (whose
+    // span would hold 272 bytes).
+    let (r, d) = p.send(256, 9);
+    assert!(!r.bare);
+    assert_eq!((r.group, r.count, r.wire_len()), (GroupId(2), 1, 272));
+    assert_eq!(d.len, 256);
+    assert!(p.payload(&d).iter().all(|&b| b == 9));
+    // The first choice alone refuses, naming the bare group.
+    assert!(matches!(
+        p.tx.reserve_first_choice(rsmsg::core::MessageKind::Data, 256),
+        Err(ReserveError::WouldBlock {
+            group: GroupId(1),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn control_messages_and_payloads_beyond_the_eager_limit_are_never_bare() {
+    let mut tx = Sender::new(small_layout());
+    let r = tx
+        .reserve_kind(rsmsg::core::MessageKind::Control, 256)
+        .unwrap();
+    assert!(!r.bare && r.count == 2 && r.wire_len() == 272);
+    // A group of span 1 holds a bare payload of its partition size, which with a header it could
+    // not; the largest eager payload (and so the switch point) does not change.
+    let layout = Layout::new(vec![
+        GroupConfig::new(64, 8, 4),
+        GroupConfig::new(1024, 4, 1),
+    ])
+    .unwrap();
+    assert_eq!(layout.max_eager_payload(), 1008);
+    let mut tx = Sender::new(layout);
+    assert!(matches!(
+        tx.reserve(1024),
+        Err(ReserveError::NeedsRendezvous { max: 1008, .. })
+    ));
+    let r = tx.reserve(64).unwrap();
+    assert!(r.bare && r.group == GroupId(0));
 }

@@ -45,7 +45,8 @@ fn immediate_round_trip_big_endian() {
         Ok(ImmediateKind::Message {
             segment: SegmentId(0xa5),
             first: PartitionIndex::new(0xbeef).unwrap(),
-            generation_bits: 0x07
+            generation_bits: 0x07,
+            bare: false,
         })
     );
     let c = Immediate::credit(SegmentId(3), (5 << 22) + 77);
@@ -61,17 +62,15 @@ fn immediate_round_trip_big_endian() {
 #[test]
 fn immediate_unknown_type_refused() {
     let rx = Receiver::new(layout());
-    for ty in [2u32, 3] {
-        let raw = ty << 30;
-        assert!(matches!(
-            Immediate(raw).decode(),
-            Err(ProtocolError::UnknownImmediateType { .. })
-        ));
-        assert!(matches!(
-            rx.on_immediate(raw),
-            Err(ProtocolError::UnknownImmediateType { .. })
-        ));
-    }
+    let raw = 3u32 << 30;
+    assert!(matches!(
+        Immediate(raw).decode(),
+        Err(ProtocolError::UnknownImmediateType { ty: 3, .. })
+    ));
+    assert!(matches!(
+        rx.on_immediate(raw),
+        Err(ProtocolError::UnknownImmediateType { ty: 3, .. })
+    ));
 }
 
 #[test]
@@ -540,4 +539,57 @@ fn control_messages_travel_in_partitions() {
         (tx.stats().control_messages, rx.stats().control_messages),
         (1, 1)
     );
+}
+
+fn bare_imm(seg: u8, first: u32, gen_bits: u32) -> u32 {
+    Immediate::bare(
+        SegmentId(seg),
+        PartitionIndex::new(first).unwrap(),
+        Generation(gen_bits),
+    )
+    .get()
+}
+
+#[test]
+fn bare_immediates_are_checked_like_any_other() {
+    let mut rx = Receiver::new(layout());
+    // Not at the ring head; never after padding (one partition always fits before the end).
+    assert!(matches!(
+        rx.on_immediate(bare_imm(0, 1, 0)),
+        Err(ProtocolError::UnexpectedPartition { .. })
+    ));
+    assert!(matches!(
+        rx.on_immediate(bare_imm(0, 0, 1)),
+        Err(ProtocolError::StaleGeneration { .. })
+    ));
+    assert!(matches!(
+        rx.on_immediate(bare_imm(9, 0, 0)),
+        Err(ProtocolError::UnknownSegment { .. })
+    ));
+    // Segment 0 has 8 partitions of 64 B: move its head to partition 7 with one message of 7.
+    let mut tx = Sender::new(layout());
+    for _ in 0..7 {
+        let r = tx.reserve(64).unwrap();
+        assert!(r.bare);
+        let d = rx.accept_with_header(r.immediate.get(), &r.header).unwrap();
+        assert_eq!((d.len, d.offset), (64, r.offset));
+    }
+    assert!(matches!(
+        rx.on_immediate(bare_imm(0, 0, 1)),
+        Err(ProtocolError::UnexpectedPartition {
+            got: 0,
+            expected: 7,
+            ..
+        })
+    ));
+    // The header bytes passed with a bare message are not looked at.
+    let a = rx.on_immediate(bare_imm(0, 7, 0)).unwrap();
+    assert!(a.is_bare() && a.header_len() == 0);
+    let d = rx.accept(a, &[0xff; 3]).unwrap();
+    assert_eq!((d.len, d.seq, d.offset), (64, 7, 7 * 64));
+    // The ring is full now (nothing released): a bare message on the next lap is refused.
+    assert!(matches!(
+        rx.on_immediate(bare_imm(0, 0, 1)),
+        Err(ProtocolError::PartitionNotFree { .. })
+    ));
 }

@@ -104,6 +104,31 @@ fn layouts() -> impl Strategy<Value = Layout> {
     })
 }
 
+/// Payload lengths below `max`, one in four a power of two from 64 B to 128 KiB: a partition
+/// size of some layouts, so that bare messages (no header, one partition) come up.
+fn lens(max: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => 0usize..max,
+        1 => (6u32..18).prop_map(|k| 1usize << k),
+    ]
+}
+
+/// The group a data payload of `len` bytes goes to bare first: the one whose partitions are
+/// exactly `len` bytes, if `len` goes eagerly at all.
+fn bare_group(
+    layout: &Layout,
+    groups: &[rsmsg::core::GroupEntry],
+    len: usize,
+) -> Option<rsmsg::core::GroupId> {
+    if len > layout.max_eager_payload() {
+        return None;
+    }
+    groups
+        .iter()
+        .find(|g| g.partition_size as usize == len)
+        .map(|g| g.id)
+}
+
 /// Whether `count` partitions fit in a ring of `n` with `head`, `freed` (the protocol's rule).
 fn ring_room(n: u64, head: u64, freed: u64, count: u64) -> bool {
     let free = n - (head - freed);
@@ -121,7 +146,7 @@ proptest! {
         layout in layouts(),
         fill in prop::collection::vec(0usize..3000, 0..40),
         credits in prop::collection::vec(any::<bool>(), 0..40),
-        len in 0usize..20_000,
+        len in lens(20_000),
     ) {
         let mut tx = Sender::new(layout.clone());
         // Put the sender in a random state: some messages in use, some credited back.
@@ -136,14 +161,30 @@ proptest! {
         }
         let wire = len as u64 + 16;
         let groups = tx.tables().groups().to_vec();
-        let room = |g: &rsmsg::core::GroupEntry| {
-            let k = wire.div_ceil(u64::from(g.partition_size));
+        let room_for = |g: &rsmsg::core::GroupEntry, k: u64| {
             g.segments.iter().any(|&s| {
                 ring_room(u64::from(g.partitions), tx.head(s).unwrap(), tx.credit(s).unwrap(), k)
             })
         };
+        let room = |g: &rsmsg::core::GroupEntry| room_for(g, wire.div_ceil(u64::from(g.partition_size)));
+        // A payload of exactly a partition goes bare to that group; when it has no room, the
+        // message goes with its header to a group of larger partitions (claim 2), never smaller.
+        let bare = bare_group(&layout, &groups, len);
+        let tried = |g: &rsmsg::core::GroupEntry| {
+            g.can_hold(wire) && bare.is_none_or(|b| g.id.index() > b.index())
+        };
         match tx.select(len) {
+            Ok(sel) if sel.bare => {
+                prop_assert_eq!(Some(sel.group), bare);
+                prop_assert_eq!((sel.count, sel.padding), (1, 0));
+                prop_assert!(groups[sel.group.index()].segments.contains(&sel.segment));
+                prop_assert!(tx.directory(sel.segment).unwrap().is_free_run(sel.first.get(), 1));
+            }
             Ok(sel) => {
+                if let Some(b) = bare {
+                    prop_assert!(!room_for(&groups[b.index()], 1), "bare first, where there is room");
+                    prop_assert!(sel.group.index() > b.index(), "then larger partitions only");
+                }
                 let g = &groups[sel.group.index()];
                 prop_assert!(g.can_hold(wire), "claim 9: size and span hold the message");
                 prop_assert_eq!(u64::from(sel.count), wire.div_ceil(u64::from(g.partition_size)));
@@ -152,16 +193,20 @@ proptest! {
                 prop_assert!(g.segments.contains(&sel.segment));
                 // Claim 2: every smaller group that could hold the message has no room now.
                 for smaller in &groups[..sel.group.index()] {
-                    prop_assert!(!(smaller.can_hold(wire) && room(smaller)));
+                    prop_assert!(!(tried(smaller) && room(smaller)));
                 }
                 // Claim 7: the directory agrees the run is free.
                 prop_assert!(tx.directory(sel.segment).unwrap().is_free_run(sel.first.get(), sel.count));
             }
             Err(ReserveError::WouldBlock { group, .. }) => {
                 prop_assert!(groups.iter().any(|g| g.can_hold(wire)));
-                prop_assert_eq!(group, groups.iter().find(|g| g.can_hold(wire)).unwrap().id);
+                let first = bare.unwrap_or_else(|| groups.iter().find(|g| g.can_hold(wire)).unwrap().id);
+                prop_assert_eq!(group, first);
+                if let Some(b) = bare {
+                    prop_assert!(!room_for(&groups[b.index()], 1));
+                }
                 for g in &groups {
-                    prop_assert!(!(g.can_hold(wire) && room(g)), "back-pressure only when no group has room");
+                    prop_assert!(!(tried(g) && room(g)), "back-pressure only when no group has room");
                 }
             }
             Err(ReserveError::NeedsRendezvous { max, .. }) => {
@@ -185,7 +230,13 @@ proptest! {
         let imm = Immediate::message(SegmentId(seg), PartitionIndex::from_u16(first), g);
         let back = Immediate::from_be_bytes(imm.to_be_bytes()).decode().unwrap();
         prop_assert_eq!(back, ImmediateKind::Message {
-            segment: SegmentId(seg), first: PartitionIndex::from_u16(first), generation_bits: (lap & 63) as u8
+            segment: SegmentId(seg), first: PartitionIndex::from_u16(first), generation_bits: (lap & 63) as u8,
+            bare: false,
+        });
+        let bare = Immediate::bare(SegmentId(seg), PartitionIndex::from_u16(first), g);
+        prop_assert_eq!(Immediate::from_be(bare.to_be()).decode().unwrap(), ImmediateKind::Message {
+            segment: SegmentId(seg), first: PartitionIndex::from_u16(first), generation_bits: (lap & 63) as u8,
+            bare: true,
         });
         let c = Immediate::credit(SegmentId(seg), freed).decode().unwrap();
         prop_assert_eq!(c, ImmediateKind::Credit { segment: SegmentId(seg), freed_low: (freed & 0x3f_ffff) as u32 });
@@ -224,26 +275,27 @@ proptest! {
     #[test]
     fn first_choice_agrees_with_selection(
         layout in layouts(),
-        ops in prop::collection::vec((0usize..6000, any::<bool>(), any::<bool>()), 1..120),
+        ops in prop::collection::vec((lens(6000), any::<bool>(), any::<bool>()), 1..120),
     ) {
         let mut fast = Sender::new(layout.clone());
-        let mut spec = Sender::new(layout);
+        let mut spec = Sender::new(layout.clone());
         for (len, spill, credit) in ops {
             let expected = spec.select(len);
-            let first_group = spec
-                .tables()
-                .groups()
-                .iter()
-                .find(|g| g.can_hold(len as u64 + 16))
-                .map(|g| g.id);
+            let first_group = bare_group(&layout, spec.tables().groups(), len).or_else(|| {
+                spec.tables()
+                    .groups()
+                    .iter()
+                    .find(|g| g.can_hold(len as u64 + 16))
+                    .map(|g| g.id)
+            });
             let before = fast.next_seq();
             match fast.reserve_first_choice(MessageKind::Data, len) {
                 Ok(r) => {
                     let sel = expected.expect("selection agrees there is room");
                     prop_assert_eq!(Some(sel.group), first_group);
                     prop_assert_eq!(
-                        (r.group, r.segment, r.first, r.count, r.padding),
-                        (sel.group, sel.segment, sel.first, sel.count, sel.padding)
+                        (r.group, r.segment, r.first, r.count, r.padding, r.bare),
+                        (sel.group, sel.segment, sel.first, sel.count, sel.padding, sel.bare)
                     );
                     let s = spec.reserve(len).unwrap();
                     prop_assert_eq!(r, s);
@@ -304,7 +356,7 @@ enum Arrive {
 fn arrivals() -> impl Strategy<Value = Vec<Arrive>> {
     prop::collection::vec(
         prop_oneof![
-            4 => (0usize..3000, prop::bool::weighted(0.2), prop::option::weighted(0.2, 0u32..160))
+            4 => (lens(3000), prop::bool::weighted(0.2), prop::option::weighted(0.2, 0u32..160))
                 .prop_map(|(len, control, flip)| Arrive::Message { len, control, flip }),
             4 => (0usize..64).prop_map(Arrive::Release),
             1 => (any::<u32>(), any::<[u8; 16]>())

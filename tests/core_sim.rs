@@ -119,6 +119,8 @@ struct Held {
     first: u32,
     count: u32,
     header_offset: usize,
+    /// No header in the partition: the payload starts at `header_offset`.
+    bare: bool,
     len: usize,
     seq: u32,
 }
@@ -194,6 +196,11 @@ impl Sim {
         while gi + 1 < groups.len() && self.rng.pct(35) {
             gi += 1;
         }
+        // One in eight: exactly a partition of the group, which goes bare (no header).
+        let p = u64::from(self.tx.tables().groups()[gi].partition_size);
+        if p <= max as u64 && self.rng.pct(12) {
+            return p as usize;
+        }
         let lo = if gi == 0 { 0 } else { groups[gi - 1] + 1 };
         let hi = groups[gi].max(lo);
         (lo + self.rng.below(hi - lo + 1)) as usize
@@ -209,7 +216,7 @@ impl Sim {
                 );
                 assert_eq!(r.len, len);
                 let img = &mut self.src[r.segment.index()];
-                img[r.offset..r.payload_offset()].copy_from_slice(&r.header);
+                img[r.offset..r.payload_offset()].copy_from_slice(r.wire_header());
                 for (i, b) in img[r.payload_offset()..r.payload_offset() + len]
                     .iter_mut()
                     .enumerate()
@@ -269,7 +276,8 @@ impl Sim {
             let imm = rsmsg::core::Immediate::from_be_bytes(r.immediate.to_be_bytes()).get();
             let a = self.rx.on_immediate(imm).expect("valid immediate");
             assert_eq!(a.header_offset(), r.offset);
-            let hdr = &self.dst[seg][a.header_offset()..a.header_offset() + 16];
+            assert_eq!(a.is_bare(), r.bare);
+            let hdr = &self.dst[seg][a.header_offset()..a.header_offset() + a.header_len()];
             let d = self.rx.accept(a, hdr).expect("valid header");
             assert_eq!(d.seq, self.next_seq, "messages arrive in order");
             assert_eq!(d.len, r.len);
@@ -288,6 +296,7 @@ impl Sim {
                 first,
                 count: r.count,
                 header_offset: r.offset,
+                bare: r.bare,
                 len: d.len,
                 seq: d.seq,
             });
@@ -319,12 +328,17 @@ impl Sim {
         };
         // Nothing overwrote the message while it was held.
         let seg = &self.dst[h.seg];
-        assert_eq!(
-            &seg[h.header_offset..h.header_offset + 2],
-            &[0x53, 0x52],
-            "header intact"
-        );
-        let body = &seg[h.header_offset + 16..h.header_offset + 16 + h.len];
+        let payload = if h.bare {
+            h.header_offset
+        } else {
+            assert_eq!(
+                &seg[h.header_offset..h.header_offset + 2],
+                &[0x53, 0x52],
+                "header intact"
+            );
+            h.header_offset + 16
+        };
+        let body = &seg[payload..payload + h.len];
         for (i, &b) in body.iter().enumerate() {
             assert_eq!(
                 b,

@@ -109,7 +109,9 @@ impl Hostile {
             .iter()
             .position(|s| s.id == r.segment)
             .unwrap();
-        self.segments[seg].copy_in(r.offset, &r.header).unwrap();
+        self.segments[seg]
+            .copy_in(r.offset, r.wire_header())
+            .unwrap();
         self.segments[seg]
             .copy_in(r.payload_offset(), body)
             .unwrap();

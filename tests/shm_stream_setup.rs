@@ -429,18 +429,20 @@ fn raw_hello(version: u16, probe: u64) -> [u8; 512] {
     h
 }
 
-/// A connector whose hello names no usable probe, or speaks the version before probes, is
-/// refused with a handshake error naming the field; the listener keeps accepting.
+/// A connector whose hello names no usable probe, or speaks a version before this one (before
+/// probes, before bare messages), is refused with a handshake error naming the field; the listener keeps accepting.
 #[test]
 fn a_hello_without_a_valid_probe_is_refused() {
     use std::io::Write;
     let path = sock_path();
     let listener = ShmListener::bind_path(&path, Layout::default(), PollMode::Busy).expect("bind");
-    let cases: [(u16, u64, &str); 4] = [
-        (5, 0, "probe address"),
-        (5, u64::MAX - 8, "probe address"),
+    let cases: [(u16, u64, &str); 5] = [
+        (6, 0, "probe address"),
+        (6, u64::MAX - 8, "probe address"),
         (3, rsmsg::shm::probe_addr(), "version 3"),
         (4, rsmsg::shm::probe_addr(), "version 4"),
+        // Before bare messages: it would refuse them as an unknown immediate type.
+        (5, rsmsg::shm::probe_addr(), "version 5"),
     ];
     for (version, probe, want) in cases {
         let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();

@@ -313,3 +313,67 @@ fn padding_freed_under_a_held_message_reaches_the_sender() {
     );
     assert!(*big == payload(0, 2000)[..]);
 }
+
+/// Sends `i`-th message of `len` bytes by one of the send paths, chosen by `i`.
+fn send_by_path(c: &ShmConnection, i: u64, len: usize) {
+    let m = payload(i, len);
+    match i % 3 {
+        0 => c.send(&m).unwrap(),
+        1 => c.send_with(len, |buf| buf.copy_from_slice(&m)).unwrap(),
+        _ => {
+            let (x, y) = m.split_at(len / 3);
+            c.send_vectored(&[x, y]).unwrap()
+        }
+    }
+}
+
+/// A payload exactly one partition long goes bare (no header), so it takes one partition, not
+/// two: the default layout's 64 KiB group (16 partitions) holds 16 such messages in flight, not
+/// 8, and its 4 KiB group (64 partitions) 64 messages of 4 KiB, after which they go with their
+/// header to the 64 KiB group. Every byte arrives, in order, among headered neighbours, over
+/// every send path and both receive paths.
+#[test]
+fn a_payload_of_exactly_one_partition_goes_bare_and_takes_one_partition() {
+    let (a, b) = pair();
+    let mut seq = 0u64;
+    for (len, fits) in [(65536usize, 16u64), (4096, 64 + 16)] {
+        let mut sent = 0;
+        while b.try_send(&payload(seq + sent, len)).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, fits, "messages of {len} B in flight");
+        for i in seq..seq + sent {
+            let m = a.recv().unwrap();
+            assert_eq!(m.len(), len);
+            assert!(*m == payload(i, len)[..], "bytes of message {i}");
+        }
+        seq += sent;
+    }
+    let per_group = &a.stats().receiver.per_group;
+    assert_eq!(per_group[1].messages, 64);
+    assert_eq!(per_group[2].messages, 16 + 16);
+    // A stream of partition sizes and their neighbours.
+    let sizes: Vec<usize> = (0..600)
+        .map(|i| [256, 255, 257, 4096, 4095, 4097, 65536, 65535, 65537, 0][i % 10])
+        .collect();
+    let expect = sizes.clone();
+    let t = thread::spawn(move || {
+        for (i, &len) in sizes.iter().enumerate() {
+            send_by_path(&b, seq + i as u64, len);
+        }
+        b
+    });
+    let mut buf = vec![0u8; 1 << 17];
+    for (i, &len) in expect.iter().enumerate() {
+        let want = payload(seq + i as u64, len);
+        if i % 2 == 0 {
+            let m = a.recv().unwrap();
+            assert_eq!(m.seq(), (seq + i as u64) as u32);
+            assert!(*m == want[..], "message {i} of {len} B");
+        } else {
+            let n = a.recv_into(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &want[..], "message {i} of {len} B");
+        }
+    }
+    t.join().unwrap();
+}

@@ -87,12 +87,12 @@ macro_rules! device_or_skip {
 // ---------------------------------------------------------------------------------------------
 // The hostile peer
 
-/// The setup hello of docs/verbs.md (magic, version 1, busy mode, link layer, layout), built by
+/// The setup hello of docs/verbs.md (magic, version 2, busy mode, link layer, layout), built by
 /// hand.
 fn hello(layout: &Layout, link: LinkLayer) -> Vec<u8> {
     let text = layout.to_string();
     let mut b = b"RSVB".to_vec();
-    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&2u16.to_le_bytes());
     b.push(0);
     b.push(match link {
         LinkLayer::InfiniBand => 1,
@@ -652,13 +652,26 @@ fn attacks() -> Vec<Attack> {
             },
         ),
         (
-            "immediate of reserved type 2",
-            |h| h.ring(0x8000_0000),
+            "bare immediate naming a partition other than the ring's next",
+            |h| {
+                h.ring(
+                    Immediate::bare(SegmentId(0), PartitionIndex::from_u16(3), Generation(0)).get(),
+                )
+            },
             |e| {
                 protocol(e, |p| {
-                    matches!(p, ProtocolError::UnknownImmediateType { ty: 2, .. })
+                    matches!(p, ProtocolError::UnexpectedPartition { .. })
                 })
             },
+        ),
+        (
+            "bare immediate of a stale generation",
+            |h| {
+                h.ring(
+                    Immediate::bare(SegmentId(0), PartitionIndex::from_u16(0), Generation(5)).get(),
+                )
+            },
+            |e| protocol(e, |p| matches!(p, ProtocolError::StaleGeneration { .. })),
         ),
         (
             "immediate of reserved type 3",

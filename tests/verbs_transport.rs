@@ -687,3 +687,59 @@ fn event_fd_wakes_a_poll_loop() {
         "busy mode lends no fd"
     );
 }
+
+/// A payload exactly one partition long goes bare (immediate type 2, no header): on a fresh
+/// connection the 64 KiB group of [`SMALL`] (4 partitions) holds 4 such messages in flight,
+/// where with a header it would hold 2. A stream of partition sizes and their neighbours, over
+/// every send path and both receive paths, arrives byte for byte in order.
+#[test]
+fn a_payload_of_exactly_one_partition_goes_bare_and_takes_one_partition() {
+    let ctx = device_or_skip!("a_payload_of_exactly_one_partition_goes_bare");
+    let m = manager();
+    let (rx, tx) = pair(&ctx, m.local_addr(), SMALL, PollMode::Busy);
+    let mut sent = 0u64;
+    while tx.try_send(&payload(sent, 65536)).is_ok() {
+        sent += 1;
+    }
+    assert_eq!(sent, 4, "messages of 64 KiB in flight");
+    for i in 0..sent {
+        recv_checked(&rx, i, 65536);
+    }
+    let sizes: Vec<usize> = (0..300)
+        .map(|i| [256, 255, 257, 4096, 4095, 4097, 65536, 65535, 65537, 1][i % 10])
+        .collect();
+    let expect = sizes.clone();
+    let t = thread::spawn(move || {
+        for (i, &len) in sizes.iter().enumerate() {
+            let seq = sent + i as u64;
+            let msg = payload(seq, len);
+            match i % 3 {
+                0 => tx.send(&msg).expect("send"),
+                1 => tx
+                    .send_with(len, |buf| buf.copy_from_slice(&msg))
+                    .expect("send_with"),
+                _ => {
+                    let (x, y) = msg.split_at(len / 2);
+                    tx.send_vectored(&[x, y]).expect("send_vectored")
+                }
+            }
+        }
+        tx
+    });
+    let mut buf = vec![0u8; 1 << 17];
+    for (i, &len) in expect.iter().enumerate() {
+        let seq = sent + i as u64;
+        if i % 2 == 0 {
+            recv_checked(&rx, seq, len);
+        } else {
+            let n = rx.recv_into(&mut buf).expect("recv_into");
+            assert_eq!(
+                &buf[..n],
+                &payload(seq, len)[..],
+                "message {seq} of {len} B"
+            );
+        }
+    }
+    let tx = t.join().expect("sender");
+    assert_eq!(tx.stats().sender.messages, 304);
+}

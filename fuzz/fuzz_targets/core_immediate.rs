@@ -18,16 +18,22 @@ fuzz_target!(|data: [u8; 12]| {
             segment,
             first,
             generation_bits,
+            bare,
         }) => {
             assert!(generation_bits < 64);
-            let again = Immediate::message(segment, first, Generation(u32::from(generation_bits)));
+            let g = Generation(u32::from(generation_bits));
+            let again = if bare {
+                Immediate::bare(segment, first, g)
+            } else {
+                Immediate::message(segment, first, g)
+            };
             assert_eq!(again, imm);
         }
         Ok(ImmediateKind::Credit { segment, freed_low }) => {
             assert!(freed_low < 1 << 22);
             assert_eq!(Immediate::credit(segment, u64::from(freed_low)), imm);
         }
-        Err(_) => assert!(raw >> 30 >= 2, "only types 2 and 3 are refused"),
+        Err(_) => assert_eq!(raw >> 30, 3, "only type 3 is refused"),
     }
     let low = u32::from_le_bytes([data[4], data[5], data[6], data[7]]) & ((1 << 22) - 1);
     let head = u64::from(u32::from_le_bytes([data[8], data[9], data[10], data[11]]))

@@ -104,6 +104,7 @@ pub struct Arrival {
     padding: u32,
     base: u64,
     offset: usize,
+    bare: bool,
 }
 
 impl Arrival {
@@ -127,10 +128,21 @@ impl Arrival {
         self.padding
     }
 
-    /// Byte offset of the header in the target segment: read [`HEADER_LEN`] bytes there and pass
-    /// them to [`Receiver::accept`].
+    /// Byte offset of the header in the target segment: read [`Arrival::header_len`] bytes
+    /// there and pass them to [`Receiver::accept`].
     pub fn header_offset(&self) -> usize {
         self.offset
+    }
+
+    /// Bytes of the header: [`HEADER_LEN`], or 0 for a bare message (immediate type 2), whose
+    /// payload fills its one partition.
+    pub fn header_len(&self) -> usize {
+        if self.bare { 0 } else { HEADER_LEN }
+    }
+
+    /// A bare message: a data payload of exactly one partition, without a header.
+    pub fn is_bare(&self) -> bool {
+        self.bare
     }
 }
 
@@ -228,8 +240,20 @@ fn count_delivery(st: &mut ReceiverStats, group: GroupId, h: &Header, padding: u
     }
 }
 
-/// The delivery of a message of `count` partitions from `first`, whose header is at byte
-/// `offset` of its segment.
+/// What a bare message's header would say: data, the whole partition, the next sequence number,
+/// the lap its immediate named.
+#[inline(always)]
+fn bare_header(entry: &SegmentEntry, seq: u32, generation: Generation) -> Header {
+    Header {
+        kind: MessageKind::Data,
+        len: entry.partition_size,
+        seq,
+        generation,
+    }
+}
+
+/// The delivery of a message of `count` partitions from `first`, whose header (of `header_len`
+/// bytes: 16, or 0 when bare) is at byte `offset` of its segment.
 #[inline(always)]
 fn delivery(
     segment: SegmentId,
@@ -237,6 +261,7 @@ fn delivery(
     count: u32,
     h: &Header,
     offset: usize,
+    header_len: usize,
 ) -> Delivery {
     Delivery {
         token: ReleaseToken {
@@ -247,7 +272,7 @@ fn delivery(
         },
         kind: h.kind,
         seq: h.seq,
-        offset: offset + HEADER_LEN,
+        offset: offset + header_len,
         len: h.len as usize,
     }
 }
@@ -343,8 +368,9 @@ impl Receiver {
     }
 
     /// Validates a message immediate (host order): type, segment, first partition exactly where
-    /// the segment ring says (or 0 when the sender padded to the end), generation of that lap,
-    /// and a free first partition. Changes nothing until [`Receiver::accept`].
+    /// the segment ring says (or 0 when the sender padded to the end; never for a bare message,
+    /// whose one partition always fits before the end), generation of that lap, and a free
+    /// first partition. Changes nothing until [`Receiver::accept`].
     ///
     /// # Errors
     /// [`ProtocolError::UnknownImmediateType`], [`ProtocolError::UnexpectedImmediateType`] (a
@@ -357,6 +383,7 @@ impl Receiver {
             segment,
             first,
             generation_bits,
+            bare,
         } = Immediate(imm).decode()?
         else {
             return Err(ProtocolError::UnexpectedImmediateType {
@@ -384,7 +411,7 @@ impl Receiver {
         let mut lap = s.head.lap();
         let padding = if f == pos {
             0
-        } else if f == 0 {
+        } else if f == 0 && !bare {
             lap += 1;
             s.partitions - pos
         } else {
@@ -421,6 +448,7 @@ impl Receiver {
             padding,
             base: s.head.abs(),
             offset,
+            bare,
         })
     }
 
@@ -456,17 +484,22 @@ impl Receiver {
         let s = self.segments.get_mut(segment.index())?;
         let first = PartitionIndex::from_u16(s.head.index() as u16);
         let generation = Generation::from_lap(s.head.lap());
-        let h = Header::decode(header).ok()?;
         // The immediate a sender builds for a message at the head: type, segment, partition and
         // generation bits in one comparison.
-        if imm != Immediate::message(segment, first, generation).get()
-            || h.generation != generation
-            || h.seq != self.expected_seq
-        {
+        let (h, header_len) = if imm == Immediate::message(segment, first, generation).get() {
+            let h = Header::decode(header).ok()?;
+            if h.generation != generation || h.seq != self.expected_seq {
+                return None;
+            }
+            (h, HEADER_LEN)
+        } else if imm == Immediate::bare(segment, first, generation).get() {
+            // No header on the wire: any copy beside the immediate is not looked at.
+            (bare_header(&s.entry, self.expected_seq, generation), 0)
+        } else {
             return None;
-        }
+        };
         let pos = first.get();
-        let count = s.entry.partitions_for(u64::from(h.len) + HEADER_LEN as u64);
+        let count = s.entry.partitions_for(u64::from(h.len) + header_len as u64);
         let free = (s.freed.abs() + u64::from(s.partitions)).saturating_sub(s.head.abs());
         if count > u64::from(s.entry.span) || count > u64::from(s.partitions - pos) || count > free
         {
@@ -482,14 +515,15 @@ impl Receiver {
         let group = s.entry.group;
         let offset = (pos as usize) << s.shift;
         count_delivery(&mut self.stats, group, &h, 0);
-        Some(delivery(segment, first, count, &h, offset))
+        Some(delivery(segment, first, count, &h, offset, header_len))
     }
 
-    /// Validates the header of an arrival (the [`HEADER_LEN`] bytes at
+    /// Validates the header of an arrival (the [`Arrival::header_len`] bytes at
     /// [`Arrival::header_offset`]) and hands the message to the application: magic, kind,
     /// flags, a length whose partitions fit the span and the segment end, the next sequence
     /// number, the expected generation, free partitions. Padding before the message is freed
-    /// at once.
+    /// at once. A bare message has no header: `header` is not looked at, and the message is
+    /// the data payload of its one partition with the next sequence number.
     ///
     /// # Errors
     /// [`ProtocolError::StaleArrival`] (accepted out of order), the errors of [`Header::decode`],
@@ -510,7 +544,12 @@ impl Receiver {
         if s.head.abs() != arrival.base {
             return Err(ProtocolError::StaleArrival { segment });
         }
-        let h = Header::decode(header)?;
+        let (h, header_len) = if arrival.bare {
+            let h = bare_header(&seg_entry, self.expected_seq, arrival.generation);
+            (h, 0)
+        } else {
+            (Header::decode(header)?, HEADER_LEN)
+        };
         if h.generation != arrival.generation {
             return Err(ProtocolError::StaleGeneration {
                 step: "header",
@@ -519,7 +558,7 @@ impl Receiver {
                 expected: arrival.generation.0,
             });
         }
-        let wire = u64::from(h.len) + HEADER_LEN as u64;
+        let wire = u64::from(h.len) + header_len as u64;
         let count = seg_entry.partitions_for(wire);
         if count > u64::from(seg_entry.span) {
             return Err(ProtocolError::LengthBeyondSpan {
@@ -602,7 +641,14 @@ impl Receiver {
             }
         }
         count_delivery(&mut self.stats, seg_entry.group, &h, arrival.padding);
-        Ok(delivery(segment, arrival.first, count, &h, arrival.offset))
+        Ok(delivery(
+            segment,
+            arrival.first,
+            count,
+            &h,
+            arrival.offset,
+            header_len,
+        ))
     }
 
     /// The application is done with a message: its partitions become free once every partition

@@ -202,12 +202,16 @@ pub struct Selection {
     pub count: u32,
     /// Partitions skipped at the end of the segment before wrapping to partition 0.
     pub padding: u32,
+    /// A bare message: a data payload exactly one partition long, sent without its header.
+    pub bare: bool,
 }
 
 /// Partitions reserved for one message in a source image. The transport copies
-/// [`Reservation::header`] and the payload to [`Reservation::offset`] of the source image and
-/// sends [`Reservation::wire_len`] bytes from there to the same offset of the target segment with
-/// [`Reservation::immediate`], in the order the reservations were made.
+/// [`Reservation::wire_header`] (the header, or nothing for a bare message) to
+/// [`Reservation::offset`] of the source image and the payload to
+/// [`Reservation::payload_offset`], and sends [`Reservation::wire_len`] bytes from `offset` to
+/// the same offset of the target segment with [`Reservation::immediate`], in the order the
+/// reservations were made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
     /// Group chosen by selection.
@@ -232,21 +236,38 @@ pub struct Reservation {
     pub kind: MessageKind,
     /// The immediate to send with the write.
     pub immediate: Immediate,
-    /// The header to write at `offset`.
+    /// The message's header. It goes to `offset` unless the message is bare; a transport that
+    /// carries a copy beside the immediate (shared memory) sends it there either way.
     pub header: [u8; HEADER_LEN],
+    /// A bare message (immediate type 2): a data payload of exactly one partition, sent without
+    /// its header. The receiver knows its length (the partition size), kind (data), sequence
+    /// number (the next) and generation (the lap) from the immediate and its own state.
+    pub bare: bool,
 }
 
 impl Reservation {
-    /// Byte offset of the payload in the segment (`offset + 16`).
+    /// Header bytes on the wire: 16, or 0 for a bare message.
+    #[inline]
+    pub fn header_len(&self) -> usize {
+        if self.bare { 0 } else { HEADER_LEN }
+    }
+
+    /// The header bytes to write at `offset`: the header, or nothing for a bare message.
+    #[inline]
+    pub fn wire_header(&self) -> &[u8] {
+        &self.header[..self.header_len()]
+    }
+
+    /// Byte offset of the payload in the segment (`offset + 16`, or `offset` when bare).
     #[inline]
     pub fn payload_offset(&self) -> usize {
-        self.offset + HEADER_LEN
+        self.offset + self.header_len()
     }
 
     /// Bytes to transfer: header and payload.
     #[inline]
     pub fn wire_len(&self) -> usize {
-        self.len + HEADER_LEN
+        self.len + self.header_len()
     }
 }
 
@@ -274,6 +295,9 @@ pub struct Sender {
     segments: Vec<SourceSegment>,
     next_seq: u32,
     max_eager: usize,
+    /// For each power of two `2^k`: the group whose partitions are exactly that size, if one
+    /// is and a payload of that size goes eagerly (bare messages).
+    bare_groups: [Option<GroupId>; 32],
     fast: Option<FastChoice>,
     stats: SenderStats,
     /// Data messages confirmed by credits (see [`Sender::confirmed`]).
@@ -291,11 +315,13 @@ impl Sender {
             .collect();
         let max_eager = tables.layout().max_eager_payload();
         let stats = SenderStats::new(tables.groups().len());
+        let bare_groups = bare_groups(&tables, max_eager);
         Sender {
             tables,
             segments,
             next_seq: 0,
             max_eager,
+            bare_groups,
             fast: None,
             stats,
             confirmed: 0,
@@ -365,18 +391,35 @@ impl Sender {
         self.segments.get(segment.index()).map(|s| &s.directory)
     }
 
-    /// Selection (claims 1, 2, 7, 9) without allocating: the group with the smallest partition
-    /// size whose partition size and span factor can hold `len + 16` bytes; if none of its
-    /// segments has enough free contiguous partitions, the next group with larger partitions.
+    /// Selection (claims 1, 2, 7, 9) of a data message without allocating: the group with the
+    /// smallest partition size whose partition size and span factor can hold `len + 16` bytes;
+    /// if none of its segments has enough free contiguous partitions, the next group with
+    /// larger partitions. A payload exactly as long as a group's partitions goes bare (without
+    /// its header, in one partition) to that group first.
     ///
     /// # Errors
     /// [`ReserveError::WouldBlock`] (back-pressure) or [`ReserveError::NeedsRendezvous`].
     #[inline]
     pub fn select(&self, len: usize) -> Result<Selection, ReserveError> {
+        self.select_kind(MessageKind::Data, len)
+    }
+
+    #[inline]
+    fn select_kind(&self, kind: MessageKind, len: usize) -> Result<Selection, ReserveError> {
         let wire = self.wire_len(len)?;
         let mut smallest: Option<GroupId> = None;
+        // Groups with partitions this large or smaller are not tried with a header.
+        let mut tried_up_to = 0;
+        if let Some(gid) = self.bare_group(kind, len) {
+            smallest = Some(gid);
+            if let Some(sel) = self.select_bare(gid) {
+                return Ok(sel);
+            }
+            // Claim 2: no room for it bare, so on to the groups with larger partitions.
+            tried_up_to = len;
+        }
         for g in self.tables.groups() {
-            if !g.can_hold(wire) {
+            if g.partition_size as usize <= tried_up_to || !g.can_hold(wire) {
                 continue;
             }
             smallest.get_or_insert(g.id);
@@ -391,6 +434,36 @@ impl Sender {
                 max: self.max_eager,
             }),
         }
+    }
+
+    /// The group a `len`-byte message goes to bare first: a data message exactly as long as the
+    /// group's partitions (and no longer than the largest eager payload).
+    #[inline(always)]
+    fn bare_group(&self, kind: MessageKind, len: usize) -> Option<GroupId> {
+        if kind != MessageKind::Data || !len.is_power_of_two() {
+            return None;
+        }
+        *self.bare_groups.get(len.trailing_zeros() as usize)?
+    }
+
+    /// A bare message in group `gid`: one partition in the first of its segments that has one
+    /// free. One partition always fits before the segment's end, so there is no padding.
+    #[inline]
+    fn select_bare(&self, gid: GroupId) -> Option<Selection> {
+        let g = self.tables.group(gid)?;
+        for &seg in &g.segments {
+            if let Some((first, padding)) = self.segments[seg.index()].place(1) {
+                return Some(Selection {
+                    group: gid,
+                    segment: seg,
+                    first: PartitionIndex::new(first)?,
+                    count: 1,
+                    padding,
+                    bare: true,
+                });
+            }
+        }
+        None
     }
 
     /// Header and payload bytes of a `len`-byte payload, if it goes eagerly.
@@ -434,6 +507,12 @@ impl Sender {
     #[inline(always)]
     fn first_choice(&mut self, kind: MessageKind, len: usize) -> Result<Reservation, ReserveError> {
         let wire = self.wire_len(len)?;
+        if let Some(group) = self.bare_group(kind, len) {
+            return match self.select_bare(group) {
+                Some(sel) => Ok(self.commit(sel, kind, len)),
+                None => Err(ReserveError::WouldBlock { len, group }),
+            };
+        }
         // The common case: a length like the last one, room in the group's first segment.
         if let Some(f) = self.fast
             && wire > f.lo
@@ -448,6 +527,7 @@ impl Sender {
                     first,
                     count: f.count,
                     padding,
+                    bare: false,
                 };
                 return Ok(self.commit(sel, kind, len));
             }
@@ -501,6 +581,7 @@ impl Sender {
                     first: PartitionIndex::new(first)?,
                     count,
                     padding,
+                    bare: false,
                 });
             }
         }
@@ -527,7 +608,7 @@ impl Sender {
         kind: MessageKind,
         len: usize,
     ) -> Result<Reservation, ReserveError> {
-        let sel = match self.select(len) {
+        let sel = match self.select_kind(kind, len) {
             Ok(sel) => sel,
             Err(e) => {
                 match e {
@@ -608,8 +689,13 @@ impl Sender {
             seq,
             generation,
             kind,
-            immediate: Immediate::message(sel.segment, sel.first, generation),
+            immediate: if sel.bare {
+                Immediate::bare(sel.segment, sel.first, generation)
+            } else {
+                Immediate::message(sel.segment, sel.first, generation)
+            },
             header,
+            bare: sel.bare,
         }
     }
 
@@ -724,6 +810,21 @@ impl Sender {
         }
         Ok(())
     }
+}
+
+/// The bare-message table of [`Sender`]: for each `2^k` up to `max_eager`, the group whose
+/// partitions are `2^k` bytes.
+fn bare_groups(tables: &Tables, max_eager: usize) -> [Option<GroupId>; 32] {
+    let mut t = [None; 32];
+    for g in tables.groups() {
+        let k = g.partition_size.trailing_zeros() as usize;
+        if g.partition_size as usize <= max_eager
+            && let Some(slot) = t.get_mut(k)
+        {
+            *slot = Some(g.id);
+        }
+    }
+    t
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ const CREDIT_MASK: u32 = (1 << CREDIT_NOTICE_BITS) - 1;
 
 const TYPE_MESSAGE: u32 = 0;
 const TYPE_CREDIT: u32 = 1;
+const TYPE_BARE: u32 = 2;
 
 /// A 32-bit immediate in host order. On the wire it is big-endian: use [`Immediate::to_be_bytes`]
 /// / [`Immediate::to_be`] when posting and [`Immediate::from_be`] on a completion's raw field.
@@ -26,7 +27,8 @@ pub struct Immediate(pub u32);
 /// A decoded immediate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImmediateKind {
-    /// A message landed: type 0.
+    /// A message landed: type 0 (with its header), or type 2 (bare: a data message without a
+    /// header that fills exactly one partition).
     Message {
         /// Target segment.
         segment: SegmentId,
@@ -34,6 +36,8 @@ pub enum ImmediateKind {
         first: PartitionIndex,
         /// Generation modulo 64.
         generation_bits: u8,
+        /// Type 2: no header; the payload is the whole partition.
+        bare: bool,
     },
     /// A credit notice (wake-up for a blocked sender): type 1.
     Credit {
@@ -49,11 +53,14 @@ impl ImmediateKind {
     pub const MESSAGE_TYPE: u32 = TYPE_MESSAGE;
     /// The type bits (31..30) of a credit notice.
     pub const CREDIT_TYPE: u32 = TYPE_CREDIT;
+    /// The type bits (31..30) of a bare message (no header, one whole partition).
+    pub const BARE_TYPE: u32 = TYPE_BARE;
 }
 
 impl Immediate {
     /// The type bits (31..30), undecoded: [`ImmediateKind::MESSAGE_TYPE`],
-    /// [`ImmediateKind::CREDIT_TYPE`], or 2..3 (which [`Immediate::decode`] rejects).
+    /// [`ImmediateKind::CREDIT_TYPE`], [`ImmediateKind::BARE_TYPE`], or 3 (which
+    /// [`Immediate::decode`] rejects).
     #[inline]
     pub fn kind_bits(self) -> u32 {
         self.0 >> 30
@@ -62,8 +69,20 @@ impl Immediate {
     /// Encodes a message immediate.
     #[inline]
     pub fn message(segment: SegmentId, first: PartitionIndex, generation: Generation) -> Self {
+        Self::located(TYPE_MESSAGE, segment, first, generation)
+    }
+
+    /// Encodes the immediate of a bare message: a data message without a header whose payload
+    /// is exactly one partition.
+    #[inline]
+    pub fn bare(segment: SegmentId, first: PartitionIndex, generation: Generation) -> Self {
+        Self::located(TYPE_BARE, segment, first, generation)
+    }
+
+    #[inline(always)]
+    fn located(ty: u32, segment: SegmentId, first: PartitionIndex, generation: Generation) -> Self {
         Immediate(
-            (TYPE_MESSAGE << 30)
+            (ty << 30)
                 | (u32::from(segment.0) << 22)
                 | (first.get() << 6)
                 | u32::from(generation.imm_bits()),
@@ -109,16 +128,17 @@ impl Immediate {
     /// Decodes the type and fields.
     ///
     /// # Errors
-    /// [`ProtocolError::UnknownImmediateType`] for types 2 and 3.
+    /// [`ProtocolError::UnknownImmediateType`] for type 3.
     #[inline]
     pub fn decode(self) -> Result<ImmediateKind, ProtocolError> {
         let v = self.0;
         let segment = SegmentId(((v >> 22) & 0xff) as u8);
         match v >> 30 {
-            TYPE_MESSAGE => Ok(ImmediateKind::Message {
+            ty @ (TYPE_MESSAGE | TYPE_BARE) => Ok(ImmediateKind::Message {
                 segment,
                 first: PartitionIndex::from_u16(((v >> 6) & 0xffff) as u16),
                 generation_bits: (v & 0x3f) as u8,
+                bare: ty == TYPE_BARE,
             }),
             TYPE_CREDIT => Ok(ImmediateKind::Credit {
                 segment,
@@ -224,6 +244,22 @@ mod tests {
             Immediate::credit(SegmentId(2), u64::MAX).get(),
             (1 << 30) | (2 << 22) | 0x3f_ffff
         );
+        let bare = Immediate::bare(SegmentId(3), PartitionIndex::from_u16(4), Generation(65));
+        assert_eq!(bare.get(), (2 << 30) | (3 << 22) | (4 << 6) | 1);
+        assert_eq!(bare.kind_bits(), ImmediateKind::BARE_TYPE);
+        assert_eq!(
+            bare.decode(),
+            Ok(ImmediateKind::Message {
+                segment: SegmentId(3),
+                first: PartitionIndex::from_u16(4),
+                generation_bits: 1,
+                bare: true,
+            })
+        );
+        assert!(matches!(
+            Immediate(3 << 30).decode(),
+            Err(ProtocolError::UnknownImmediateType { ty: 3, .. })
+        ));
     }
 
     #[test]

@@ -156,14 +156,10 @@ impl Link for AnyLink {
     #[inline]
     fn send_message(
         &mut self,
-        segment: crate::core::SegmentId,
-        offset: usize,
-        header: &[u8; crate::core::wire::HEADER_LEN],
+        res: &crate::core::Reservation,
         parts: &[&[u8]],
-        wire_len: usize,
-        imm: u32,
     ) -> Result<(), TransportError> {
-        each_link!(self, l => l.send_message(segment, offset, header, parts, wire_len, imm))
+        each_link!(self, l => l.send_message(res, parts))
     }
     fn event_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         each_link!(self, l => l.event_fd())

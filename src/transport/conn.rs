@@ -386,7 +386,10 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             }
         };
         let r = (|| {
-            inner.link.write(res.segment, res.offset, &res.header)?;
+            let header = res.wire_header();
+            if !header.is_empty() {
+                inner.link.write(res.segment, res.offset, header)?;
+            }
             fill(inner.link.fill(res.segment, res.payload_offset(), len)?);
             inner
                 .link
@@ -599,8 +602,10 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         };
         match inner.link.header_with_immediate() {
             Some(h)
-                if Immediate(imm).kind_bits() == ImmediateKind::MESSAGE_TYPE
-                    && h[2] == MessageKind::Data as u8 =>
+                if matches!(
+                    Immediate(imm).kind_bits(),
+                    ImmediateKind::MESSAGE_TYPE | ImmediateKind::BARE_TYPE
+                ) && h[2] == MessageKind::Data as u8 =>
             {
                 let d = match inner.rx.accept_with_header(imm, &h) {
                     Ok(d) => d,
@@ -680,7 +685,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
                         let header = self.target.bytes(
                             arrival.segment(),
                             arrival.header_offset(),
-                            HEADER_LEN,
+                            arrival.header_len(),
                         )?;
                         inner.rx.accept(arrival, header)?
                     }
@@ -826,25 +831,14 @@ impl<L: Link> Inner<L> {
     #[inline]
     fn send_parts(&mut self, parts: &[&[u8]], len: usize) -> Result<(), SendError> {
         let res = self.reserve(MessageKind::Data, len)?;
-        self.link.send_message(
-            res.segment,
-            res.offset,
-            &res.header,
-            parts,
-            res.wire_len(),
-            res.immediate.get(),
-        )?;
+        self.link.send_message(&res, parts)?;
         Ok(())
     }
 
     pub(super) fn send_control(&mut self, msg: &ControlMessage) -> Result<(), SendError> {
         let body = msg.encode();
         let res = self.reserve(MessageKind::Control, body.as_slice().len())?;
-        self.link.write(res.segment, res.offset, &res.header)?;
-        self.link
-            .write(res.segment, res.payload_offset(), body.as_slice())?;
-        self.link
-            .post(res.segment, res.offset, res.wire_len(), res.immediate.get())?;
+        self.link.send_message(&res, &[body.as_slice()])?;
         Ok(())
     }
 

@@ -173,30 +173,30 @@ pub trait Link {
         imm: u32,
     ) -> Result<(), TransportError>;
 
-    /// One whole message: copies `header` then the concatenation of `parts` to `offset` of the
-    /// source image of `segment` (`wire_len` bytes in all) and posts them with `imm`. The
-    /// default is [`Link::write`] per part then [`Link::post`]; a link overrides it to check the
-    /// range once and touch its segment table once.
+    /// One whole message: copies the reservation's wire header (none for a bare message) then
+    /// the concatenation of `parts` to its offset in the source image of its segment
+    /// ([`Reservation::wire_len`] bytes in all) and posts them with its immediate. The default
+    /// is [`Link::write`] per part then [`Link::post`]; a link overrides it to check the range
+    /// once and touch its segment table once.
     ///
     /// # Errors
     /// As [`Link::write`] and [`Link::post`].
     #[inline]
     fn send_message(
         &mut self,
-        segment: SegmentId,
-        offset: usize,
-        header: &[u8; crate::core::wire::HEADER_LEN],
+        res: &crate::core::Reservation,
         parts: &[&[u8]],
-        wire_len: usize,
-        imm: u32,
     ) -> Result<(), TransportError> {
-        self.write(segment, offset, header)?;
-        let mut off = offset + header.len();
+        let header = res.wire_header();
+        if !header.is_empty() {
+            self.write(res.segment, res.offset, header)?;
+        }
+        let mut off = res.payload_offset();
         for p in parts {
-            self.write(segment, off, p)?;
+            self.write(res.segment, off, p)?;
             off += p.len();
         }
-        self.post(segment, offset, wire_len, imm)
+        self.post(res.segment, res.offset, res.wire_len(), res.immediate.get())
     }
 
     /// The next immediate from the peer, waiting in `mode` for at most `timeout` (`Some(ZERO)`:

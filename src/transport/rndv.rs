@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::conn::{Connection, Got, Inner, SendError, Wait};
 use super::{Link, PollMode, TargetMemory, TransportError};
 use crate::core::control::CHUNK_HEADER_LEN;
-use crate::core::wire::{HEADER_LEN, Immediate, ImmediateKind};
+use crate::core::wire::{Immediate, ImmediateKind};
 use crate::core::{
     ControlMessage, Delivery, MessageKind, ProtocolError, RndvConfig, RndvRequest, RndvSends,
     RndvState, refuse_reason,
@@ -421,8 +421,11 @@ impl<L: Link> Inner<L> {
             }
             ImmediateKind::Message { .. } => {
                 let arrival = self.rx.on_immediate(imm)?;
-                let header =
-                    target.bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
+                let header = target.bytes(
+                    arrival.segment(),
+                    arrival.header_offset(),
+                    arrival.header_len(),
+                )?;
                 let d = self.rx.accept(arrival, header)?;
                 match d.kind {
                     MessageKind::Data if self.has_partial() => {
@@ -969,7 +972,11 @@ impl<L: Link> Inner<L> {
                 continue;
             }
             let arrival = self.rx.on_immediate(imm)?;
-            let header = target.bytes(arrival.segment(), arrival.header_offset(), HEADER_LEN)?;
+            let header = target.bytes(
+                arrival.segment(),
+                arrival.header_offset(),
+                arrival.header_len(),
+            )?;
             let d = self.rx.accept(arrival, header)?;
             if d.kind == MessageKind::Data {
                 self.copy_out(target, d)?;
@@ -1162,14 +1169,7 @@ impl<L: Link> Inner<L> {
     /// Sends one chunk (control message: fixed part `head`, then `data`) if partitions are free.
     fn send_chunk(&mut self, head: &[u8], data: &[u8]) -> Result<(), SendError> {
         let res = self.reserve(MessageKind::Control, head.len() + data.len())?;
-        self.link.send_message(
-            res.segment,
-            res.offset,
-            &res.header,
-            &[head, data],
-            res.wire_len(),
-            res.immediate.get(),
-        )?;
+        self.link.send_message(&res, &[head, data])?;
         Ok(())
     }
 }

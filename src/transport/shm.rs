@@ -55,12 +55,13 @@ use crate::shm::{
 };
 
 const MAGIC: [u8; 4] = *b"RSHM";
-/// Version 5: the second fd passed is one end of a datagram socket pair the receiver made (its
+/// Version 6: bare messages (immediate type 2, a data payload of exactly one partition without
+/// its header in the partition), which a version 5 peer refuses. Version 5: the second fd passed is one end of a datagram socket pair the receiver made (its
 /// wake-up for event loops, [`WakeSocket`]), where version 4 passed an eventfd. Version 4: the
 /// hello carries the address of a readability probe, and the sides exchange whether they can
 /// read each other (version 3: no probe). The fds passed are the control region, the wake-up,
 /// then the segments; doorbell slots are 32 bytes and carry a copy of the message header.
-const VERSION: u16 = 5;
+const VERSION: u16 = 6;
 const HELLO_LEN: usize = 512;
 /// Where the probe address sits in the hello (its last 8 bytes).
 const PROBE_AT: usize = HELLO_LEN - 8;
@@ -508,22 +509,20 @@ impl Link for ShmLink {
     #[inline]
     fn send_message(
         &mut self,
-        segment: SegmentId,
-        offset: usize,
-        header: &[u8; crate::core::wire::HEADER_LEN],
+        res: &crate::core::Reservation,
         parts: &[&[u8]],
-        wire_len: usize,
-        imm: u32,
     ) -> Result<(), TransportError> {
         // One range check for the whole message, then plain copies into the peer's partitions.
-        let dst = self.segment(segment)?.filling(offset, wire_len)?;
-        let Some((h, mut dst)) = dst.split_first_chunk_mut::<{ crate::core::wire::HEADER_LEN }>()
-        else {
+        let dst = self
+            .segment(res.segment)?
+            .filling(res.offset, res.wire_len())?;
+        let header = res.wire_header();
+        let Some((h, mut dst)) = dst.split_at_mut_checked(header.len()) else {
             return Err(TransportError::Failed(
                 "reserved range shorter than a header".into(),
             ));
         };
-        *h = *header;
+        h.copy_from_slice(header);
         for p in parts {
             let Some((d, rest)) = dst.split_at_mut_checked(p.len()) else {
                 return Err(TransportError::Failed(
@@ -533,9 +532,10 @@ impl Link for ShmLink {
             crate::copy::copy(d, p);
             dst = rest;
         }
-        // The header also rides in the doorbell slot: the receiver validates the message from
-        // the line it polls, without pulling the partition's first line from our core.
-        self.push_with(imm, header)
+        // The header also rides in the doorbell slot (a bare message's too, though it has none
+        // in the partition): the receiver validates the message from the line it polls, without
+        // pulling the partition's first line from our core.
+        self.push_with(res.immediate.get(), &res.header)
     }
 
     #[inline]

@@ -87,7 +87,9 @@ use crate::verbs::{
 };
 
 const MAGIC: [u8; 4] = *b"RSVB";
-const VERSION: u16 = 1;
+/// Version 2: bare messages (immediate type 2, a data payload of exactly one partition without
+/// its header), which a version 1 peer refuses as an unknown immediate type.
+const VERSION: u16 = 2;
 const HELLO_FIXED: usize = 14;
 /// Mailbox words: one per possible segment id, plus one spare (as in the shared-memory layout).
 const MAILBOX_SLOTS: usize = 257;

@@ -1,5 +1,5 @@
 //! The shared-memory handshake done by hand, as any process on the host could (handshake
-//! version 5, see docs/shm.md), for tests whose peer then writes what an honest one never would.
+//! version 6, see docs/shm.md), for tests whose peer then writes what an honest one never would.
 //! Each test that includes it uses its own subset.
 #![allow(dead_code)]
 
@@ -60,7 +60,7 @@ pub fn connect_as(path: &Path, mine: &Layout, mode: u8) -> Handshake {
         .unwrap();
     let mut hello = [0u8; HELLO_LEN];
     hello[0..4].copy_from_slice(b"RSHM");
-    hello[4..6].copy_from_slice(&5u16.to_le_bytes());
+    hello[4..6].copy_from_slice(&6u16.to_le_bytes());
     hello[6] = mode;
     hello[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     let text = mine.to_string();

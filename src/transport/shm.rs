@@ -516,13 +516,19 @@ impl Link for ShmLink {
         let dst = self
             .segment(res.segment)?
             .filling(res.offset, res.wire_len())?;
-        let header = res.wire_header();
-        let Some((h, mut dst)) = dst.split_at_mut_checked(header.len()) else {
-            return Err(TransportError::Failed(
-                "reserved range shorter than a header".into(),
-            ));
+        let mut dst = if res.bare {
+            dst
+        } else {
+            // A fixed-size store, not a copy of a length known only at run time.
+            let Some((h, rest)) = dst.split_first_chunk_mut::<{ crate::core::wire::HEADER_LEN }>()
+            else {
+                return Err(TransportError::Failed(
+                    "reserved range shorter than a header".into(),
+                ));
+            };
+            *h = res.header;
+            rest
         };
-        h.copy_from_slice(header);
         for p in parts {
             let Some((d, rest)) = dst.split_at_mut_checked(p.len()) else {
                 return Err(TransportError::Failed(

@@ -593,3 +593,22 @@ fn bare_immediates_are_checked_like_any_other() {
         Err(ProtocolError::PartitionNotFree { .. })
     ));
 }
+
+#[test]
+fn a_bare_message_longer_than_any_eager_payload_is_refused() {
+    // Group 1: 1 KiB partitions of span 1, so the largest eager payload is 1008 B and a sender
+    // sends 1024 B by rendezvous, never bare.
+    let layout: Layout = "64:8:4,1024:4:1".parse().unwrap();
+    assert_eq!(layout.max_eager_payload(), 1008);
+    let mut rx = Receiver::new(layout);
+    let imm = bare_imm(1, 0, 0);
+    let want = ProtocolError::BareBeyondEager {
+        segment: SegmentId(1),
+        len: 1024,
+        max: 1008,
+    };
+    assert_eq!(rx.on_immediate(imm), Err(want.clone()));
+    // The one-pass path (a header beside the immediate) refuses it the same way.
+    assert_eq!(rx.accept_with_header(imm, &[0; 16]), Err(want));
+    assert_eq!(rx.expected_seq(), 0);
+}

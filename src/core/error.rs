@@ -211,6 +211,17 @@ pub enum ProtocolError {
         /// Flags found.
         got: u8,
     },
+    /// A bare message (immediate type 2) in a segment whose partitions are longer than the
+    /// largest eager payload: a sender never sends one there (such a payload goes by rendezvous).
+    #[error("{segment}: bare message of {len} bytes, above the largest eager payload ({max})")]
+    BareBeyondEager {
+        /// The segment.
+        segment: SegmentId,
+        /// The segment's partition size, the bare message's length.
+        len: u32,
+        /// The largest eager payload of the layout.
+        max: usize,
+    },
     /// The message length does not fit the group's span.
     #[error("{segment}: message of {len} bytes needs {count} partitions, span is {span}")]
     LengthBeyondSpan {

@@ -290,6 +290,8 @@ pub struct Receiver {
     expected_seq: u32,
     pending: [u64; 4],
     stats: ReceiverStats,
+    /// The layout's largest eager payload: no bare message is longer.
+    max_eager: usize,
 }
 
 impl Receiver {
@@ -302,12 +304,14 @@ impl Receiver {
             .map(|s| TargetSegment::new(*s))
             .collect();
         let stats = ReceiverStats::new(tables.groups().len());
+        let max_eager = tables.layout().max_eager_payload();
         Receiver {
             tables,
             segments,
             expected_seq: 0,
             pending: [0; 4],
             stats,
+            max_eager,
         }
     }
 
@@ -374,7 +378,8 @@ impl Receiver {
     ///
     /// # Errors
     /// [`ProtocolError::UnknownImmediateType`], [`ProtocolError::UnexpectedImmediateType`] (a
-    /// credit notice), [`ProtocolError::UnknownSegment`], [`ProtocolError::PartitionOutOfRange`],
+    /// credit notice), [`ProtocolError::UnknownSegment`], [`ProtocolError::BareBeyondEager`],
+    /// [`ProtocolError::PartitionOutOfRange`],
     /// [`ProtocolError::UnexpectedPartition`], [`ProtocolError::StaleGeneration`],
     /// [`ProtocolError::PartitionNotFree`].
     #[inline(always)]
@@ -398,6 +403,13 @@ impl Receiver {
                 step: "immediate",
                 segment,
             })?;
+        if bare && s.entry.partition_size as usize > self.max_eager {
+            return Err(ProtocolError::BareBeyondEager {
+                segment,
+                len: s.entry.partition_size,
+                max: self.max_eager,
+            });
+        }
         let f = first.get();
         if f >= s.partitions {
             return Err(ProtocolError::PartitionOutOfRange {
@@ -492,7 +504,9 @@ impl Receiver {
                 return None;
             }
             (h, HEADER_LEN)
-        } else if imm == Immediate::bare(segment, first, generation).get() {
+        } else if imm == Immediate::bare(segment, first, generation).get()
+            && s.entry.partition_size as usize <= self.max_eager
+        {
             // No header on the wire: any copy beside the immediate is not looked at.
             (bare_header(&s.entry, self.expected_seq, generation), 0)
         } else {

@@ -175,9 +175,9 @@ pub trait Link {
 
     /// One whole message: copies the reservation's wire header (none for a bare message) then
     /// the concatenation of `parts` to its offset in the source image of its segment
-    /// ([`Reservation::wire_len`] bytes in all) and posts them with its immediate. The default
-    /// is [`Link::write`] per part then [`Link::post`]; a link overrides it to check the range
-    /// once and touch its segment table once.
+    /// ([`wire_len`](crate::core::Reservation::wire_len) bytes in all) and posts them with its
+    /// immediate. The default is [`Link::write`] per part then [`Link::post`]; a link overrides
+    /// it to check the range once and touch its segment table once.
     ///
     /// # Errors
     /// As [`Link::write`] and [`Link::post`].

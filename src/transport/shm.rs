@@ -56,8 +56,9 @@ use crate::shm::{
 
 const MAGIC: [u8; 4] = *b"RSHM";
 /// Version 6: bare messages (immediate type 2, a data payload of exactly one partition without
-/// its header in the partition), which a version 5 peer refuses. Version 5: the second fd passed is one end of a datagram socket pair the receiver made (its
-/// wake-up for event loops, [`WakeSocket`]), where version 4 passed an eventfd. Version 4: the
+/// its header in the partition), which a version 5 peer refuses. Version 5: the second fd
+/// passed is one end of a datagram socket pair the receiver made (its wake-up for event loops,
+/// [`WakeSocket`]), where version 4 passed an eventfd. Version 4: the
 /// hello carries the address of a readability probe, and the sides exchange whether they can
 /// read each other (version 3: no probe). The fds passed are the control region, the wake-up,
 /// then the segments; doorbell slots are 32 bytes and carry a copy of the message header.

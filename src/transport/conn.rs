@@ -284,7 +284,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         if self.event.is_none() || !inner.stash.is_empty() {
             return Ok(true);
         }
-        if inner.want_credit {
+        if inner.want_credit || inner.answers_waiting() {
             inner.link.want_credit_notice();
             if inner.credit_news() {
                 return Ok(true);
@@ -496,6 +496,8 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     pub fn close(&self) {
         let mut inner = self.inner.borrow_mut();
         if inner.failed.is_none() {
+            // Answers that waited for room go first, as far as there is room now.
+            let _ = inner.flush_answers();
             let _ = inner.send_control(&ControlMessage::Close {
                 reason: close_reason::NORMAL,
             });
@@ -565,7 +567,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
     /// The message path of a receive: the next arrival, if it is a data message that came with
     /// its header beside the immediate ([`Link::header_with_immediate`]), is validated and
     /// returned without the general path's layers (waits with deadlines, liveness checks, the
-    /// rendezvous queue). A busy receive that waits forever polls here
+    /// rendezvous queue, answers waiting for room). A busy receive that waits forever polls here
     /// [`DIRECT_POLLS`] times first; the general path then takes over, liveness checks and all.
     ///
     /// `Ok(None)` hands over to [`Connection::recv_until`]: nothing arrived yet, or what came
@@ -579,6 +581,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             || inner.failed.is_some()
             || !inner.stash.is_empty()
             || !inner.rndv.ready.is_empty()
+            || inner.answers_waiting()
         {
             return Ok(None);
         }
@@ -799,6 +802,10 @@ impl<L: Link> Inner<L> {
         kind: MessageKind,
         len: usize,
     ) -> Result<crate::core::Reservation, SendError> {
+        // ---- rendezvous branch: answers that waited for room go before new data ----
+        if kind == MessageKind::Data && self.answers_waiting() {
+            self.flush_answers()?;
+        }
         match self.tx.reserve_first_choice(kind, len) {
             Ok(r) => Ok(r),
             Err(e) => self.reserve_slow(kind, len, e),
@@ -863,6 +870,10 @@ impl<L: Link> Inner<L> {
         &mut self,
         wait: &mut Wait,
     ) -> Result<Option<(u32, InlineHeader)>, TransportError> {
+        // ---- rendezvous branch: answers that waited for room ----
+        if self.answers_waiting() {
+            self.flush_answers()?;
+        }
         if let Some(arrival) = self.stash.pop_front() {
             return Ok(Some(arrival));
         }
@@ -889,12 +900,17 @@ impl<L: Link> Inner<L> {
             Wait::Until(d) => Some(d),
         };
         loop {
-            let slice = match deadline {
+            let mut slice = match deadline {
                 None => LIVENESS_SLICE,
                 Some(d) => d
                     .saturating_duration_since(Instant::now())
                     .min(LIVENESS_SLICE),
             };
+            if self.answers_waiting() {
+                // Credits from a busy peer come without a notice: look at them often.
+                self.flush_answers()?;
+                slice = slice.min(crate::transport::rndv::ANSWER_POLL);
+            }
             if let Some(imm) = self.link.next_immediate(self.mode, Some(slice))? {
                 return Ok(Some((imm, self.link.header_with_immediate())));
             }

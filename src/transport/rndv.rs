@@ -122,7 +122,20 @@ pub struct RndvStats {
     /// Requests refused at once because [`RndvConfig::MAX_QUEUED_TRANSFERS`] transfers were
     /// already queued for the application (also counted in `refused_here`).
     pub refused_busy: u64,
+    /// Answers (done, refused, a request to stream) that found no free partition towards the
+    /// peer when they were due, so they waited in this side's queue and went with a later call
+    /// instead of holding up the receive that made them.
+    pub answers_deferred: u64,
 }
+
+/// Answers that may wait for room at once ([`Inner::answer`]); beyond, an answer waits for
+/// credits where it is made, as every answer once did. A peer that sends this many requests
+/// without ever giving partitions back has them answered one at a time.
+const MAX_DEFERRED_ANSWERS: usize = 4096;
+
+/// How long a receive that has answers waiting for room polls the link before it looks at the
+/// credits again (busy peers write credits without a notice).
+pub(super) const ANSWER_POLL: Duration = Duration::from_micros(200);
 
 /// How long a chunk sender waits for one arrival before it looks at its credits again.
 const CREDIT_POLL: Duration = Duration::from_micros(200);
@@ -352,6 +365,10 @@ pub(super) struct RndvInner {
     /// (announced length, bytes dropped so far). At most
     /// [`RndvConfig::MAX_DROPPING_STREAMS`].
     dropping: HashMap<u64, (u64, u64)>,
+    /// Answers made while no partition towards the peer was free, oldest first: they go out,
+    /// in order, with the next call that finds room ([`Inner::flush_answers`]). At most
+    /// [`MAX_DEFERRED_ANSWERS`].
+    answers: VecDeque<ControlMessage>,
     stats: RndvStats,
 }
 
@@ -367,6 +384,7 @@ impl RndvInner {
             exposed: HashMap::new(),
             ready: ReadyQueue::default(),
             dropping: HashMap::new(),
+            answers: VecDeque::new(),
             stats: RndvStats::default(),
         }
     }
@@ -385,6 +403,68 @@ impl RndvInner {
 }
 
 impl<L: Link> Inner<L> {
+    /// Whether answers wait for room towards the peer ([`Inner::answer`]).
+    #[inline]
+    pub(super) fn answers_waiting(&self) -> bool {
+        !self.rndv.answers.is_empty()
+    }
+
+    /// Sends an answer to the peer (done, refused, a request to stream) if a partition is free,
+    /// else queues it for a later call ([`Inner::flush_answers`]) rather than wait here: the
+    /// call that makes an answer is a receive, which keeps its deadline, and the credit it
+    /// would wait for may come only when the peer's application next calls in. The queue goes
+    /// out in order before anything else is sent, so answers keep their order.
+    fn answer(&mut self, msg: ControlMessage) -> Result<(), TransportError> {
+        self.flush_answers()?;
+        if self.rndv.answers.is_empty() {
+            match self.send_control(&msg) {
+                Ok(()) => return Ok(()),
+                Err(SendError::WouldBlock) => {}
+                Err(SendError::Transport(e)) => return Err(e),
+                Err(e) => return Err(TransportError::Failed(e.to_string())),
+            }
+        }
+        if self.rndv.answers.len() >= MAX_DEFERRED_ANSWERS {
+            // The peer has not given a partition back for this many answers: this one waits
+            // for it here, behind those queued.
+            while let Some(m) = self.rndv.answers.pop_front() {
+                self.send_control_blocking(&m)?;
+            }
+            self.send_control_blocking(&msg)?;
+            return Ok(());
+        }
+        tracing::debug!(
+            ?msg,
+            queued = self.rndv.answers.len(),
+            "answer waits for room"
+        );
+        self.rndv.stats.answers_deferred += 1;
+        self.rndv.answers.push_back(msg);
+        // An event-mode peer rings when it gives partitions back.
+        self.link.want_credit_notice();
+        Ok(())
+    }
+
+    /// Sends the answers that waited for room ([`Inner::answer`]), in order, as far as
+    /// partitions are free. Every wait for an arrival and every data send calls it first while
+    /// answers wait.
+    pub(super) fn flush_answers(&mut self) -> Result<(), TransportError> {
+        while let Some(&msg) = self.rndv.answers.front() {
+            match self.send_control(&msg) {
+                Ok(()) => {
+                    self.rndv.answers.pop_front();
+                }
+                Err(SendError::WouldBlock) => {
+                    self.link.want_credit_notice();
+                    return Ok(());
+                }
+                Err(SendError::Transport(e)) => return Err(e),
+                Err(e) => return Err(TransportError::Failed(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
     /// Sends a control message, waiting for credits; returns its sequence number.
     fn send_control_blocking(&mut self, msg: &ControlMessage) -> Result<u32, TransportError> {
         loop {
@@ -613,8 +693,7 @@ impl<L: Link> Inner<L> {
             queued = self.rndv.ready.transfers,
             "refusing a rendezvous request: too many transfers queued"
         );
-        self.send_control_blocking(&ControlMessage::RendezvousRefused { id, reason })?;
-        Ok(())
+        self.answer(ControlMessage::RendezvousRefused { id, reason })
     }
 
     /// Whether `n` more bytes may be copied out by a side that waits for its own transfer
@@ -813,8 +892,8 @@ impl<L: Link> Inner<L> {
     fn refuse(&mut self, id: u64, len: u64, reason: u32) -> TransportError {
         self.rndv.stats.refused_here += 1;
         tracing::debug!(id, len, reason, "refusing a rendezvous request");
-        match self.send_control_blocking(&ControlMessage::RendezvousRefused { id, reason }) {
-            Ok(_) => TransportError::RendezvousRefused { len, reason },
+        match self.answer(ControlMessage::RendezvousRefused { id, reason }) {
+            Ok(()) => TransportError::RendezvousRefused { len, reason },
             Err(e) => e,
         }
     }
@@ -876,7 +955,7 @@ impl<L: Link> Inner<L> {
                 return Err(self.refuse(req.id, req.len as u64, reason));
             }
         }
-        self.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })?;
+        self.answer(ControlMessage::RendezvousDone { id: req.id })?;
         self.rndv.stats.received += 1;
         self.rndv.stats.received_bytes += req.len as u64;
         Ok(())
@@ -942,7 +1021,7 @@ impl<L: Link> Inner<L> {
         // Messages already waiting in their partitions are copied out too.
         self.copy_out_held(target)?;
         if ask {
-            self.send_control_blocking(&ControlMessage::RendezvousStream { id })?;
+            self.answer(ControlMessage::RendezvousStream { id })?;
         }
         let bad = |len: usize, reason| ProtocolError::BadControl { ty: 6, len, reason };
         while got < len {
@@ -1310,7 +1389,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
         if dst.as_ref().is_some_and(|b| b.len() < data.len()) {
             return Err(inner.refuse(id, len, refuse_reason::NO_ROOM));
         }
-        inner.send_control_blocking(&ControlMessage::RendezvousDone { id })?;
+        inner.answer(ControlMessage::RendezvousDone { id })?;
         inner.rndv.stats.streamed += 1;
         inner.rndv.stats.received += 1;
         inner.rndv.stats.received_bytes += len;
@@ -1602,9 +1681,7 @@ impl<L: Link, T: TargetMemory> Connection<L, T> {
             return Err(inner.fail(e));
         }
         for req in &reqs {
-            if let Err(e) =
-                inner.send_control_blocking(&ControlMessage::RendezvousDone { id: req.id })
-            {
+            if let Err(e) = inner.answer(ControlMessage::RendezvousDone { id: req.id }) {
                 return Err(inner.fail(e));
             }
             inner.rndv.stats.received += 1;

@@ -413,7 +413,7 @@ impl<L: Link> Inner<L> {
     /// else queues it for a later call ([`Inner::flush_answers`]) rather than wait here: the
     /// call that makes an answer is a receive, which keeps its deadline, and the credit it
     /// would wait for may come only when the peer's application next calls in. The queue goes
-    /// out in order before anything else is sent, so answers keep their order.
+    /// out in order, and before any data message this side sends next.
     fn answer(&mut self, msg: ControlMessage) -> Result<(), TransportError> {
         self.flush_answers()?;
         if self.rndv.answers.is_empty() {

@@ -538,84 +538,23 @@ fn a_receive_that_must_answer_is_not_held_up_by_a_sender_waiting_for_credits() {
 /// B's application to give a partition back. It goes out with A's next call once B's wait has
 /// given partitions back: a send (the answer goes before the data) or a receive. B's handle then
 /// completes, or reports the refusal, and every message arrives intact and in order at both
-/// ends. In both poll modes.
+/// ends. In both poll modes ([`common::answer_room::answer_waits_for_room`]).
 #[test]
 fn a_receive_returns_while_its_answer_waits_for_room() {
     use std::time::Duration;
     for mode in [PollMode::Busy, PollMode::Event] {
         for refuse in [false, true] {
             for next_is_send in [false, true] {
-                let case = format!("{mode:?}, refuse {refuse}, next call a send {next_is_send}");
                 let (a, b) = pair_with(Layout::default(), mode);
-                let mut sent = 0u64;
-                while a.try_send(&payload(sent, 1000)).is_ok() {
-                    sent += 1;
-                }
-                assert!(sent > 0);
-                let len = 4 << 20;
-                let (returned_tx, returned_rx) = std::sync::mpsc::channel();
-                let sender = thread::spawn(move || {
-                    let big = payload(99, len);
-                    let h = b.send_start(&big).expect("send_start");
-                    // B's application does not call in until A's receive has returned.
-                    let returned = returned_rx.recv_timeout(Duration::from_secs(20)).is_ok();
-                    let outcome = match h.wait() {
-                        Ok(()) => Ok(()),
-                        Err(SendError::Refused { len: l, reason }) => Err((l, reason)),
-                        Err(e) => panic!("the large transfer failed: {e}"),
-                    };
-                    if !next_is_send {
-                        b.send(b"next").expect("B's next message");
-                    }
-                    (returned, outcome, b)
-                });
-                let c = case.clone();
-                let (a, deferred) = within_guard("A's receive and its next call", move || {
-                    let case = c;
-                    let mut buf = vec![0u8; if refuse { len - 1 } else { len }];
-                    let r = a.recv_into(&mut buf);
-                    let _ = returned_tx.send(());
-                    if refuse {
-                        assert!(
-                            matches!(
-                                r,
-                                Err(TransportError::RendezvousRefused { len: l, reason })
-                                    if l == len as u64 && reason == refuse_reason::NO_ROOM
-                            ),
-                            "{case}: {r:?}"
-                        );
-                    } else {
-                        assert_eq!(r.expect("the large message"), len, "{case}");
-                        assert!(buf == payload(99, len), "{case}");
-                    }
-                    let deferred = a.rndv_stats().answers_deferred;
-                    if next_is_send {
-                        a.send(b"after").expect("A's next send");
-                    } else {
-                        let m = a.recv().expect("B's next message");
-                        assert_eq!(&*m, b"next", "{case}");
-                    }
-                    (a, deferred)
-                });
-                let (returned, outcome, b) = sender.join().unwrap();
-                assert!(
-                    returned,
-                    "{case}: A's receive waited for B's application to give a partition back"
+                common::answer_room::answer_waits_for_room(
+                    a,
+                    b,
+                    refuse,
+                    next_is_send,
+                    Duration::from_secs(20),
+                    Duration::from_secs(60),
+                    &format!("{mode:?}, refuse {refuse}, next call a send {next_is_send}"),
                 );
-                assert_eq!(deferred, 1, "{case}: answers that waited for room");
-                if refuse {
-                    assert_eq!(outcome, Err((len, refuse_reason::NO_ROOM)), "{case}");
-                } else {
-                    assert_eq!(outcome, Ok(()), "{case}");
-                }
-                for i in 0..sent {
-                    let m = b.recv().expect("every message A sent before");
-                    assert!(*m == payload(i, 1000)[..], "{case}: message {i}");
-                }
-                if next_is_send {
-                    assert_eq!(&*b.recv().expect("A's next message"), b"after", "{case}");
-                }
-                drop(a);
             }
         }
     }

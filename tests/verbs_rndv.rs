@@ -582,85 +582,16 @@ fn a_receive_returns_while_its_answer_waits_for_room() {
     let mgr = manager();
     for refuse in [false, true] {
         for next_is_send in [false, true] {
-            let case = format!("refuse {refuse}, next call a send {next_is_send}");
             let (a, b) = pair(&ctx, mgr.local_addr(), &Layout::default());
-            let mut sent = 0u64;
-            while a.try_send(&payload(sent, 1000)).is_ok() {
-                sent += 1;
-            }
-            assert!(sent > 0);
-            let len = 4 << 20;
-            let (returned_tx, returned_rx) = std::sync::mpsc::channel();
-            let sender = thread::spawn(move || {
-                let big = payload(99, len);
-                let h = b.send_start(&big).expect("send_start");
-                // B's application does not call in until A's receive has returned.
-                let returned = returned_rx.recv_timeout(HANG_GUARD / 2).is_ok();
-                let outcome = match h.wait() {
-                    Ok(()) => Ok(()),
-                    Err(SendError::Refused { len: l, reason }) => Err((l, reason)),
-                    Err(e) => panic!("the large transfer failed: {e}"),
-                };
-                if !next_is_send {
-                    b.send(b"next").expect("B's next message");
-                }
-                (returned, outcome, b)
-            });
-            let (tx, rx) = std::sync::mpsc::channel();
-            let c = case.clone();
-            let receiver = thread::spawn(move || {
-                let case = c;
-                let mut buf = vec![0u8; if refuse { len - 1 } else { len }];
-                let r = a.recv_into(&mut buf);
-                let _ = returned_tx.send(());
-                if refuse {
-                    assert!(
-                        matches!(
-                            r,
-                            Err(TransportError::RendezvousRefused { len: l, reason })
-                                if l == len as u64 && reason == refuse_reason::NO_ROOM
-                        ),
-                        "{case}: {r:?}"
-                    );
-                } else {
-                    assert_eq!(r.expect("the large message"), len, "{case}");
-                    assert!(buf == payload(99, len), "{case}");
-                }
-                let deferred = a.rndv_stats().answers_deferred;
-                if next_is_send {
-                    a.send(b"after").expect("A's next send");
-                } else {
-                    let m = a.recv_timeout(HANG_GUARD).expect("B's next message");
-                    assert_eq!(&*m, b"next", "{case}");
-                }
-                let _ = tx.send(());
-                (a, deferred)
-            });
-            rx.recv_timeout(HANG_GUARD)
-                .expect("A's receive and its next call hung");
-            let (a, deferred) = receiver.join().unwrap();
-            let (returned, outcome, b) = sender.join().unwrap();
-            assert!(
-                returned,
-                "{case}: A's receive waited for B's application to give a partition back"
+            common::answer_room::answer_waits_for_room(
+                a,
+                b,
+                refuse,
+                next_is_send,
+                HANG_GUARD / 2,
+                HANG_GUARD,
+                &format!("refuse {refuse}, next call a send {next_is_send}"),
             );
-            assert_eq!(deferred, 1, "{case}: answers that waited for room");
-            if refuse {
-                assert_eq!(outcome, Err((len, refuse_reason::NO_ROOM)), "{case}");
-            } else {
-                assert_eq!(outcome, Ok(()), "{case}");
-            }
-            for i in 0..sent {
-                let m = b
-                    .recv_timeout(HANG_GUARD)
-                    .expect("every message A sent before");
-                assert!(*m == payload(i, 1000)[..], "{case}: message {i}");
-            }
-            if next_is_send {
-                let m = b.recv_timeout(HANG_GUARD).expect("A's next message");
-                assert_eq!(&*m, b"after", "{case}");
-            }
-            drop(a);
         }
     }
 }

@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests (a module, not a test target).
 
+#[allow(dead_code)] // only the rendezvous tests use it
+pub mod answer_room;
+
 /// Deterministic content of message `seq` of length `len` (xorshift from a seed derived from
 /// `seq`), so a receiver can check every byte without the sender's buffer.
 pub fn payload(seq: u64, len: usize) -> Vec<u8> {
